@@ -1,0 +1,442 @@
+// Fused temperature-softmax knowledge-distillation loss, CPU kernel.
+//
+// Per row of student logits s and teacher logits t (V classes), with
+// x = s/T, y = t/T, Q = softmax(x) (student), P = softmax(y) (teacher):
+//   forward_kl  KL(P||Q) = sum P (y - x) + lse(x) - lse(y)    dKL/dx = Q - P
+//   reverse_kl  KL(Q||P) = sum Q (x - y) + lse(y) - lse(x)    dKL/dx = Q (log Q - log P - KL)
+//   jsd         b KL(P||M) + (1-b) KL(Q||M), M = bP + (1-b)Q  dJSD/dx = (1-b) Q (log(Q/M) - KL(Q||M))
+//   mse_logits  1/2 sum (s - t)^2 (no temperature)            d/ds = s - t
+// The row loss is alpha * scale * divergence + (1 - alpha) * CE(target, softmax(s)),
+// scale = T^2 when t2_scale (Hinton), and d(row loss)/ds is written in the same
+// call, already divided by the reduction's denominator: backward only scales.
+//
+// Passes over a row (rows in parallel, at::parallel_for):
+//   1. max of s and t: the only pass that streams s and t from DRAM;
+//   2. e_s = exp(x - max x), e_t = exp(y - max y) into a per-thread scratch row,
+//      with their sums: every exponential is computed exactly once;
+//   3. the gradient from the scratch rows (s and t re-read from L2), written once.
+// Memory traffic: reads 2*N*V*sizeof(scalar), writes N*V*sizeof(scalar) for the
+// gradient; nothing else of size N*V exists. At V = 32k in fp32, a row's s, t,
+// scratch and gradient (640 KiB) stay inside the 2 MiB L2.
+// Numerics: fp32 accumulation for fp32/bf16/fp16 (fp64 for fp64), max-shifted
+// exponentials, log-probabilities taken from logits (never the log of an
+// underflowed exp), and row losses summed in fp64 in row order, so the result
+// does not depend on the thread count. NaN/Inf in a row propagate as NaN.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "cpu/hugepage_alloc.h"
+
+namespace pycompress {
+namespace {
+
+using at::vec::Vectorized;
+
+enum class Divergence { ForwardKL, ReverseKL, JSD, MSELogits };
+enum class Reduction { None, Sum, Mean, BatchMean };
+
+Divergence parse_divergence(c10::string_view name) {
+  if (name == "forward_kl") return Divergence::ForwardKL;
+  if (name == "reverse_kl") return Divergence::ReverseKL;
+  if (name == "jsd") return Divergence::JSD;
+  if (name == "mse_logits") return Divergence::MSELogits;
+  TORCH_CHECK_VALUE(false, "pycompress::kd_loss: divergence must be one of forward_kl, reverse_kl, jsd, "
+                    "mse_logits, got '", name, "'");
+}
+
+Reduction parse_reduction(c10::string_view name) {
+  if (name == "none") return Reduction::None;
+  if (name == "sum") return Reduction::Sum;
+  if (name == "mean") return Reduction::Mean;
+  if (name == "batchmean") return Reduction::BatchMean;
+  TORCH_CHECK_VALUE(false, "pycompress::kd_loss: reduction must be one of none, sum, mean, batchmean, got '",
+                    name, "'");
+}
+
+// Loads and stores Vectorized<acc> lanes from scalar_t memory; n < size() is a tail.
+template <typename scalar_t>
+struct Io {  // fp32 and fp64: no conversion
+  using acc_t = scalar_t;
+  using Vec = Vectorized<acc_t>;
+  static Vec load(const scalar_t* p, int64_t n) {
+    return n == Vec::size() ? Vec::loadu(p) : Vec::loadu(p, n);
+  }
+  static void store(scalar_t* p, const Vec& v, int64_t n) {
+    n == Vec::size() ? v.store(p) : v.store(p, n);
+  }
+};
+
+template <typename reduced_t>
+struct IoReduced {  // bf16 and fp16: computed in fp32
+  using acc_t = float;
+  using Vec = Vectorized<float>;
+  static Vec load(const reduced_t* p, int64_t n) {
+    Vec out;
+    if (n == Vec::size()) {
+      at::vec::load_to_float<reduced_t>(p, out);
+    } else {
+      reduced_t buf[Vec::size()] = {};
+      std::copy(p, p + n, buf);
+      at::vec::load_to_float<reduced_t>(buf, out);
+    }
+    return out;
+  }
+  static void store(reduced_t* p, const Vec& v, int64_t n) {
+    at::vec::convert_from_float<reduced_t>(v, v).store(p, n);
+  }
+};
+template <>
+struct Io<at::BFloat16> : IoReduced<at::BFloat16> {};
+template <>
+struct Io<at::Half> : IoReduced<at::Half> {};
+
+template <typename Vec>
+inline Vec fast_exp(const Vec& v) {
+  if constexpr (std::is_same_v<Vec, Vectorized<float>>) {
+    return v.exp_u20();  // ~1e-6 relative, several times faster than Sleef's u10
+  } else {
+    return v.exp();
+  }
+}
+
+// Keeps the first n lanes of v, fills the rest with `fill` (a no-op for full vectors).
+template <typename Vec, typename acc_t>
+inline Vec keep(const Vec& v, int64_t n, acc_t fill) {
+  return n == Vec::size() ? v : Vec::set(Vec(fill), v, n);
+}
+
+// Calls f(j, n) over [0, V) in steps of W; n == W except for the tail.
+template <int64_t W, typename F>
+inline void for_chunks(int64_t V, const F& f) {
+  int64_t j = 0;
+  for (; j + W <= V; j += W) f(j, W);
+  if (j < V) f(j, V - j);
+}
+
+template <typename acc_t>
+struct RowParams {
+  acc_t inv_t;      // 1 / T
+  acc_t soft_coef;  // alpha * (T^2 or 1): weight of the divergence in the row loss
+  acc_t hard_coef;  // 1 - alpha: weight of the cross-entropy
+  acc_t beta;       // JSD mixture weight of the teacher
+  bool need_ce;     // hard_coef != 0 and a target is given
+  bool t_is_one;    // then CE reuses the divergence's softmax
+};
+
+// One row: returns the row loss and, when g != nullptr, writes gscale * d(loss)/ds.
+// es and et are scratch rows of at least V (rounded up to the vector width).
+template <Divergence D, typename scalar_t>
+typename Io<scalar_t>::acc_t kd_row(
+    const scalar_t* s, const scalar_t* t, int64_t V, int64_t target, scalar_t* g,
+    typename Io<scalar_t>::acc_t gscale, const RowParams<typename Io<scalar_t>::acc_t>& p,
+    typename Io<scalar_t>::acc_t* es, typename Io<scalar_t>::acc_t* et) {
+  using IO = Io<scalar_t>;
+  using acc_t = typename IO::acc_t;
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t W = Vec::size();
+  constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+  auto hsum = [](const Vec& v) { return at::vec::vec_reduce_all<acc_t>([](Vec a, Vec b) { return a + b; }, v); };
+  auto hmax = [](const Vec& v) {
+    return at::vec::vec_reduce_all<acc_t>([](Vec a, Vec b) { return at::vec::maximum(a, b); }, v);
+  };
+  const bool need_ce = p.need_ce && target >= 0;
+
+  if constexpr (D == Divergence::MSELogits) {
+    // One pass: the divergence needs no softmax; CE (if any) needs lse(s).
+    acc_t ms = 0, lz1 = 0;
+    if (need_ce) {
+      Vec vm(kNegInf);
+      for_chunks<W>(V, [&](int64_t j, int64_t n) { vm = at::vec::maximum(vm, keep(IO::load(s + j, n), n, kNegInf)); });
+      ms = hmax(vm);
+      Vec vz(0);
+      for_chunks<W>(V, [&](int64_t j, int64_t n) { vz += keep(fast_exp(IO::load(s + j, n) - Vec(ms)), n, acc_t(0)); });
+      lz1 = std::log(hsum(vz));
+    }
+    const acc_t iz1 = need_ce ? std::exp(-lz1) : acc_t(0);
+    Vec vsq(0);
+    const Vec half(0.5), gsoft(p.soft_coef * gscale), ghard(p.hard_coef * gscale);
+    for_chunks<W>(V, [&](int64_t j, int64_t n) {
+      const Vec xs = IO::load(s + j, n);
+      const Vec d = xs - IO::load(t + j, n);
+      vsq += keep(half * d * d, n, acc_t(0));
+      if (g) {
+        Vec gv = gsoft * d;
+        if (need_ce) gv += ghard * fast_exp(xs - Vec(ms)) * Vec(iz1);
+        if (need_ce && target >= j && target < j + n) {
+          acc_t tmp[W];
+          gv.store(tmp);
+          tmp[target - j] -= p.hard_coef * gscale;
+          gv = Vec::loadu(tmp);
+        }
+        IO::store(g + j, gv, n);
+      }
+    });
+    acc_t loss = p.soft_coef * hsum(vsq);
+    if (need_ce) loss += p.hard_coef * (ms + lz1 - static_cast<acc_t>(s[target]));
+    return loss;
+  } else {
+    // Pass 1: maxima (NaN-propagating, so a NaN row ends as NaN).
+    Vec vms(kNegInf), vmt(kNegInf);
+    for_chunks<W>(V, [&](int64_t j, int64_t n) {
+      vms = at::vec::maximum(vms, keep(IO::load(s + j, n), n, kNegInf));
+      vmt = at::vec::maximum(vmt, keep(IO::load(t + j, n), n, kNegInf));
+    });
+    const acc_t ms = hmax(vms), mt = hmax(vmt);
+    const acc_t mx = ms * p.inv_t, my = mt * p.inv_t;
+    const bool ce_extra = need_ce && !p.t_is_one;
+
+    // Pass 2: exponentials once, into scratch; their sums; the KL's cross term.
+    const Vec vit(p.inv_t), vmx(mx), vmy(my), vms1(ms);
+    Vec vzs(0), vzt(0), va(0), vz1(0);
+    for_chunks<W>(V, [&](int64_t j, int64_t n) {
+      const Vec sv = IO::load(s + j, n);
+      const Vec x = sv * vit - vmx;
+      const Vec y = IO::load(t + j, n) * vit - vmy;
+      const Vec e_s = keep(fast_exp(x), n, acc_t(0));
+      const Vec e_t = keep(fast_exp(y), n, acc_t(0));
+      e_s.store(es + j);
+      e_t.store(et + j);
+      vzs += e_s;
+      vzt += e_t;
+      if constexpr (D == Divergence::ForwardKL) va += e_t * (y - x);
+      if constexpr (D == Divergence::ReverseKL) va += e_s * (x - y);
+      if (ce_extra) vz1 += keep(fast_exp(sv - vms1), n, acc_t(0));
+    });
+    const acc_t zs = hsum(vzs), zt = hsum(vzt);
+    const acc_t lzs = std::log(zs), lzt = std::log(zt);
+    const acc_t izs = acc_t(1) / zs, izt = acc_t(1) / zt;
+    const acc_t lz1 = ce_extra ? std::log(hsum(vz1)) : lzs;
+    const acc_t iz1 = ce_extra ? std::exp(-lz1) : izs;
+    // Cross-entropy at T = 1: lse(s) - s[target].
+    const acc_t ce = need_ce ? (p.t_is_one ? mx + lzs : ms + lz1) - static_cast<acc_t>(s[target]) : acc_t(0);
+
+    acc_t div = 0;
+    if constexpr (D == Divergence::ForwardKL) div = hsum(va) * izt + lzs - lzt;
+    if constexpr (D == Divergence::ReverseKL) div = hsum(va) * izs + lzt - lzs;
+    acc_t kl_qm = 0;  // JSD: KL(Q||M), needed by the gradient
+    if constexpr (D == Divergence::JSD) {
+      // JSD needs normalised P and Q, so its log terms wait for pass 2's sums.
+      // Zero-probability entries contribute 0 (0 log 0 = 0), also where M = 0.
+      // et is overwritten with log(Q/M) (0 where Q = 0) for the gradient.
+      const Vec b(p.beta), b1(acc_t(1) - p.beta), vizs(izs), vizt(izt), vlzs(lzs), vlzt(lzt), zero(0);
+      Vec vj(0), vk(0);
+      for_chunks<W>(V, [&](int64_t j, int64_t n) {
+        const Vec q = Vec::loadu(es + j) * vizs;
+        const Vec pt = Vec::loadu(et + j) * vizt;
+        const Vec log_m = (b * pt + b1 * q).log();
+        const Vec log_q = IO::load(s + j, n) * vit - vmx - vlzs;
+        const Vec log_p = IO::load(t + j, n) * vit - vmy - vlzt;
+        const Vec r = Vec::blendv(log_q - log_m, zero, q == zero);
+        const Vec tq = q * r;
+        const Vec tp = Vec::blendv(pt * (log_p - log_m), zero, pt == zero);
+        vj += b * tp + b1 * tq;
+        vk += tq;
+        r.store(et + j);
+      });
+      div = hsum(vj);
+      kl_qm = hsum(vk);
+    }
+    const acc_t loss = p.soft_coef * div + (need_ce ? p.hard_coef * ce : acc_t(0));
+    if (!g) return loss;
+
+    // Pass 3: the gradient, written once.
+    const acc_t gsoft = p.soft_coef * p.inv_t * gscale;
+    const Vec vgs(gsoft), vgh(p.hard_coef * gscale), vizs(izs), vizt(izt), viz1(iz1);
+    for_chunks<W>(V, [&](int64_t j, int64_t n) {
+      const Vec q = Vec::loadu(es + j) * vizs;
+      Vec gv;
+      if constexpr (D == Divergence::ForwardKL) {
+        gv = vgs * (q - Vec::loadu(et + j) * vizt);
+      } else if constexpr (D == Divergence::ReverseKL) {
+        const Vec log_ratio = (IO::load(s + j, n) - IO::load(t + j, n)) * vit - Vec(mx - my + lzs - lzt);
+        gv = vgs * q * (log_ratio - Vec(div));
+      } else {  // JSD
+        gv = Vec(gsoft * (acc_t(1) - p.beta)) * q * (Vec::loadu(et + j) - Vec(kl_qm));
+      }
+      if (need_ce) {
+        const Vec soft1 = p.t_is_one ? q : fast_exp(IO::load(s + j, n) - vms1) * viz1;
+        gv += vgh * soft1;
+        if (target >= j && target < j + n) {
+          acc_t tmp[W];
+          gv.store(tmp);
+          tmp[target - j] -= p.hard_coef * gscale;
+          gv = Vec::loadu(tmp);
+        }
+      }
+      IO::store(g + j, gv, n);
+    });
+    return loss;
+  }
+}
+
+template <Divergence D, typename scalar_t>
+void kd_rows(const at::Tensor& student, const at::Tensor& teacher, const int64_t* row_s, const int64_t* row_t,
+             const int64_t* target, at::Tensor& grad, typename Io<scalar_t>::acc_t gscale,
+             const RowParams<typename Io<scalar_t>::acc_t>& p, std::vector<double>& row_loss) {
+  using acc_t = typename Io<scalar_t>::acc_t;
+  constexpr int64_t W = Vectorized<acc_t>::size();
+  const int64_t N = static_cast<int64_t>(row_loss.size());
+  const int64_t V = student.size(-1);
+  const int64_t Vpad = (V + W - 1) / W * W;
+  const scalar_t* s = student.const_data_ptr<scalar_t>();
+  const scalar_t* t = teacher.const_data_ptr<scalar_t>();
+  scalar_t* g = grad.defined() ? grad.data_ptr<scalar_t>() : nullptr;
+  const int64_t grain = std::max<int64_t>(1, 16384 / V);
+  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> scratch(D == Divergence::MSELogits ? 0 : 2 * Vpad);
+    acc_t* es = scratch.data();
+    acc_t* et = es + Vpad;
+    for (int64_t r = begin; r < end; ++r) {
+      scalar_t* g_row = g ? g + r * V : nullptr;
+      const int64_t y = target ? target[r] : -1;
+      if (y == -2) {  // ignored row: no loss, no gradient
+        row_loss[r] = 0;
+        if (g_row) std::fill(g_row, g_row + V, scalar_t(0));
+        continue;
+      }
+      row_loss[r] = kd_row<D, scalar_t>(s + row_s[r], t + row_t[r], V, y, g_row, gscale, p, es, et);
+    }
+  });
+}
+
+// Element offsets of each row (all dims but the last) of a tensor whose last
+// dim is contiguous: lets (B, L, V) slices such as logits[:, :-1] be read in
+// place instead of copied.
+std::vector<int64_t> row_offsets(const at::Tensor& x) {
+  const int64_t nd = x.dim() - 1;
+  int64_t rows = 1;
+  for (int64_t d = 0; d < nd; ++d) rows *= x.size(d);
+  std::vector<int64_t> out(rows);
+  std::vector<int64_t> idx(nd, 0);  // odometer over the leading dims, row-major
+  int64_t off = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    out[r] = off;
+    for (int64_t d = nd - 1; d >= 0; --d) {
+      off += x.stride(d);
+      if (++idx[d] < x.size(d)) break;
+      off -= idx[d] * x.stride(d);
+      idx[d] = 0;
+    }
+  }
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> kd_loss_cpu(const at::Tensor& student_in, const at::Tensor& teacher_in,
+                                               const std::optional<at::Tensor>& target_in, double temperature,
+                                               c10::string_view divergence, double beta, double alpha, bool t2_scale,
+                                               c10::string_view reduction, int64_t ignore_index, bool compute_grad) {
+  const Divergence D = parse_divergence(divergence);
+  const Reduction R = parse_reduction(reduction);
+  TORCH_CHECK_VALUE(student_in.dim() >= 1, "pycompress::kd_loss: student must have at least 1 dim, got 0");
+  TORCH_CHECK_VALUE(student_in.sizes() == teacher_in.sizes(), "pycompress::kd_loss: student ", student_in.sizes(),
+                    " and teacher ", teacher_in.sizes(), " must have the same shape");
+  TORCH_CHECK_TYPE(student_in.scalar_type() == teacher_in.scalar_type(), "pycompress::kd_loss: student (",
+                   student_in.scalar_type(), ") and teacher (", teacher_in.scalar_type(), ") must share a dtype");
+  TORCH_CHECK_VALUE(temperature > 0, "pycompress::kd_loss: temperature must be > 0, got ", temperature);
+  TORCH_CHECK_VALUE(beta >= 0 && beta <= 1, "pycompress::kd_loss: beta must be in [0, 1], got ", beta);
+  TORCH_CHECK_VALUE(alpha >= 0 && alpha <= 1, "pycompress::kd_loss: alpha must be in [0, 1], got ", alpha);
+  const int64_t V = student_in.size(-1);
+  TORCH_CHECK_VALUE(V >= 1, "pycompress::kd_loss: the class dim must be non-empty");
+  // Rows are addressed through offsets; only the class dim must be contiguous.
+  const at::Tensor student = student_in.stride(-1) == 1 ? student_in : student_in.contiguous();
+  const at::Tensor teacher = teacher_in.stride(-1) == 1 ? teacher_in : teacher_in.contiguous();
+  const std::vector<int64_t> row_s = row_offsets(student), row_t = row_offsets(teacher);
+  const int64_t N = static_cast<int64_t>(row_s.size());
+
+  // Targets: -1 = no CE for this row, -2 = ignored row, else the class.
+  const bool has_target = target_in.has_value() && target_in->defined();
+  TORCH_CHECK_VALUE(alpha == 1.0 || has_target, "pycompress::kd_loss: alpha < 1 needs a target");
+  std::vector<int64_t> target;
+  int64_t n_valid = N;
+  if (has_target) {
+    const at::Tensor& tg = *target_in;
+    TORCH_CHECK_VALUE(tg.sizes() == student.sizes().slice(0, student.dim() - 1), "pycompress::kd_loss: target ",
+                      tg.sizes(), " must have the student's leading shape ", student.sizes().slice(0, student.dim() - 1));
+    TORCH_CHECK_TYPE(!at::isFloatingType(tg.scalar_type()) && !at::isComplexType(tg.scalar_type()),
+                     "pycompress::kd_loss: target must be an integer tensor, got ", tg.scalar_type());
+    const at::Tensor tg64 = tg.to(at::kLong).contiguous();
+    const int64_t* tp = tg64.const_data_ptr<int64_t>();
+    target.resize(N);
+    n_valid = 0;
+    const bool use_ce = alpha < 1.0;
+    for (int64_t r = 0; r < N; ++r) {
+      if (tp[r] == ignore_index) {
+        target[r] = -2;
+        continue;
+      }
+      TORCH_CHECK_VALUE(tp[r] >= 0 && tp[r] < V, "pycompress::kd_loss: target[", r, "] = ", tp[r],
+                        " is outside [0, ", V, ") and is not ignore_index (", ignore_index, ")");
+      target[r] = use_ce ? tp[r] : -1;
+      ++n_valid;
+    }
+  }
+  // Denominators (see pycompress/functional.py for the documented contract).
+  double denom = 1.0;
+  if (R == Reduction::Mean) denom = static_cast<double>(n_valid);
+  if (R == Reduction::BatchMean) {
+    const double rows_per_entry = student.size(0) > 0 ? static_cast<double>(N) / student.size(0) : 1.0;
+    denom = n_valid / rows_per_entry;
+  }
+  const double gscale = denom > 0 ? 1.0 / denom : 0.0;  // an all-ignored batch has loss 0, gradient 0
+
+  at::Tensor grad;
+  if (compute_grad) grad = empty_hugepage(student.sizes(), student.options());
+  std::vector<double> row_loss(N);
+  const double scale = (t2_scale && D != Divergence::MSELogits) ? temperature * temperature : 1.0;
+  const double T = D == Divergence::MSELogits ? 1.0 : temperature;
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, student.scalar_type(), "kd_loss_cpu", [&] {
+    using acc_t = typename Io<scalar_t>::acc_t;
+    RowParams<acc_t> p;
+    p.inv_t = static_cast<acc_t>(1.0 / T);
+    p.soft_coef = static_cast<acc_t>(alpha * scale);
+    p.hard_coef = static_cast<acc_t>(1.0 - alpha);
+    p.beta = static_cast<acc_t>(beta);
+    p.need_ce = alpha < 1.0;
+    p.t_is_one = T == 1.0;
+    const int64_t* tp = has_target ? target.data() : nullptr;
+    const auto gs = static_cast<acc_t>(gscale);
+    switch (D) {
+      case Divergence::ForwardKL:
+        kd_rows<Divergence::ForwardKL, scalar_t>(student, teacher, row_s.data(), row_t.data(), tp, grad, gs, p, row_loss);
+        break;
+      case Divergence::ReverseKL:
+        kd_rows<Divergence::ReverseKL, scalar_t>(student, teacher, row_s.data(), row_t.data(), tp, grad, gs, p, row_loss);
+        break;
+      case Divergence::JSD:
+        kd_rows<Divergence::JSD, scalar_t>(student, teacher, row_s.data(), row_t.data(), tp, grad, gs, p, row_loss);
+        break;
+      case Divergence::MSELogits:
+        kd_rows<Divergence::MSELogits, scalar_t>(student, teacher, row_s.data(), row_t.data(), tp, grad, gs, p, row_loss);
+        break;
+    }
+  });
+
+  at::Tensor loss;
+  if (R == Reduction::None) {
+    loss = at::from_blob(row_loss.data(), {N}, at::kDouble)
+               .to(student.scalar_type())
+               .reshape(student.sizes().slice(0, student.dim() - 1));
+  } else {
+    double total = 0;  // fixed order: independent of the thread count
+    for (double v : row_loss) total += v;
+    loss = at::scalar_tensor(total * gscale, student.options());
+  }
+  if (!compute_grad) grad = at::empty({0}, student.options());
+  return {loss, grad};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pycompress, CPU, m) {
+  m.impl("kd_loss", &kd_loss_cpu);
+}
+
+}  // namespace pycompress

@@ -1,0 +1,14 @@
+// Schema of the fused knowledge-distillation loss. Implementations:
+// csrc/cpu/kd_loss_kernel.cpp (CPU), kernels/kd_loss.py (Triton, CUDA);
+// fake and autograd registrations: pycompress/ops/kd_loss.py.
+#include <torch/library.h>
+
+TORCH_LIBRARY_FRAGMENT(pycompress, m) {
+  // Returns (loss, grad): the reduced loss (per row for reduction="none") and,
+  // when compute_grad, d(loss)/d(student) already divided by the reduction's
+  // denominator, so backward only multiplies by the incoming gradient.
+  m.def(
+      "kd_loss(Tensor student, Tensor teacher, Tensor? target, float temperature, "
+      "str divergence, float beta, float alpha, bool t2_scale, str reduction, "
+      "int ignore_index, bool compute_grad) -> (Tensor, Tensor)");
+}

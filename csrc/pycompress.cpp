@@ -1,0 +1,21 @@
+// The pycompress op namespace. Each op family declares its schemas in its own
+// csrc/<family>.cpp with TORCH_LIBRARY_FRAGMENT; this file owns the namespace
+// itself (TORCH_LIBRARY may appear once per namespace) and build facts that
+// tests and benchmarks report.
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+namespace pycompress {
+
+// Width in bits of at::vec::Vectorized<float> as compiled into this library:
+// 512 with AVX-512, 256 with AVX2, otherwise the scalar fallback's width.
+// Benchmarks print it so a build that silently lost its vector ISA shows.
+int64_t cpu_vector_bits() {
+  return static_cast<int64_t>(at::vec::Vectorized<float>::size()) * 32;
+}
+
+TORCH_LIBRARY(pycompress, m) {
+  m.def("_cpu_vector_bits() -> int", &cpu_vector_bits);
+}
+
+}  // namespace pycompress

@@ -1,0 +1,9 @@
+"""pycompress: kernel-accelerated model compression for PyTorch."""
+
+from pycompress import _extension  # noqa: F401  (loads the op library before anything registers on it)
+from pycompress import ops
+from pycompress.functional import kd_loss
+from pycompress.nn import KDLoss
+
+__all__ = ["KDLoss", "kd_loss", "ops"]
+__version__ = "0.1.0"

@@ -1,0 +1,74 @@
+"""Loss modules."""
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from pycompress.functional import check_kd_hyperparameters, kd_loss
+
+
+class KDLoss(nn.Module):
+    r"""Fused knowledge-distillation loss (Hinton et al. 2015 and variants).
+
+    .. math::
+        L = \alpha \, T^2 \, D\big(\mathrm{softmax}(t/T), \mathrm{softmax}(s/T)\big)
+            + (1 - \alpha)\, \mathrm{CE}(y, \mathrm{softmax}(s))
+
+    The forward computes the loss and the student's gradient in one fused pass
+    over the logits (C++ on CPU, Triton on CUDA); backward only scales it. See
+    :func:`pycompress.kd_loss` for every argument and the exact reductions.
+
+    Args:
+        temperature (float): softmax temperature T > 0 of the soft term.
+        alpha (float): weight of the soft term; ``alpha < 1`` adds hard-label CE
+            and needs a target.
+        divergence (str): ``forward_kl`` | ``reverse_kl`` | ``jsd`` | ``mse_logits``.
+        beta (float): JSD mixture weight of the teacher.
+        reduction (str): ``none`` | ``sum`` | ``mean`` | ``batchmean``.
+        ignore_index (int): target value of rows to skip.
+        t2_scale (bool): scale the soft term by T^2.
+        teacher_noise (float): Sau et al.'s multiplicative teacher noise sigma.
+        generator (torch.Generator, optional): source of that noise.
+
+    Shape:
+        - student_logits: (N, V) or (B, L, V)
+        - teacher_logits: same as student_logits
+        - target: student_logits.shape[:-1], integer
+        - output: scalar, or student_logits.shape[:-1] with ``reduction="none"``
+
+    Example:
+        >>> loss_fn = KDLoss(temperature=4.0, alpha=0.5)
+        >>> loss = loss_fn(student(x), teacher(x).detach(), y)
+    """
+
+    def __init__(self, temperature: float = 1.0, alpha: float = 1.0, divergence: str = "forward_kl",
+                 beta: float = 0.5, reduction: str = "batchmean", ignore_index: int = -100, t2_scale: bool = True,
+                 teacher_noise: float = 0.0, generator: Optional[torch.Generator] = None):
+        super().__init__()
+        check_kd_hyperparameters(temperature, alpha, divergence, beta, reduction, teacher_noise)
+        self.temperature = float(temperature)
+        self.alpha = float(alpha)
+        self.divergence = divergence
+        self.beta = float(beta)
+        self.reduction = reduction
+        self.ignore_index = int(ignore_index)
+        self.t2_scale = bool(t2_scale)
+        self.teacher_noise = float(teacher_noise)
+        self.generator = generator
+
+    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                target: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return kd_loss(student_logits, teacher_logits, target, temperature=self.temperature, alpha=self.alpha,
+                       divergence=self.divergence, beta=self.beta, reduction=self.reduction,
+                       ignore_index=self.ignore_index, t2_scale=self.t2_scale, teacher_noise=self.teacher_noise,
+                       generator=self.generator)
+
+    def extra_repr(self) -> str:
+        parts = [f"temperature={self.temperature}", f"alpha={self.alpha}", f"divergence={self.divergence!r}"]
+        if self.divergence == "jsd":
+            parts.append(f"beta={self.beta}")
+        parts += [f"reduction={self.reduction!r}", f"ignore_index={self.ignore_index}", f"t2_scale={self.t2_scale}"]
+        if self.teacher_noise:
+            parts.append(f"teacher_noise={self.teacher_noise}")
+        return ", ".join(parts)

@@ -1,0 +1,7 @@
+"""The pycompress:: ops: fake kernels, autograd and GPU backends, one module per op family.
+
+Each module registers on the schemas that csrc/<family>.cpp declares; importing
+this package performs every registration.
+"""
+
+from pycompress.ops import kd_loss as _kd_loss  # noqa: F401  (registrations only)
