@@ -1,0 +1,27 @@
+"""The ``pycompress`` command. Each subcommand lives in its own module, which
+provides ``configure(parser)`` (adds its arguments) and ``run(args) -> int``;
+the module is imported only when its subcommand runs."""
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help)
+SUBCOMMANDS = {
+    "demo": ("pycompress.demo", "run the KD demo on the embedded digits data"),
+}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="pycompress", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (module, help_text) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_text)
+        p.set_defaults(_module=module)
+        importlib.import_module(module).configure(p)
+    args = parser.parse_args(argv)
+    return importlib.import_module(args._module).run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
