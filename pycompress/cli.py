@@ -1,6 +1,6 @@
 """The ``pycompress`` command. Each subcommand lives in its own module, which
-provides ``configure(parser)`` (adds its arguments) and ``run(args) -> int``;
-the module is imported only when its subcommand runs."""
+provides ``configure(parser)`` (adds its arguments) and ``run(args) -> int``.
+Every module is imported to build the parser, so keep heavy imports inside ``run``."""
 
 import argparse
 import importlib
