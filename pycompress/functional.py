@@ -45,7 +45,8 @@ def _check_kd_tensors(student, teacher, target, alpha, ignore_index):
         raise TypeError(f"student_logits ({student.dtype}) and teacher_logits ({teacher.dtype}) must share a "
                         "dtype; cast the teacher's logits")
     if student.device != teacher.device:
-        raise ValueError(f"student_logits is on {student.device} but teacher_logits is on {teacher.device}")
+        raise ValueError(f"student_logits and teacher_logits must be on the same device, got {student.device} "
+                         f"and {teacher.device}")
     if target is None:
         if alpha < 1.0:
             raise ValueError(f"alpha={alpha} < 1 weights a hard-label cross-entropy, so target is required")
@@ -55,7 +56,7 @@ def _check_kd_tensors(student, teacher, target, alpha, ignore_index):
     if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
         raise TypeError(f"target must hold integer class indices, got {target.dtype}")
     if target.device != student.device:
-        raise ValueError(f"target is on {target.device} but student_logits is on {student.device}")
+        raise ValueError(f"target must be on student_logits' device {student.device}, got {target.device}")
     if target.shape != student.shape[:-1]:
         raise ValueError(f"target must have shape {tuple(student.shape[:-1])} (student_logits without its last "
                          f"dim), got {tuple(target.shape)}")

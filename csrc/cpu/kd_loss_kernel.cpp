@@ -421,9 +421,9 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_cpu(const at::Tensor& student_in, con
 
   at::Tensor loss;
   if (R == Reduction::None) {
-    loss = at::from_blob(row_loss.data(), {N}, at::kDouble)
-               .to(student.scalar_type())
-               .reshape(student.sizes().slice(0, student.dim() - 1));
+    loss = at::empty({N}, at::kDouble);
+    std::copy(row_loss.begin(), row_loss.end(), loss.data_ptr<double>());
+    loss = loss.to(student.scalar_type()).reshape(student.sizes().slice(0, student.dim() - 1));
   } else {
     double total = 0;  // fixed order: independent of the thread count
     for (double v : row_loss) total += v;

@@ -36,6 +36,16 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(output[1])
 
 
+def _is_concrete_one(x):
+    """True when x is a real tensor equal to 1. Traced values (dynamo, fake or
+    functorch-wrapped tensors) cannot be inspected, so they report False."""
+    if torch.compiler.is_compiling() or type(x) is not torch.Tensor:
+        return False
+    if torch._C._functorch.is_functorch_wrapped_tensor(x):
+        return False
+    return bool(x == 1)
+
+
 def _backward(ctx, grad_loss, _grad_of_grad_output):
     (grad,) = ctx.saved_tensors
     if grad.numel() == 0 and grad_loss.numel() != 0:
@@ -43,7 +53,7 @@ def _backward(ctx, grad_loss, _grad_of_grad_output):
                            "compute_grad=True to differentiate it (pycompress.kd_loss does this)")
     if ctx.reduction == "none":
         grad_student = grad * grad_loss.unsqueeze(-1)
-    elif not torch.compiler.is_compiling() and bool(grad_loss == 1):
+    elif _is_concrete_one(grad_loss):
         grad_student = grad  # loss.backward(): the forward's buffer is the gradient, no copy
     else:
         grad_student = grad * grad_loss
