@@ -13,7 +13,8 @@
 // Passes over a row (rows in parallel, at::parallel_for):
 //   1. max of s and t: the only pass that streams s and t from DRAM;
 //   2. e_s = exp(x - max x), e_t = exp(y - max y) into a per-thread scratch row,
-//      with their sums: every exponential is computed exactly once;
+//      with their sums: every exponential is computed exactly once. This pass
+//      also prefetches the next row, hiding pass 1's DRAM latency behind exps;
 //   3. the gradient from the scratch rows (s and t re-read from L2), written once.
 // Memory traffic: reads 2*N*V*sizeof(scalar), writes N*V*sizeof(scalar) for the
 // gradient; nothing else of size N*V exists. At V = 32k in fp32, a row's s, t,
@@ -136,7 +137,8 @@ template <Divergence D, typename scalar_t>
 typename Io<scalar_t>::acc_t kd_row(
     const scalar_t* s, const scalar_t* t, int64_t V, int64_t target, scalar_t* g,
     typename Io<scalar_t>::acc_t gscale, const RowParams<typename Io<scalar_t>::acc_t>& p,
-    typename Io<scalar_t>::acc_t* es, typename Io<scalar_t>::acc_t* et) {
+    typename Io<scalar_t>::acc_t* es, typename Io<scalar_t>::acc_t* et, const scalar_t* next_s,
+    const scalar_t* next_t) {
   using IO = Io<scalar_t>;
   using acc_t = typename IO::acc_t;
   using Vec = Vectorized<acc_t>;
@@ -196,6 +198,12 @@ typename Io<scalar_t>::acc_t kd_row(
     const Vec vit(p.inv_t), vmx(mx), vmy(my), vms1(ms);
     Vec vzs(0), vzt(0), va(0), vz1(0);
     for_chunks<W>(V, [&](int64_t j, int64_t n) {
+      // Pass 2 is compute-bound: pull the next row into cache meanwhile, so that
+      // its pass 1 (the only DRAM-bound pass) overlaps with this row's exps.
+      if (next_s) {
+        __builtin_prefetch(next_s + j);
+        __builtin_prefetch(next_t + j);
+      }
       const Vec sv = IO::load(s + j, n);
       const Vec x = sv * vit - vmx;
       const Vec y = IO::load(t + j, n) * vit - vmy;
@@ -301,7 +309,9 @@ void kd_rows(const at::Tensor& student, const at::Tensor& teacher, const int64_t
         if (g_row) std::fill(g_row, g_row + V, scalar_t(0));
         continue;
       }
-      row_loss[r] = kd_row<D, scalar_t>(s + row_s[r], t + row_t[r], V, y, g_row, gscale, p, es, et);
+      const bool has_next = r + 1 < end;
+      row_loss[r] = kd_row<D, scalar_t>(s + row_s[r], t + row_t[r], V, y, g_row, gscale, p, es, et,
+                                        has_next ? s + row_s[r + 1] : nullptr, has_next ? t + row_t[r + 1] : nullptr);
     }
   });
 }

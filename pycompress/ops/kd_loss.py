@@ -34,6 +34,11 @@ def _kd_loss_fake(student, teacher, target, temperature, divergence, beta, alpha
 def _setup_context(ctx, inputs, output):
     ctx.reduction = inputs[8]
     ctx.save_for_backward(output[1])
+    # The gradient output is a by-product, not a differentiable result. Without
+    # these two lines autograd would materialise an N x V zero tensor as its
+    # incoming gradient on every backward.
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
 
 
 def _is_concrete_one(x):
