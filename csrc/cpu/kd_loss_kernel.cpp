@@ -338,82 +338,111 @@ std::vector<int64_t> row_offsets(const at::Tensor& x) {
   return out;
 }
 
+// What every kd_loss variant shares: the checked hyperparameters, each row's
+// target code (-1: no CE, -2: ignored row, else the class) and the reduction.
+struct LossSetup {
+  Divergence div;
+  Reduction red;
+  std::vector<int64_t> target;  // empty without a target
+  double gscale;                // 1 / the reduction's denominator (0 when no row is valid)
+};
+
+LossSetup setup_loss(const char* op, const at::Tensor& student, const std::optional<at::Tensor>& target_in,
+                     double temperature, c10::string_view divergence, double beta, double alpha,
+                     c10::string_view reduction, int64_t ignore_index) {
+  LossSetup out{parse_divergence(divergence), parse_reduction(reduction), {}, 1.0};
+  TORCH_CHECK_VALUE(temperature > 0, op, ": temperature must be > 0, got ", temperature);
+  TORCH_CHECK_VALUE(beta >= 0 && beta <= 1, op, ": beta must be in [0, 1], got ", beta);
+  TORCH_CHECK_VALUE(alpha >= 0 && alpha <= 1, op, ": alpha must be in [0, 1], got ", alpha);
+  const int64_t V = student.size(-1);
+  const auto lead = student.sizes().slice(0, student.dim() - 1);
+  const int64_t N = c10::multiply_integers(lead);
+  const bool has_target = target_in.has_value() && target_in->defined();
+  TORCH_CHECK_VALUE(alpha == 1.0 || has_target, op, ": alpha < 1 needs a target");
+  int64_t n_valid = N;
+  if (has_target) {
+    const at::Tensor& tg = *target_in;
+    TORCH_CHECK_VALUE(tg.sizes() == lead, op, ": target ", tg.sizes(), " must have the student's leading shape ", lead);
+    TORCH_CHECK_TYPE(!at::isFloatingType(tg.scalar_type()) && !at::isComplexType(tg.scalar_type()), op,
+                     ": target must be an integer tensor, got ", tg.scalar_type());
+    const at::Tensor tg64 = tg.to(at::kLong).contiguous();
+    const int64_t* tp = tg64.const_data_ptr<int64_t>();
+    out.target.resize(N);
+    n_valid = 0;
+    for (int64_t r = 0; r < N; ++r) {
+      if (tp[r] == ignore_index) {
+        out.target[r] = -2;
+        continue;
+      }
+      TORCH_CHECK_VALUE(tp[r] >= 0 && tp[r] < V, op, ": target[", r, "] = ", tp[r], " is outside [0, ", V,
+                        ") and is not ignore_index (", ignore_index, ")");
+      out.target[r] = alpha < 1.0 ? tp[r] : -1;
+      ++n_valid;
+    }
+  }
+  // Denominators, as documented in pycompress/functional.py.
+  double denom = 1.0;
+  if (out.red == Reduction::Mean) denom = static_cast<double>(n_valid);
+  if (out.red == Reduction::BatchMean) {
+    const double rows_per_entry = student.size(0) > 0 ? static_cast<double>(N) / student.size(0) : 1.0;
+    denom = n_valid / rows_per_entry;
+  }
+  out.gscale = denom > 0 ? 1.0 / denom : 0.0;  // an all-ignored batch has loss 0, gradient 0
+  return out;
+}
+
+template <typename acc_t>
+RowParams<acc_t> row_params(const LossSetup& ls, double temperature, double beta, double alpha, bool t2_scale) {
+  const bool mse = ls.div == Divergence::MSELogits;
+  const double T = mse ? 1.0 : temperature;  // logit regression has no temperature
+  RowParams<acc_t> p;
+  p.inv_t = static_cast<acc_t>(1.0 / T);
+  p.soft_coef = static_cast<acc_t>(alpha * ((t2_scale && !mse) ? T * T : 1.0));
+  p.hard_coef = static_cast<acc_t>(1.0 - alpha);
+  p.beta = static_cast<acc_t>(beta);
+  p.need_ce = alpha < 1.0;
+  p.t_is_one = T == 1.0;
+  return p;
+}
+
+// Reduces row losses (summed in fp64, in row order: independent of the thread count).
+at::Tensor reduce_rows(const std::vector<double>& row_loss, const LossSetup& ls, const at::Tensor& student) {
+  if (ls.red == Reduction::None) {
+    at::Tensor loss = at::empty({static_cast<int64_t>(row_loss.size())}, at::kDouble);
+    std::copy(row_loss.begin(), row_loss.end(), loss.data_ptr<double>());
+    return loss.to(student.scalar_type()).reshape(student.sizes().slice(0, student.dim() - 1));
+  }
+  double total = 0;
+  for (double v : row_loss) total += v;
+  return at::scalar_tensor(total * ls.gscale, student.options());
+}
+
 std::tuple<at::Tensor, at::Tensor> kd_loss_cpu(const at::Tensor& student_in, const at::Tensor& teacher_in,
                                                const std::optional<at::Tensor>& target_in, double temperature,
                                                c10::string_view divergence, double beta, double alpha, bool t2_scale,
                                                c10::string_view reduction, int64_t ignore_index, bool compute_grad) {
-  const Divergence D = parse_divergence(divergence);
-  const Reduction R = parse_reduction(reduction);
-  TORCH_CHECK_VALUE(student_in.dim() >= 1, "pycompress::kd_loss: student must have at least 1 dim, got 0");
-  TORCH_CHECK_VALUE(student_in.sizes() == teacher_in.sizes(), "pycompress::kd_loss: student ", student_in.sizes(),
-                    " and teacher ", teacher_in.sizes(), " must have the same shape");
-  TORCH_CHECK_TYPE(student_in.scalar_type() == teacher_in.scalar_type(), "pycompress::kd_loss: student (",
+  constexpr const char* op = "pycompress::kd_loss";
+  TORCH_CHECK_VALUE(student_in.dim() >= 1 && student_in.size(-1) >= 1, op,
+                    ": student must be (..., V) with V >= 1, got ", student_in.sizes());
+  TORCH_CHECK_VALUE(student_in.sizes() == teacher_in.sizes(), op, ": student ", student_in.sizes(), " and teacher ",
+                    teacher_in.sizes(), " must have the same shape");
+  TORCH_CHECK_TYPE(student_in.scalar_type() == teacher_in.scalar_type(), op, ": student (",
                    student_in.scalar_type(), ") and teacher (", teacher_in.scalar_type(), ") must share a dtype");
-  TORCH_CHECK_VALUE(temperature > 0, "pycompress::kd_loss: temperature must be > 0, got ", temperature);
-  TORCH_CHECK_VALUE(beta >= 0 && beta <= 1, "pycompress::kd_loss: beta must be in [0, 1], got ", beta);
-  TORCH_CHECK_VALUE(alpha >= 0 && alpha <= 1, "pycompress::kd_loss: alpha must be in [0, 1], got ", alpha);
-  const int64_t V = student_in.size(-1);
-  TORCH_CHECK_VALUE(V >= 1, "pycompress::kd_loss: the class dim must be non-empty");
+  const LossSetup ls = setup_loss(op, student_in, target_in, temperature, divergence, beta, alpha, reduction,
+                                  ignore_index);
   // Rows are addressed through offsets; only the class dim must be contiguous.
   const at::Tensor student = student_in.stride(-1) == 1 ? student_in : student_in.contiguous();
   const at::Tensor teacher = teacher_in.stride(-1) == 1 ? teacher_in : teacher_in.contiguous();
   const std::vector<int64_t> row_s = row_offsets(student), row_t = row_offsets(teacher);
-  const int64_t N = static_cast<int64_t>(row_s.size());
-
-  // Targets: -1 = no CE for this row, -2 = ignored row, else the class.
-  const bool has_target = target_in.has_value() && target_in->defined();
-  TORCH_CHECK_VALUE(alpha == 1.0 || has_target, "pycompress::kd_loss: alpha < 1 needs a target");
-  std::vector<int64_t> target;
-  int64_t n_valid = N;
-  if (has_target) {
-    const at::Tensor& tg = *target_in;
-    TORCH_CHECK_VALUE(tg.sizes() == student.sizes().slice(0, student.dim() - 1), "pycompress::kd_loss: target ",
-                      tg.sizes(), " must have the student's leading shape ", student.sizes().slice(0, student.dim() - 1));
-    TORCH_CHECK_TYPE(!at::isFloatingType(tg.scalar_type()) && !at::isComplexType(tg.scalar_type()),
-                     "pycompress::kd_loss: target must be an integer tensor, got ", tg.scalar_type());
-    const at::Tensor tg64 = tg.to(at::kLong).contiguous();
-    const int64_t* tp = tg64.const_data_ptr<int64_t>();
-    target.resize(N);
-    n_valid = 0;
-    const bool use_ce = alpha < 1.0;
-    for (int64_t r = 0; r < N; ++r) {
-      if (tp[r] == ignore_index) {
-        target[r] = -2;
-        continue;
-      }
-      TORCH_CHECK_VALUE(tp[r] >= 0 && tp[r] < V, "pycompress::kd_loss: target[", r, "] = ", tp[r],
-                        " is outside [0, ", V, ") and is not ignore_index (", ignore_index, ")");
-      target[r] = use_ce ? tp[r] : -1;
-      ++n_valid;
-    }
-  }
-  // Denominators (see pycompress/functional.py for the documented contract).
-  double denom = 1.0;
-  if (R == Reduction::Mean) denom = static_cast<double>(n_valid);
-  if (R == Reduction::BatchMean) {
-    const double rows_per_entry = student.size(0) > 0 ? static_cast<double>(N) / student.size(0) : 1.0;
-    denom = n_valid / rows_per_entry;
-  }
-  const double gscale = denom > 0 ? 1.0 / denom : 0.0;  // an all-ignored batch has loss 0, gradient 0
-
-  at::Tensor grad;
-  if (compute_grad) grad = empty_hugepage(student.sizes(), student.options());
-  std::vector<double> row_loss(N);
-  const double scale = (t2_scale && D != Divergence::MSELogits) ? temperature * temperature : 1.0;
-  const double T = D == Divergence::MSELogits ? 1.0 : temperature;
+  at::Tensor grad = compute_grad ? empty_hugepage(student.sizes(), student.options()) : at::Tensor();
+  std::vector<double> row_loss(row_s.size());
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, student.scalar_type(), "kd_loss_cpu", [&] {
     using acc_t = typename Io<scalar_t>::acc_t;
-    RowParams<acc_t> p;
-    p.inv_t = static_cast<acc_t>(1.0 / T);
-    p.soft_coef = static_cast<acc_t>(alpha * scale);
-    p.hard_coef = static_cast<acc_t>(1.0 - alpha);
-    p.beta = static_cast<acc_t>(beta);
-    p.need_ce = alpha < 1.0;
-    p.t_is_one = T == 1.0;
-    const int64_t* tp = has_target ? target.data() : nullptr;
-    const auto gs = static_cast<acc_t>(gscale);
-    switch (D) {
+    const auto p = row_params<acc_t>(ls, temperature, beta, alpha, t2_scale);
+    const int64_t* tp = ls.target.empty() ? nullptr : ls.target.data();
+    const auto gs = static_cast<acc_t>(ls.gscale);
+    switch (ls.div) {
       case Divergence::ForwardKL:
         kd_rows<Divergence::ForwardKL, scalar_t>(student, teacher, row_s.data(), row_t.data(), tp, grad, gs, p, row_loss);
         break;
@@ -428,19 +457,7 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_cpu(const at::Tensor& student_in, con
         break;
     }
   });
-
-  at::Tensor loss;
-  if (R == Reduction::None) {
-    loss = at::empty({N}, at::kDouble);
-    std::copy(row_loss.begin(), row_loss.end(), loss.data_ptr<double>());
-    loss = loss.to(student.scalar_type()).reshape(student.sizes().slice(0, student.dim() - 1));
-  } else {
-    double total = 0;  // fixed order: independent of the thread count
-    for (double v : row_loss) total += v;
-    loss = at::scalar_tensor(total * gscale, student.options());
-  }
-  if (!compute_grad) grad = at::empty({0}, student.options());
-  return {loss, grad};
+  return {reduce_rows(row_loss, ls, student), compute_grad ? grad : at::empty({0}, student.options())};
 }
 
 }  // namespace

@@ -53,6 +53,8 @@ def _is_concrete_one(x):
 
 def _backward(ctx, grad_loss, _grad_of_grad_output):
     (grad,) = ctx.saved_tensors
+    if grad_loss is None:  # the loss was not used (grads are not materialised)
+        return (None,) * 11
     if grad.numel() == 0 and grad_loss.numel() != 0:
         raise RuntimeError("pycompress::kd_loss was called with compute_grad=False; call it with "
                            "compute_grad=True to differentiate it (pycompress.kd_loss does this)")
