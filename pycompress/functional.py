@@ -30,14 +30,41 @@ def check_kd_hyperparameters(temperature, alpha, divergence, beta, reduction, te
         raise ValueError(f"reduction must be one of {', '.join(REDUCTIONS)}, got {reduction!r}")
 
 
-def _check_kd_tensors(student, teacher, target, alpha, ignore_index):
-    for name, x in (("student_logits", student), ("teacher_logits", teacher)):
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{name} must be a Tensor, got {type(x).__name__}")
-        if not x.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
-    if student.dim() < 1 or student.shape[-1] < 1:
-        raise ValueError(f"student_logits must be (..., V) with V >= 1, got shape {tuple(student.shape)}")
+TOPK_TAILS = ("bucket", "drop")
+
+
+def _check_topk_teacher(student, teacher, topk_tail):
+    """Checks a sparse teacher ``(values, indices)``; returns it with int64 indices."""
+    if len(teacher) != 2:
+        raise TypeError("a sparse teacher_logits must be a pair (topk_values, topk_indices)")
+    values, indices = teacher
+    if not isinstance(values, torch.Tensor) or not values.is_floating_point():
+        raise TypeError(f"topk_values must be a floating-point Tensor, got {getattr(values, 'dtype', type(values))}")
+    if not isinstance(indices, torch.Tensor) or indices.is_floating_point() or indices.dtype == torch.bool:
+        raise TypeError(f"topk_indices must be an integer Tensor, got {getattr(indices, 'dtype', type(indices))}")
+    if values.shape != indices.shape:
+        raise ValueError(f"topk_values {tuple(values.shape)} and topk_indices {tuple(indices.shape)} must have the "
+                         "same shape")
+    if values.dim() != student.dim() or values.shape[:-1] != student.shape[:-1]:
+        raise ValueError(f"topk_values must have shape {tuple(student.shape[:-1])} + (k,) to match student_logits, "
+                         f"got {tuple(values.shape)}")
+    V, k = student.shape[-1], values.shape[-1]
+    if not 1 <= k <= V:
+        raise ValueError(f"k = {k} teacher entries per row must be in [1, V = {V}]")
+    if values.device != student.device or indices.device != student.device:
+        raise ValueError(f"topk_values and topk_indices must be on student_logits' device {student.device}")
+    if topk_tail not in TOPK_TAILS:
+        raise ValueError(f"topk_tail must be one of {', '.join(TOPK_TAILS)}, got {topk_tail!r}")
+    # Index range and duplicates are checked by the kernel, row by row, with ValueErrors.
+    return values.detach(), indices.to(torch.int64)
+
+
+def _check_dense_teacher(student, teacher):
+    if not isinstance(teacher, torch.Tensor):
+        raise TypeError(f"teacher_logits must be a Tensor or a (topk_values, topk_indices) pair, got "
+                        f"{type(teacher).__name__}")
+    if not teacher.is_floating_point():
+        raise TypeError(f"teacher_logits must be a floating-point tensor, got {teacher.dtype}")
     if student.shape != teacher.shape:
         raise ValueError(f"student_logits {tuple(student.shape)} and teacher_logits {tuple(teacher.shape)} "
                          "must have the same shape (same rows, same vocabulary)")
@@ -47,6 +74,15 @@ def _check_kd_tensors(student, teacher, target, alpha, ignore_index):
     if student.device != teacher.device:
         raise ValueError(f"student_logits and teacher_logits must be on the same device, got {student.device} "
                          f"and {teacher.device}")
+
+
+def _check_kd_tensors(student, target, alpha, ignore_index):
+    if not isinstance(student, torch.Tensor):
+        raise TypeError(f"student_logits must be a Tensor, got {type(student).__name__}")
+    if not student.is_floating_point():
+        raise TypeError(f"student_logits must be a floating-point tensor, got {student.dtype}")
+    if student.dim() < 1 or student.shape[-1] < 1:
+        raise ValueError(f"student_logits must be (..., V) with V >= 1, got shape {tuple(student.shape)}")
     if target is None:
         if alpha < 1.0:
             raise ValueError(f"alpha={alpha} < 1 weights a hard-label cross-entropy, so target is required")
@@ -83,7 +119,8 @@ def perturb_teacher(teacher_logits: torch.Tensor, sigma: float,
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: Optional[torch.Tensor] = None, *,
             temperature: float = 1.0, alpha: float = 1.0, divergence: str = "forward_kl", beta: float = 0.5,
             reduction: str = "batchmean", ignore_index: int = -100, t2_scale: bool = True,
-            teacher_noise: float = 0.0, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+            teacher_noise: float = 0.0, generator: Optional[torch.Generator] = None,
+            topk_tail: str = "bucket") -> torch.Tensor:
     r"""Knowledge-distillation loss, fused: one pass computes the loss and the student's gradient.
 
     .. math::
@@ -101,8 +138,10 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: 
     Args:
         student_logits (Tensor[..., V]): student logits, fp32/bf16/fp16/fp64, any
             strides (rows are read in place when the class dim is contiguous).
-        teacher_logits (Tensor[..., V]): teacher logits, same shape and dtype; never
-            receives a gradient.
+        teacher_logits (Tensor[..., V] or (Tensor[..., k], LongTensor[..., k])): teacher
+            logits, same shape and dtype; never receives a gradient. A pair
+            ``(topk_values, topk_indices)`` is a sparse teacher (cached or served top-k
+            outputs); memory for the teacher then scales with k. See ``topk_tail``.
         target (LongTensor[...], optional): class indices; needed when ``alpha < 1``.
             Rows whose target is ``ignore_index`` contribute nothing, to the loss or
             to the gradient, in every term.
@@ -126,6 +165,15 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: 
         teacher_noise (float): sigma of Sau et al.'s multiplicative noise on the teacher
             logits, ``t (1 + sigma xi)``; 0 disables it. Uses ``generator``.
         generator (torch.Generator, optional): source of the teacher noise.
+        topk_tail (str): how a sparse teacher's missing mass is read. ``bucket``
+            (default): ``topk_values`` are teacher log-probabilities (``log_softmax``
+            at T = 1) and the remaining mass ``1 - sum(exp(values))`` is one extra
+            "tail" class; the student's tail is its probability summed over all other
+            classes, and the teacher's k + 1 buckets are tempered as k + 1 classes.
+            ``drop``: the tail is discarded and both distributions are renormalised
+            over the k classes (values may be logits or log-probabilities alike); the
+            other classes get no soft gradient. Both equal the dense loss at k = V.
+            ``mse_logits`` regresses the k given logits and ignores the tail.
 
     Returns:
         Tensor: a scalar, or ``student_logits.shape[:-1]`` for ``reduction="none"``,
@@ -137,11 +185,20 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: 
         >>> loss.backward()
     """
     check_kd_hyperparameters(temperature, alpha, divergence, beta, reduction, teacher_noise)
-    _check_kd_tensors(student_logits, teacher_logits, target, alpha, ignore_index)
+    _check_kd_tensors(student_logits, target, alpha, ignore_index)
+    compute_grad = torch.is_grad_enabled() and student_logits.requires_grad
+    if isinstance(teacher_logits, (tuple, list)):
+        if teacher_noise > 0:
+            raise ValueError("teacher_noise perturbs dense teacher logits; it does not apply to a top-k teacher")
+        values, indices = _check_topk_teacher(student_logits, teacher_logits, topk_tail)
+        loss, _ = torch.ops.pycompress.kd_loss_topk(student_logits, values, indices, target, float(temperature),
+                                                    divergence, float(beta), float(alpha), bool(t2_scale), reduction,
+                                                    int(ignore_index), topk_tail, compute_grad)
+        return loss
+    _check_dense_teacher(student_logits, teacher_logits)
     teacher = teacher_logits.detach()
     if teacher_noise > 0:
         teacher = perturb_teacher(teacher, teacher_noise, generator)
-    compute_grad = torch.is_grad_enabled() and student_logits.requires_grad
     loss, _ = torch.ops.pycompress.kd_loss(student_logits, teacher, target, float(temperature), divergence,
                                            float(beta), float(alpha), bool(t2_scale), reduction, int(ignore_index),
                                            compute_grad)

@@ -22,32 +22,27 @@ TOL = {
 }
 
 
-def reference_kd(s, t, target=None, *, temperature=1.0, alpha=1.0, divergence="forward_kl", beta=0.5,
-                 reduction="batchmean", ignore_index=-100, t2_scale=True):
-    """Materialises everything, in float64."""
-    s64, t64 = s.double(), t.double()
+def _divergence(log_p, log_q, divergence, beta):
+    """Row divergence between teacher log-probs log_p and student log-probs log_q."""
+    q, p = log_q.exp(), log_p.exp()
+    if divergence == "forward_kl":
+        return torch.where(p > 0, p * (log_p - log_q), 0.0).sum(-1)
+    if divergence == "reverse_kl":
+        return torch.where(q > 0, q * (log_q - log_p), 0.0).sum(-1)
+    log_m = torch.log(beta * p + (1 - beta) * q)
+    return (beta * torch.where(p > 0, p * (log_p - log_m), 0.0)
+            + (1 - beta) * torch.where(q > 0, q * (log_q - log_m), 0.0)).sum(-1)
+
+
+def _finish(row, s, target, *, temperature, alpha, divergence, reduction, ignore_index, t2_scale):
+    """Scales the soft row loss, adds the hard CE, drops ignored rows and reduces."""
     lead, V = s.shape[:-1], s.shape[-1]
-    if divergence == "mse_logits":
-        row = 0.5 * ((s64 - t64) ** 2).sum(-1)
-        scale = 1.0
-    else:
-        T = temperature
-        log_q, log_p = F.log_softmax(s64 / T, -1), F.log_softmax(t64 / T, -1)
-        q, p = log_q.exp(), log_p.exp()
-        if divergence == "forward_kl":
-            row = (p * (log_p - log_q)).sum(-1)
-        elif divergence == "reverse_kl":
-            row = (q * (log_q - log_p)).sum(-1)
-        else:
-            log_m = torch.log(beta * p + (1 - beta) * q)
-            row = (beta * torch.where(p > 0, p * (log_p - log_m), 0.0)
-                   + (1 - beta) * torch.where(q > 0, q * (log_q - log_m), 0.0)).sum(-1)
-        scale = T * T if t2_scale else 1.0
+    scale = temperature ** 2 if (t2_scale and divergence != "mse_logits") else 1.0
     row = alpha * scale * row
     valid = torch.ones(lead, dtype=torch.bool) if target is None else target != ignore_index
     if alpha < 1:
         safe = torch.where(valid, target, 0)
-        ce = F.cross_entropy(s64.reshape(-1, V), safe.reshape(-1), reduction="none").reshape(lead)
+        ce = F.cross_entropy(s.double().reshape(-1, V), safe.reshape(-1), reduction="none").reshape(lead)
         row = row + (1 - alpha) * ce
     row = torch.where(valid, row, 0.0)
     n_valid = int(valid.sum())
@@ -60,6 +55,39 @@ def reference_kd(s, t, target=None, *, temperature=1.0, alpha=1.0, divergence="f
     if reduction == "mean":
         return row.sum() / n_valid
     return row.sum() / (n_valid * s.shape[0] / valid.numel())
+
+
+def reference_kd(s, t, target=None, *, temperature=1.0, alpha=1.0, divergence="forward_kl", beta=0.5,
+                 reduction="batchmean", ignore_index=-100, t2_scale=True):
+    """Materialises everything, in float64."""
+    s64, t64 = s.double(), t.double()
+    if divergence == "mse_logits":
+        row = 0.5 * ((s64 - t64) ** 2).sum(-1)
+    else:
+        T = temperature
+        row = _divergence(F.log_softmax(t64 / T, -1), F.log_softmax(s64 / T, -1), divergence, beta)
+    return _finish(row, s, target, temperature=temperature, alpha=alpha, divergence=divergence,
+                   reduction=reduction, ignore_index=ignore_index, t2_scale=t2_scale)
+
+
+def reference_kd_topk(s, values, indices, target=None, *, tail="bucket", temperature=1.0, alpha=1.0,
+                      divergence="forward_kl", beta=0.5, reduction="batchmean", ignore_index=-100, t2_scale=True):
+    """The documented top-k semantics, materialised in float64."""
+    s64, v = s.double(), values.double()
+    T, V, k = temperature, s.shape[-1], values.shape[-1]
+    if divergence == "mse_logits":
+        row = 0.5 * ((s64.gather(-1, indices) - v) ** 2).sum(-1)
+    elif tail == "bucket" and k < V:
+        log_q = F.log_softmax(s64 / T, -1)
+        in_top = torch.zeros_like(log_q, dtype=torch.bool).scatter(-1, indices, True)
+        lq = torch.cat([log_q.gather(-1, indices), log_q.masked_fill(in_top, -float("inf")).logsumexp(-1, True)], -1)
+        tail_mass = (1 - v.exp().sum(-1, keepdim=True)).clamp_min(0)
+        lp = F.log_softmax(torch.cat([v, tail_mass.log()], -1) / T, -1)
+        row = _divergence(lp, lq, divergence, beta)
+    else:
+        row = _divergence(F.log_softmax(v / T, -1), F.log_softmax(s64.gather(-1, indices) / T, -1), divergence, beta)
+    return _finish(row, s, target, temperature=temperature, alpha=alpha, divergence=divergence,
+                   reduction=reduction, ignore_index=ignore_index, t2_scale=t2_scale)
 
 
 def _pair(shape, dtype, scale=3.0, seed=0):
@@ -394,3 +422,103 @@ def test_triton_kernel_bf16_and_block_tails():
     assert grad.dtype == torch.bfloat16
     torch.testing.assert_close(loss.double(), ref.detach(), rtol=2e-2, atol=1e-2)
     torch.testing.assert_close(grad.double(), s2.grad, rtol=2e-2, atol=2e-3)
+
+
+# --- sparse (top-k) teacher -------------------------------------------------------------------
+
+def _topk_teacher(t, k, divergence):
+    """Top-k of the teacher's log-probabilities (logits for mse_logits), as a cache would hold them."""
+    source = t if divergence == "mse_logits" else F.log_softmax(t.double(), -1).to(t.dtype)
+    return source.topk(k, -1)
+
+
+@pytest.mark.parametrize("divergence,tail", itertools.product(DIVERGENCES, ("bucket", "drop")))
+def test_topk_with_k_equal_v_equals_dense(divergence, tail):
+    s, t = _pair((2, 5, 23), torch.float64)
+    values, indices = _topk_teacher(t, 23, divergence)
+    y = _target((2, 5), 23, ignore_every=4)
+    kw = dict(temperature=2.0, alpha=0.6, divergence=divergence, beta=0.3, reduction="mean")
+    s1, s2 = s.clone().requires_grad_(), s.clone().requires_grad_()
+    sparse = kd_loss(s1, (values, indices), y, topk_tail=tail, **kw)
+    dense = kd_loss(s2, t, y, **kw)
+    torch.testing.assert_close(sparse, dense, rtol=1e-9, atol=1e-12)
+    sparse.backward()
+    dense.backward()
+    torch.testing.assert_close(s1.grad, s2.grad, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("divergence,tail,dtype",
+                         itertools.product(DIVERGENCES, ("bucket", "drop"), (torch.float32, torch.bfloat16)))
+def test_topk_matches_reference(divergence, tail, dtype):
+    s, t = _pair((3, 4, 101), dtype)
+    values, indices = _topk_teacher(t, 9, divergence)
+    y = _target((3, 4), 101, ignore_every=5)
+    kw = dict(tail=tail, temperature=2.0, alpha=0.7, divergence=divergence, beta=0.4, reduction="batchmean")
+    s1, s2 = s.clone().requires_grad_(), s.double().requires_grad_()
+    loss = kd_loss(s1, (values, indices), y, topk_tail=tail, **{k: v for k, v in kw.items() if k != "tail"})
+    ref = reference_kd_topk(s2, values, indices, y, **kw)
+    rtol, atol, grtol, gatol = TOL[dtype]
+    torch.testing.assert_close(loss.double(), ref, rtol=rtol, atol=atol)
+    loss.backward()
+    ref.backward()
+    torch.testing.assert_close(s1.grad.double(), s2.grad, rtol=grtol, atol=gatol)
+
+
+@pytest.mark.parametrize("tail", ("bucket", "drop"))
+def test_topk_gradcheck_float64(tail):
+    s, t = _pair((3, 11), torch.float64, scale=1.0)
+    values, indices = _topk_teacher(t, 4, "forward_kl")
+    target = torch.tensor([2, -100, 9])
+    s = s.requires_grad_()
+    for divergence in ("forward_kl", "reverse_kl", "jsd"):
+        assert torch.autograd.gradcheck(
+            lambda x: kd_loss(x, (values, indices), target, temperature=1.5, alpha=0.8, divergence=divergence,
+                              topk_tail=tail), (s,))
+
+
+def test_topk_opcheck():
+    s, t = _pair((4, 30), torch.float32)
+    s.requires_grad_()
+    values, indices = _topk_teacher(t, 5, "forward_kl")
+    for tail in ("bucket", "drop"):
+        torch.library.opcheck(torch.ops.pycompress.kd_loss_topk.default,
+                              (s, values, indices, _target((4,), 30), 2.0, "forward_kl", 0.5, 0.5, True, "mean",
+                               -100, tail, True))
+
+
+def test_topk_rejects_k_above_v():
+    s, t = _pair((2, 6), torch.float32)
+    with pytest.raises(ValueError, match="k = 7"):
+        kd_loss(s, (torch.zeros(2, 7), torch.zeros(2, 7, dtype=torch.long)))
+
+
+def test_topk_rejects_index_out_of_range():
+    s, t = _pair((2, 6), torch.float32)
+    values, indices = _topk_teacher(t, 3, "forward_kl")
+    indices[1, 2] = 6
+    with pytest.raises(ValueError, match="outside"):
+        kd_loss(s, (values, indices))
+
+
+def test_topk_rejects_duplicate_indices():
+    s, t = _pair((2, 6), torch.float32)
+    values, indices = _topk_teacher(t, 3, "forward_kl")
+    indices[0, 1] = indices[0, 0]
+    with pytest.raises(ValueError, match="twice"):
+        kd_loss(s, (values, indices))
+
+
+def test_topk_rejects_mismatched_rows():
+    s, t = _pair((2, 6), torch.float32)
+    values, indices = _topk_teacher(t, 3, "forward_kl")
+    with pytest.raises(ValueError, match="topk_values"):
+        kd_loss(s, (values[:1], indices[:1]))
+
+
+def test_topk_bucket_rejects_values_that_are_not_log_probs():
+    s, t = _pair((2, 6), torch.float32)
+    values, indices = t.topk(3, -1)  # raw logits
+    values = values.abs() + 1.0
+    with pytest.raises(ValueError, match="log-probabilities"):
+        kd_loss(s, (values, indices), topk_tail="bucket")
+    assert torch.isfinite(kd_loss(s, (values, indices), topk_tail="drop"))

@@ -460,10 +460,242 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_cpu(const at::Tensor& student_in, con
   return {reduce_rows(row_loss, ls, student), compute_grad ? grad : at::empty({0}, student.options())};
 }
 
+// ---------------------------------------------------------------------------------------------
+// Sparse (top-k) teacher. The teacher row is k (value, index) pairs; the divergence is taken
+// between bucket distributions (b = each top-k class, plus the tail in "bucket" mode):
+//   bucket  values are teacher log-probabilities at T = 1; the remaining mass 1 - sum exp(v)
+//           forms one tail bucket. Teacher buckets are tempered as k + 1 classes (the tail
+//           as one class), softmax(u / T) with u = (v, log tail). The student's buckets are
+//           its full tempered softmax Q, summed over the tail classes.
+//   drop    the tail is discarded: both distributions are renormalised over the k classes
+//           (values may then be logits or log-probabilities alike).
+// With k = V both equal the dense loss. Gradient: dD/dx_j = q_j h_b(j) for the bucket b(j) of
+// class j, with h_b the same per-bucket factors as the dense formulas (e.g. 1 - P_b / Q_b for
+// forward KL); in drop mode classes outside the top-k get none. mse_logits regresses the k
+// given logits only. Cost: the dense kernel's passes over the student row, plus O(k).
+enum class Tail { Bucket, Drop };
+
+template <typename acc_t>
+struct Buckets {  // per-thread scratch of size k + 1
+  std::vector<acc_t> lq, lp, h;
+};
+
+template <typename scalar_t>
+typename Io<scalar_t>::acc_t kd_topk_row(
+    const scalar_t* s, int64_t V, const typename Io<scalar_t>::acc_t* tv, const int64_t* ti, int64_t k, Tail tail,
+    Divergence D, int64_t target, scalar_t* g, typename Io<scalar_t>::acc_t gscale,
+    const RowParams<typename Io<scalar_t>::acc_t>& p, typename Io<scalar_t>::acc_t* es,
+    typename Io<scalar_t>::acc_t* mark, Buckets<typename Io<scalar_t>::acc_t>& bk, int64_t row) {
+  using IO = Io<scalar_t>;
+  using acc_t = typename IO::acc_t;
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t W = Vec::size();
+  constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+  auto hsum = [](const Vec& v) { return at::vec::vec_reduce_all<acc_t>([](Vec a, Vec b) { return a + b; }, v); };
+  const bool need_ce = p.need_ce && target >= 0;
+  // With k = V there is no tail class: the bucket reading reduces to the k classes.
+  const bool bucket = tail == Tail::Bucket && D != Divergence::MSELogits && k < V;
+
+  for (int64_t i = 0; i < k; ++i) {
+    const int64_t c = ti[i];
+    TORCH_CHECK_VALUE(c >= 0 && c < V, "pycompress::kd_loss_topk: teacher index ", c, " in row ", row,
+                      " is outside [0, ", V, ")");
+    TORCH_CHECK_VALUE(mark[c] == 0, "pycompress::kd_loss_topk: teacher index ", c, " appears twice in row ", row);
+    mark[c] = 1;
+  }
+  // Passes over the student row: max, then exps (stored) with their total and tail sums.
+  acc_t ms = kNegInf, zs = 0, ztail = 0, z1 = 0;
+  const bool full_pass = bucket || need_ce;
+  if (full_pass) {
+    Vec vm(kNegInf);
+    for_chunks<W>(V, [&](int64_t j, int64_t n) { vm = at::vec::maximum(vm, keep(IO::load(s + j, n), n, kNegInf)); });
+    ms = at::vec::vec_reduce_all<acc_t>([](Vec a, Vec b) { return at::vec::maximum(a, b); }, vm);
+    const Vec vit(p.inv_t), vmx(ms * p.inv_t), vms(ms), one(1);
+    Vec vz(0), vt(0), v1(0);
+    for_chunks<W>(V, [&](int64_t j, int64_t n) {
+      const Vec sv = IO::load(s + j, n);
+      const Vec e = keep(fast_exp(sv * vit - vmx), n, acc_t(0));
+      e.store(es + j);
+      vz += e;
+      vt += e * (one - Vec::loadu(mark + j));
+      if (need_ce && !p.t_is_one) v1 += keep(fast_exp(sv - vms), n, acc_t(0));
+    });
+    zs = hsum(vz);
+    ztail = hsum(vt);
+    z1 = p.t_is_one ? zs : hsum(v1);
+  }
+  const acc_t lzs = std::log(zs), mx = ms * p.inv_t;
+
+  // Bucket log-probabilities: lq (student), lp (teacher); K = k (+ 1 tail bucket).
+  const int64_t K = bucket ? k + 1 : k;
+  auto& lq = bk.lq;
+  auto& lp = bk.lp;
+  auto& h = bk.h;
+  acc_t div = 0;
+  if (D == Divergence::MSELogits) {
+    for (int64_t i = 0; i < k; ++i) {
+      const acc_t d = static_cast<acc_t>(s[ti[i]]) - tv[i];
+      div += acc_t(0.5) * d * d;
+      h[i] = d;
+    }
+  } else {
+    acc_t tmax = kNegInf;
+    acc_t tmass = 0;
+    for (int64_t i = 0; i < k; ++i) {
+      lp[i] = tv[i] * p.inv_t;
+      tmax = std::max(tmax, lp[i]);
+      if (bucket) tmass += std::exp(tv[i]);
+    }
+    if (bucket) {
+      TORCH_CHECK_VALUE(tmass <= acc_t(1.001), "pycompress::kd_loss_topk: with tail='bucket' the teacher values "
+                        "must be log-probabilities (log_softmax at T = 1), but row ", row, " sums to ", tmass, " > 1");
+      lp[k] = std::log(std::max(acc_t(1) - tmass, acc_t(0))) * p.inv_t;
+      tmax = std::max(tmax, lp[k]);
+    }
+    acc_t tz = 0;
+    for (int64_t b = 0; b < K; ++b) tz += std::exp(lp[b] - tmax);
+    const acc_t tlse = tmax + std::log(tz);
+    for (int64_t b = 0; b < K; ++b) lp[b] -= tlse;
+    if (bucket) {
+      for (int64_t i = 0; i < k; ++i) lq[i] = static_cast<acc_t>(s[ti[i]]) * p.inv_t - mx - lzs;
+      lq[k] = std::log(ztail) - lzs;
+    } else {  // drop: the student renormalised over the top-k classes
+      acc_t qmax = kNegInf, qz = 0;
+      for (int64_t i = 0; i < k; ++i) qmax = std::max(qmax, lq[i] = static_cast<acc_t>(s[ti[i]]) * p.inv_t);
+      for (int64_t i = 0; i < k; ++i) qz += std::exp(lq[i] - qmax);
+      const acc_t qlse = qmax + std::log(qz);
+      for (int64_t i = 0; i < k; ++i) lq[i] -= qlse;
+    }
+    // h_b: d(divergence)/d(x_j) = q_j * h_b(j) for reverse KL and JSD. Forward KL's
+    // h_b = 1 - P_b/Q_b is applied as q_j - P_b q_j/Q_b below, so no P/Q can overflow.
+    acc_t kl_qm = 0;
+    for (int64_t b = 0; b < K; ++b) {
+      const acc_t P = std::exp(lp[b]), Q = std::exp(lq[b]);
+      if (D == Divergence::ForwardKL) {
+        if (P > 0) div += P * (lp[b] - lq[b]);
+      } else if (D == Divergence::ReverseKL) {
+        if (Q > 0) div += Q * (lq[b] - lp[b]);
+      } else {
+        const acc_t M = p.beta * P + (acc_t(1) - p.beta) * Q;
+        const acc_t lm = std::log(M);
+        if (P > 0) div += p.beta * P * (lp[b] - lm);
+        const acc_t tq = Q > 0 ? Q * (lq[b] - lm) : acc_t(0);
+        div += (acc_t(1) - p.beta) * tq;
+        kl_qm += tq;
+        h[b] = Q > 0 ? lq[b] - lm : acc_t(0);
+      }
+    }
+    for (int64_t b = 0; b < K; ++b) {
+      if (D == Divergence::ReverseKL) h[b] = lq[b] - lp[b] - div;
+      if (D == Divergence::JSD) h[b] = (acc_t(1) - p.beta) * (h[b] - kl_qm);
+    }
+  }
+  const acc_t ce = need_ce ? (p.t_is_one ? mx + lzs : ms + std::log(z1)) - static_cast<acc_t>(s[target]) : acc_t(0);
+  const acc_t loss = p.soft_coef * div + (need_ce ? p.hard_coef * ce : acc_t(0));
+
+  if (g) {
+    // Every class: its tail-bucket term (bucket mode) and the CE term; then the top-k classes.
+    const acc_t gsoft = p.soft_coef * (D == Divergence::MSELogits ? acc_t(1) : p.inv_t) * gscale;
+    const acc_t izs = acc_t(1) / zs, iz1 = acc_t(1) / z1;
+    // Tail classes: q_j h_tail; forward KL's h_tail = 1 - P/Q is taken as (1 - P/Q) on the
+    // tail's total, i.e. q_j - P_tail * e_j / ztail.
+    acc_t c_tail = 0;
+    if (bucket) {
+      c_tail = D == Divergence::ForwardKL ? izs - std::exp(lp[k]) / ztail : izs * h[k];
+      if (!(ztail > 0)) c_tail = 0;  // no tail class exists (k = V) or all underflowed
+    }
+    const Vec vct(gsoft * c_tail), vgh(p.hard_coef * gscale), vizs(izs), viz1(iz1), vms(ms);
+    for_chunks<W>(V, [&](int64_t j, int64_t n) {
+      Vec gv(0);
+      if (bucket) gv = vct * Vec::loadu(es + j);
+      if (need_ce) gv += vgh * (p.t_is_one ? Vec::loadu(es + j) * vizs : fast_exp(IO::load(s + j, n) - vms) * viz1);
+      IO::store(g + j, gv, n);
+    });
+    for (int64_t i = 0; i < k; ++i) {
+      const int64_t c = ti[i];
+      acc_t soft;
+      if (D == Divergence::MSELogits) {
+        soft = h[i];
+      } else {
+        const acc_t q = std::exp(lq[i]);  // bucket mode: q_c; drop mode: renormalised q_c
+        soft = D == Divergence::ForwardKL ? q - std::exp(lp[i]) : q * h[i];
+      }
+      acc_t gc = gsoft * soft;
+      if (need_ce) gc += p.hard_coef * gscale * (p.t_is_one ? es[c] * izs : std::exp(static_cast<acc_t>(s[c]) - ms) * iz1);
+      g[c] = static_cast<scalar_t>(gc);
+    }
+    if (need_ce) g[target] = static_cast<scalar_t>(static_cast<acc_t>(g[target]) - p.hard_coef * gscale);
+  }
+  for (int64_t i = 0; i < k; ++i) mark[ti[i]] = 0;
+  return loss;
+}
+
+std::tuple<at::Tensor, at::Tensor> kd_loss_topk_cpu(
+    const at::Tensor& student_in, const at::Tensor& values_in, const at::Tensor& indices_in,
+    const std::optional<at::Tensor>& target_in, double temperature, c10::string_view divergence, double beta,
+    double alpha, bool t2_scale, c10::string_view reduction, int64_t ignore_index, c10::string_view tail_name,
+    bool compute_grad) {
+  constexpr const char* op = "pycompress::kd_loss_topk";
+  TORCH_CHECK_VALUE(student_in.dim() >= 1 && student_in.size(-1) >= 1, op,
+                    ": student must be (..., V) with V >= 1, got ", student_in.sizes());
+  const auto lead = student_in.sizes().slice(0, student_in.dim() - 1);
+  TORCH_CHECK_VALUE(values_in.dim() == student_in.dim() && values_in.sizes().slice(0, values_in.dim() - 1) == lead,
+                    op, ": teacher values ", values_in.sizes(), " must be (", lead, ", k)");
+  TORCH_CHECK_VALUE(indices_in.sizes() == values_in.sizes(), op, ": teacher indices ", indices_in.sizes(),
+                    " must match the values ", values_in.sizes());
+  const int64_t V = student_in.size(-1), k = values_in.size(-1);
+  TORCH_CHECK_VALUE(k >= 1 && k <= V, op, ": k = ", k, " must be in [1, V = ", V, "]");
+  TORCH_CHECK_TYPE(at::isFloatingType(values_in.scalar_type()), op, ": teacher values must be floating point, got ",
+                   values_in.scalar_type());
+  TORCH_CHECK_TYPE(indices_in.scalar_type() == at::kLong, op, ": teacher indices must be int64, got ",
+                   indices_in.scalar_type());
+  TORCH_CHECK_VALUE(tail_name == "bucket" || tail_name == "drop", op, ": tail must be 'bucket' or 'drop', got '",
+                    tail_name, "'");
+  const Tail tail = tail_name == "bucket" ? Tail::Bucket : Tail::Drop;
+  const LossSetup ls = setup_loss(op, student_in, target_in, temperature, divergence, beta, alpha, reduction,
+                                  ignore_index);
+  const at::Tensor student = student_in.stride(-1) == 1 ? student_in : student_in.contiguous();
+  const std::vector<int64_t> row_s = row_offsets(student);
+  const int64_t N = static_cast<int64_t>(row_s.size());
+  const at::Tensor indices = indices_in.reshape({N, k}).contiguous();
+  at::Tensor grad = compute_grad ? empty_hugepage(student.sizes(), student.options()) : at::Tensor();
+  std::vector<double> row_loss(N);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, student.scalar_type(), "kd_loss_topk_cpu", [&] {
+    using acc_t = typename Io<scalar_t>::acc_t;
+    constexpr int64_t W = Vectorized<acc_t>::size();
+    const auto p = row_params<acc_t>(ls, temperature, beta, alpha, t2_scale);
+    const at::Tensor values = values_in.reshape({N, k}).to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+    const acc_t* tv = values.const_data_ptr<acc_t>();
+    const int64_t* ti = indices.const_data_ptr<int64_t>();
+    const scalar_t* s = student.const_data_ptr<scalar_t>();
+    scalar_t* g = compute_grad ? grad.data_ptr<scalar_t>() : nullptr;
+    const auto gs = static_cast<acc_t>(ls.gscale);
+    const int64_t Vpad = (V + W - 1) / W * W;
+    at::parallel_for(0, N, std::max<int64_t>(1, 16384 / V), [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> es(Vpad), mark(Vpad, acc_t(0));
+      Buckets<acc_t> bk{std::vector<acc_t>(k + 1), std::vector<acc_t>(k + 1), std::vector<acc_t>(k + 1)};
+      for (int64_t r = begin; r < end; ++r) {
+        scalar_t* g_row = g ? g + r * V : nullptr;
+        const int64_t y = ls.target.empty() ? -1 : ls.target[r];
+        if (y == -2) {
+          row_loss[r] = 0;
+          if (g_row) std::fill(g_row, g_row + V, scalar_t(0));
+          continue;
+        }
+        row_loss[r] = kd_topk_row<scalar_t>(s + row_s[r], V, tv + r * k, ti + r * k, k, tail, ls.div, y, g_row, gs, p,
+                                            es.data(), mark.data(), bk, r);
+      }
+    });
+  });
+  return {reduce_rows(row_loss, ls, student), compute_grad ? grad : at::empty({0}, student.options())};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pycompress, CPU, m) {
   m.impl("kd_loss", &kd_loss_cpu);
+  m.impl("kd_loss_topk", &kd_loss_topk_cpu);
 }
 
 }  // namespace pycompress

@@ -5,7 +5,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from pycompress.functional import check_kd_hyperparameters, kd_loss
+from pycompress.functional import TOPK_TAILS, check_kd_hyperparameters, kd_loss
 
 
 class KDLoss(nn.Module):
@@ -30,10 +30,12 @@ class KDLoss(nn.Module):
         t2_scale (bool): scale the soft term by T^2.
         teacher_noise (float): Sau et al.'s multiplicative teacher noise sigma.
         generator (torch.Generator, optional): source of that noise.
+        topk_tail (str): ``bucket`` | ``drop``: how a sparse ``(values, indices)``
+            teacher's missing mass is read (see :func:`pycompress.kd_loss`).
 
     Shape:
         - student_logits: (N, V) or (B, L, V)
-        - teacher_logits: same as student_logits
+        - teacher_logits: same as student_logits, or a pair of (..., k) values and int64 indices
         - target: student_logits.shape[:-1], integer
         - output: scalar, or student_logits.shape[:-1] with ``reduction="none"``
 
@@ -44,9 +46,12 @@ class KDLoss(nn.Module):
 
     def __init__(self, temperature: float = 1.0, alpha: float = 1.0, divergence: str = "forward_kl",
                  beta: float = 0.5, reduction: str = "batchmean", ignore_index: int = -100, t2_scale: bool = True,
-                 teacher_noise: float = 0.0, generator: Optional[torch.Generator] = None):
+                 teacher_noise: float = 0.0, generator: Optional[torch.Generator] = None, topk_tail: str = "bucket"):
         super().__init__()
         check_kd_hyperparameters(temperature, alpha, divergence, beta, reduction, teacher_noise)
+        if topk_tail not in TOPK_TAILS:
+            raise ValueError(f"topk_tail must be one of {', '.join(TOPK_TAILS)}, got {topk_tail!r}")
+        self.topk_tail = topk_tail
         self.temperature = float(temperature)
         self.alpha = float(alpha)
         self.divergence = divergence
@@ -57,12 +62,12 @@ class KDLoss(nn.Module):
         self.teacher_noise = float(teacher_noise)
         self.generator = generator
 
-    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+    def forward(self, student_logits: torch.Tensor, teacher_logits,
                 target: Optional[torch.Tensor] = None) -> torch.Tensor:
         return kd_loss(student_logits, teacher_logits, target, temperature=self.temperature, alpha=self.alpha,
                        divergence=self.divergence, beta=self.beta, reduction=self.reduction,
                        ignore_index=self.ignore_index, t2_scale=self.t2_scale, teacher_noise=self.teacher_noise,
-                       generator=self.generator)
+                       generator=self.generator, topk_tail=self.topk_tail)
 
     def extra_repr(self) -> str:
         parts = [f"temperature={self.temperature}", f"alpha={self.alpha}", f"divergence={self.divergence!r}"]
