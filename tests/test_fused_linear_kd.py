@@ -142,6 +142,25 @@ def test_triton_path_under_interpreter():
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.triton
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_triton_topk_path_under_interpreter():
+    from pycompress.kernels.kd_loss import kd_loss_topk_triton
+
+    p = _problem(torch.float32, rows=(7,), V=19, bias=False)
+    t_logits = p["h_t"] @ p["w_t"].t()
+    values, indices = _topk_teacher(t_logits, 4, "forward_kl")
+    loss, gh, gw, _ = fused_linear_kd(p["h_s"], p["w_s"], None, None, None, None, None, values, indices, p["target"],
+                                      2.0, "forward_kl", 0.5, 0.5, True, "sum", -100, "bucket", 3, True,
+                                      kd_topk_impl=kd_loss_topk_triton)
+    h2, w2 = (x.double().requires_grad_() for x in (p["h_s"], p["w_s"]))
+    ref = reference_kd_topk(h2 @ w2.t(), values, indices, p["target"], temperature=2.0, alpha=0.5, reduction="sum")
+    ref.backward()
+    torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gh.double(), h2.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(gw.double(), w2.grad, rtol=1e-4, atol=1e-5)
+
+
 # --- bad input ----------------------------------------------------------------------------------
 
 def test_rejects_mismatched_vocabulary():

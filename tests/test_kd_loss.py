@@ -522,3 +522,36 @@ def test_topk_bucket_rejects_values_that_are_not_log_probs():
     with pytest.raises(ValueError, match="log-probabilities"):
         kd_loss(s, (values, indices), topk_tail="bucket")
     assert torch.isfinite(kd_loss(s, (values, indices), topk_tail="drop"))
+
+
+@pytest.mark.triton
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("divergence,tail", itertools.product(DIVERGENCES, ("bucket", "drop")))
+def test_triton_topk_kernel_matches_reference(divergence, tail):
+    from pycompress.kernels.kd_loss import kd_loss_topk_triton
+
+    s, t = _pair((2, 3, 37), torch.float32)
+    values, indices = _topk_teacher(t, 5, divergence)
+    y = _target((2, 3), 37, ignore_every=4)
+    for target, alpha, T, reduction in ((None, 1.0, 2.0, "batchmean"), (y, 0.6, 1.0, "none")):
+        loss, grad = kd_loss_topk_triton(s, values, indices, target, T, divergence, 0.3, alpha, True, reduction,
+                                         -100, tail, True)
+        s2 = s.double().requires_grad_()
+        ref = reference_kd_topk(s2, values, indices, target, tail=tail, temperature=T, alpha=alpha,
+                                divergence=divergence, beta=0.3, reduction=reduction)
+        torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-5, atol=1e-6)
+        ref.sum().backward()
+        torch.testing.assert_close(grad.double(), s2.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.triton
+def test_triton_topk_rejects_duplicate_and_out_of_range_indices():
+    from pycompress.kernels.kd_loss import kd_loss_topk_triton
+
+    s, t = _pair((2, 9), torch.float32)
+    values, indices = _topk_teacher(t, 3, "forward_kl")
+    for bad_value, match in ((9, "in \\[0, 9\\)"), (None, "repeat")):
+        bad = indices.clone()
+        bad[1, 2] = bad[1, 0] if bad_value is None else bad_value
+        with pytest.raises(ValueError, match=match):
+            kd_loss_topk_triton(s, values, bad, None, 1.0, "forward_kl", 0.5, 1.0, True, "sum", -100, "bucket", True)

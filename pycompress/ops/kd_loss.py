@@ -99,3 +99,10 @@ def _kd_loss_cuda(*args):
 
     return kd_loss_triton(*args)
 
+
+
+@torch.library.register_kernel("pycompress::kd_loss_topk", "cuda")
+def _kd_loss_topk_cuda(*args):
+    from pycompress.kernels.kd_loss import kd_loss_topk_triton
+
+    return kd_loss_topk_triton(*args)
