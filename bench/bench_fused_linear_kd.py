@@ -7,17 +7,14 @@ one variant's allocations cannot hide or inflate another's.
 """
 
 import json
-import subprocess
-import sys
 
-import pytest
-
-from bench.common import write_rows
+from bench.common import run_python, write_rows
 
 N, H, V, T = 8192, 1024, 32000, 2.0
 
 _SCRIPT = """
 import json, statistics, time, torch, torch.nn.functional as F
+from bench.common import reset_peak_rss, rss_bytes
 from pycompress import fused_linear_kd_loss
 torch.manual_seed(0)
 N, H, V, T = {N}, {H}, {V}, {T}
@@ -52,26 +49,20 @@ def step():
 step()
 step()
 h_s.grad = w_s.grad = None
-def rss(key):
-    with open("/proc/self/status") as f:
-        return next(int(l.split()[1]) * 1024 for l in f if l.startswith(key))
-with open("/proc/self/clear_refs", "w") as f:
-    f.write("5")
-base = rss("VmRSS:")
+reset_peak_rss()
+base = rss_bytes()
 times = []
 for _ in range({repeats}):
     h_s.grad = w_s.grad = None
     start = time.perf_counter()
     fn().backward()
     times.append(time.perf_counter() - start)
-print(json.dumps({{"seconds": statistics.median(times), "peak_extra_bytes": rss("VmHWM:") - base}}))
+print(json.dumps({{"seconds": statistics.median(times), "peak_extra_bytes": rss_bytes("VmHWM:") - base}}))
 """
 
 
 def _run(variant, repeats=3):
-    code = _SCRIPT.format(N=N, H=H, V=V, T=T, variant=variant, repeats=repeats)
-    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return json.loads(run_python(_SCRIPT.format(N=N, H=H, V=V, T=T, variant=variant, repeats=repeats)))
 
 
 def test_fused_linear_kd_loss(benchmark):

@@ -32,26 +32,42 @@ def interleaved_medians(fns: dict, repeats: int = 7, warmup: int = 2) -> dict:
     return {name: statistics.median(v) for name, v in times.items()}
 
 
+def rss_bytes(key: str = "VmRSS:") -> int:
+    """This process's resident memory (VmRSS) or its high-water mark since the last reset (VmHWM)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
+
+
+def reset_peak_rss():
+    """Resets VmHWM to the current RSS (Linux: writing 5 to /proc/self/clear_refs)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def run_python(script: str) -> str:
+    """Runs `script` in a fresh interpreter with the repository on sys.path; returns its last stdout line."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    out = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True, env=env)
+    return out.stdout.strip().splitlines()[-1]
+
+
 def peak_extra_bytes(code: str, setup: str, warmup: str = "") -> int:
     """Peak resident memory that `code` adds over what `setup` (and `warmup`) hold, in a
-    fresh interpreter. The kernel's high-water mark (VmHWM) is reset after setup by
-    writing 5 to /proc/self/clear_refs, so one-off warm-up costs do not count."""
+    fresh interpreter; the high-water mark is reset after the warm-up, so one-off costs
+    (compilation, first-call caches) do not count."""
     script = f"""
 import torch
+from bench.common import reset_peak_rss, rss_bytes
 torch.set_num_threads({torch.get_num_threads()})
 {setup}
 {warmup}
-def _rss(key):
-    with open("/proc/self/status") as f:
-        return next(int(l.split()[1]) * 1024 for l in f if l.startswith(key))
-with open("/proc/self/clear_refs", "w") as f:
-    f.write("5")
-base = _rss("VmRSS:")
+reset_peak_rss()
+base = rss_bytes()
 {code}
-print(_rss("VmHWM:") - base)
+print(rss_bytes("VmHWM:") - base)
 """
-    out = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True)
-    return int(out.stdout.strip().splitlines()[-1])
+    return int(run_python(script))
 
 
 def machine() -> str:

@@ -26,6 +26,33 @@ _DIVERGENCES = {"forward_kl": FORWARD_KL, "reverse_kl": REVERSE_KL, "jsd": JSD, 
 
 
 @triton.jit
+def _online_lse_step(m, z, vals):
+    """One tile of an online log-sum-exp: the running max m and sum z of exp(. - m)."""
+    m_new = tl.maximum(m, tl.max(vals))
+    return m_new, z * tl.exp(m - m_new) + tl.sum(tl.exp(vals - m_new))
+
+
+@triton.jit
+def _row_target(TGT, row, ignore_index, HAS_TARGET: tl.constexpr):
+    """The row's target class (-1 without targets) and whether the row counts."""
+    tgt = -1
+    valid = True
+    if HAS_TARGET:
+        tgt = tl.load(TGT + row)
+        valid = tgt != ignore_index
+    return tgt, valid
+
+
+@triton.jit
+def _store_zero_row(LOSS, g_row, row, V, COMPUTE_GRAD: tl.constexpr, BLOCK: tl.constexpr):
+    tl.store(LOSS + row, 0.0)
+    if COMPUTE_GRAD:
+        for off in range(0, V, BLOCK):
+            cols = off + tl.arange(0, BLOCK)
+            tl.store(g_row + cols, tl.zeros([BLOCK], tl.float32).to(g_row.dtype.element_ty), mask=cols < V)
+
+
+@triton.jit
 def _kd_loss_kernel(
     S, T, TGT, LOSS, G, GSCALE,
     stride_s, stride_t, V,
@@ -39,17 +66,9 @@ def _kd_loss_kernel(
     g_row = G + row * V
     cols0 = tl.arange(0, BLOCK)
 
-    tgt = -1
-    valid = True
-    if HAS_TARGET:
-        tgt = tl.load(TGT + row)
-        valid = tgt != ignore_index
-    if not valid:
-        tl.store(LOSS + row, 0.0)
-        if COMPUTE_GRAD:
-            for off in range(0, V, BLOCK):
-                cols = off + cols0
-                tl.store(g_row + cols, tl.zeros([BLOCK], tl.float32).to(G.dtype.element_ty), mask=cols < V)
+    tgt, valid = _row_target(TGT, row, ignore_index, HAS_TARGET)
+    if not valid:  # an ignored row: no loss, zero gradient
+        _store_zero_row(LOSS, g_row, row, V, COMPUTE_GRAD, BLOCK)
         return
     gscale = tl.load(GSCALE)
     neg_inf = float("-inf")
@@ -65,10 +84,7 @@ def _kd_loss_kernel(
             t = tl.load(t_row + cols, mask=mask, other=0.0).to(tl.float32)
             sq += tl.sum(0.5 * (s - t) * (s - t))
             if NEED_CE:
-                sm = tl.where(mask, s, neg_inf)
-                m_new = tl.maximum(m1, tl.max(sm))
-                z1 = z1 * tl.exp(m1 - m_new) + tl.sum(tl.exp(sm - m_new))
-                m1 = m_new
+                m1, z1 = _online_lse_step(m1, z1, tl.where(mask, s, neg_inf))
         loss = soft_coef * sq
         lse1 = m1 + tl.log(z1)
         if NEED_CE:
@@ -114,10 +130,7 @@ def _kd_loss_kernel(
         if DIV == 1:
             a = a * rs + tl.sum(es * diff)
         if NEED_CE and not T_IS_ONE:
-            sm = tl.where(mask, s, neg_inf)
-            m1_new = tl.maximum(m1, tl.max(sm))
-            z1 = z1 * tl.exp(m1 - m1_new) + tl.sum(tl.exp(sm - m1_new))
-            m1 = m1_new
+            m1, z1 = _online_lse_step(m1, z1, tl.where(mask, s, neg_inf))
         ms = ms_new
         mt = mt_new
     lse_s = ms + tl.log(zs)
@@ -240,17 +253,9 @@ def _kd_loss_topk_kernel(
     kmask = kk < K
     neg_inf = float("-inf")
 
-    tgt = -1
-    valid = True
-    if HAS_TARGET:
-        tgt = tl.load(TGT + row)
-        valid = tgt != ignore_index
-    if not valid:
-        tl.store(LOSS + row, 0.0)
-        if COMPUTE_GRAD:
-            for off in range(0, V, BLOCK):
-                cols = off + cols0
-                tl.store(g_row + cols, tl.zeros([BLOCK], tl.float32).to(G.dtype.element_ty), mask=cols < V)
+    tgt, valid = _row_target(TGT, row, ignore_index, HAS_TARGET)
+    if not valid:  # an ignored row: no loss, zero gradient
+        _store_zero_row(LOSS, g_row, row, V, COMPUTE_GRAD, BLOCK)
         return
     gscale = tl.load(GSCALE)
     v = tl.load(TV + row * K + kk, mask=kmask, other=0.0).to(tl.float32)
@@ -276,10 +281,7 @@ def _kd_loss_topk_kernel(
         zt = zt * r + tl.sum(tl.where(in_top, 0.0, e))
         m = m_new
         if NEED_CE and not T_IS_ONE:
-            sm = tl.where(mask, s, neg_inf)
-            m1_new = tl.maximum(m1, tl.max(sm))
-            z1 = z1 * tl.exp(m1 - m1_new) + tl.sum(tl.exp(sm - m1_new))
-            m1 = m1_new
+            m1, z1 = _online_lse_step(m1, z1, tl.where(mask, s, neg_inf))
     lse = m + tl.log(z)
     lse1 = lse
     if NEED_CE and not T_IS_ONE:

@@ -34,6 +34,9 @@
 #include <vector>
 
 #include "cpu/hugepage_alloc.h"
+#if defined(CPU_CAPABILITY_AVX512)
+#include <immintrin.h>
+#endif
 
 namespace pycompress {
 namespace {
@@ -72,6 +75,19 @@ struct Io {  // fp32 and fp64: no conversion
   static void store(scalar_t* p, const Vec& v, int64_t n) {
     n == Vec::size() ? v.store(p) : v.store(p, n);
   }
+  // For the gradient, written once and read much later: a non-temporal store skips
+  // each line's read-for-ownership and does not evict the row's working set.
+  static void store_stream(scalar_t* p, const Vec& v, int64_t n) {
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      if (n == Vec::size() && (reinterpret_cast<uintptr_t>(p) & 63) == 0) {
+        _mm512_stream_ps(p, v);
+        return;
+      }
+    }
+#endif
+    store(p, v, n);
+  }
 };
 
 template <typename reduced_t>
@@ -92,6 +108,7 @@ struct IoReduced {  // bf16 and fp16: computed in fp32
   static void store(reduced_t* p, const Vec& v, int64_t n) {
     at::vec::convert_from_float<reduced_t>(v, v).store(p, n);
   }
+  static void store_stream(reduced_t* p, const Vec& v, int64_t n) { store(p, v, n); }
 };
 template <>
 struct Io<at::BFloat16> : IoReduced<at::BFloat16> {};
@@ -111,6 +128,16 @@ inline Vec fast_exp(const Vec& v) {
 template <typename Vec, typename acc_t>
 inline Vec keep(const Vec& v, int64_t n, acc_t fill) {
   return n == Vec::size() ? v : Vec::set(Vec(fill), v, n);
+}
+
+template <typename acc_t>
+inline acc_t hsum(const Vectorized<acc_t>& v) {
+  return at::vec::vec_reduce_all<acc_t>([](const auto& a, const auto& b) { return a + b; }, v);
+}
+
+template <typename acc_t>
+inline acc_t hmax(const Vectorized<acc_t>& v) {
+  return at::vec::vec_reduce_all<acc_t>([](const auto& a, const auto& b) { return at::vec::maximum(a, b); }, v);
 }
 
 // Calls f(j, n) over [0, V) in steps of W; n == W except for the tail.
@@ -144,10 +171,6 @@ typename Io<scalar_t>::acc_t kd_row(
   using Vec = Vectorized<acc_t>;
   constexpr int64_t W = Vec::size();
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
-  auto hsum = [](const Vec& v) { return at::vec::vec_reduce_all<acc_t>([](Vec a, Vec b) { return a + b; }, v); };
-  auto hmax = [](const Vec& v) {
-    return at::vec::vec_reduce_all<acc_t>([](Vec a, Vec b) { return at::vec::maximum(a, b); }, v);
-  };
   const bool need_ce = p.need_ce && target >= 0;
 
   if constexpr (D == Divergence::MSELogits) {
@@ -177,7 +200,7 @@ typename Io<scalar_t>::acc_t kd_row(
           tmp[target - j] -= p.hard_coef * gscale;
           gv = Vec::loadu(tmp);
         }
-        IO::store(g + j, gv, n);
+        IO::store_stream(g + j, gv, n);
       }
     });
     acc_t loss = p.soft_coef * hsum(vsq);
@@ -278,7 +301,7 @@ typename Io<scalar_t>::acc_t kd_row(
           gv = Vec::loadu(tmp);
         }
       }
-      IO::store(g + j, gv, n);
+      IO::store_stream(g + j, gv, n);
     });
     return loss;
   }
@@ -313,6 +336,9 @@ void kd_rows(const at::Tensor& student, const at::Tensor& teacher, const int64_t
       row_loss[r] = kd_row<D, scalar_t>(s + row_s[r], t + row_t[r], V, y, g_row, gscale, p, es, et,
                                         has_next ? s + row_s[r + 1] : nullptr, has_next ? t + row_t[r + 1] : nullptr);
     }
+#if defined(CPU_CAPABILITY_AVX512)
+    _mm_sfence();  // order the streamed gradient stores before the threads join
+#endif
   });
 }
 
@@ -491,7 +517,6 @@ typename Io<scalar_t>::acc_t kd_topk_row(
   using Vec = Vectorized<acc_t>;
   constexpr int64_t W = Vec::size();
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
-  auto hsum = [](const Vec& v) { return at::vec::vec_reduce_all<acc_t>([](Vec a, Vec b) { return a + b; }, v); };
   const bool need_ce = p.need_ce && target >= 0;
   // With k = V there is no tail class: the bucket reading reduces to the k classes.
   const bool bucket = tail == Tail::Bucket && D != Divergence::MSELogits && k < V;
@@ -509,7 +534,7 @@ typename Io<scalar_t>::acc_t kd_topk_row(
   if (full_pass) {
     Vec vm(kNegInf);
     for_chunks<W>(V, [&](int64_t j, int64_t n) { vm = at::vec::maximum(vm, keep(IO::load(s + j, n), n, kNegInf)); });
-    ms = at::vec::vec_reduce_all<acc_t>([](Vec a, Vec b) { return at::vec::maximum(a, b); }, vm);
+    ms = hmax(vm);
     const Vec vit(p.inv_t), vmx(ms * p.inv_t), vms(ms), one(1);
     Vec vz(0), vt(0), v1(0);
     for_chunks<W>(V, [&](int64_t j, int64_t n) {
@@ -609,7 +634,7 @@ typename Io<scalar_t>::acc_t kd_topk_row(
       Vec gv(0);
       if (bucket) gv = vct * Vec::loadu(es + j);
       if (need_ce) gv += vgh * (p.t_is_one ? Vec::loadu(es + j) * vizs : fast_exp(IO::load(s + j, n) - vms) * viz1);
-      IO::store(g + j, gv, n);
+      IO::store_stream(g + j, gv, n);
     });
     for (int64_t i = 0; i < k; ++i) {
       const int64_t c = ti[i];
