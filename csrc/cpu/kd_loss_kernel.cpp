@@ -634,7 +634,7 @@ typename Io<scalar_t>::acc_t kd_topk_row(
       Vec gv(0);
       if (bucket) gv = vct * Vec::loadu(es + j);
       if (need_ce) gv += vgh * (p.t_is_one ? Vec::loadu(es + j) * vizs : fast_exp(IO::load(s + j, n) - vms) * viz1);
-      IO::store_stream(g + j, gv, n);
+      IO::store(g + j, gv, n);  // not streamed: the top-k entries are rewritten below
     });
     for (int64_t i = 0; i < k; ++i) {
       const int64_t c = ti[i];
