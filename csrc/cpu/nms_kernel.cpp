@@ -293,10 +293,10 @@ void nms_groups(const at::Tensor& boxes, const std::vector<int32_t>& ranked, con
 
   // Work ~ sum of m^2 (sparse data keeps most boxes); below ~4M pair-lanes a
   // second thread costs more to wake than it saves.
-  double work = 0;
-  for (int64_t g = 0; g < groups; ++g) work += double(group_start[g + 1] - group_start[g]) * (group_start[g + 1] - group_start[g]);
+  int64_t work = 0;  // <= N^2 < 2^62
+  for (int64_t g = 0; g < groups; ++g) work += (group_start[g + 1] - group_start[g]) * (group_start[g + 1] - group_start[g]);
   const int threads = at::get_num_threads();
-  if (groups == 1 || threads == 1 || work < 4e6) {
+  if (groups == 1 || threads == 1 || work < 4'000'000) {
     Candidates<T> c;
     std::vector<int32_t> kept;
     for (int64_t g = 0; g < groups; ++g) run_group(g, c, kept);
