@@ -193,6 +193,28 @@ def test_nms_randomised(boxes, score_levels, thr, dtype, seed):
     assert_same(nms(b, s, thr), ref_nms(b, s, thr))
 
 
+def mixed_boxes(n, dtype, seed):
+    """Detector-like boxes on a coarse grid (exact IoU ties) with a tenth replaced by
+    zero-area, inverted, NaN, infinite, tiny and huge boxes."""
+    g = torch.Generator().manual_seed(seed)
+    boxes = random_boxes(n, torch.float64, seed=seed, extent=64.0, max_size=16.0, integer=True)
+    specials = torch.tensor([[3.0, 3, 3, 9], [9, 9, 2, 2], [float("nan"), 0, 5, 5], [0, 0, float("inf"), 5],
+                             [-float("inf"), -float("inf"), float("inf"), float("inf")], [1, 1, 1 + 1e-6, 1 + 1e-6],
+                             [-1e30, -1e30, 1e30, 1e30], [5, 5, 6, 6], [2, 2, 40, 40]], dtype=torch.float64)
+    pick = torch.randint(0, n, (n // 10,), generator=g)
+    boxes[pick] = specials[torch.randint(0, len(specials), (len(pick),), generator=g)]
+    return boxes.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n", [300, 3000])
+@pytest.mark.parametrize("thr", [0.0, 1e-12, 1e-9, 0.3, 0.5, 0.9, -0.5, float("nan"), float("inf")])
+def test_nms_mixed_special_boxes(dtype, n, thr):
+    boxes = mixed_boxes(n, dtype, seed=n)
+    scores = random_scores(n, dtype, seed=n, levels=30)
+    assert_same(nms(boxes, scores, thr), ref_nms(boxes, scores, thr))
+
+
 def test_nms_iou_exactly_at_threshold_is_kept():
     boxes = torch.tensor([[0.0, 0, 2, 1], [1, 0, 3, 1]])  # inter 1, union 3
     scores = torch.tensor([0.9, 0.8])

@@ -147,20 +147,23 @@ struct VecOps {
   static V div(const V& a, const V& b) { return a / b; }
 };
 
-// Bit l set where a > b in lane l (ordered compare: false for NaN).
-template <typename T>
-inline uint32_t gt_bits(const Vectorized<T>& a, const Vectorized<T>& b) {
+// Bits of the lanes where `a OP b` holds (ordered compares: false for NaN).
+enum class Cmp { GT, GE, LE };
+template <Cmp op, typename T>
+inline uint32_t cmp_bits(const Vectorized<T>& a, const Vectorized<T>& b) {
 #if defined(CPU_CAPABILITY_AVX512)
-  if constexpr (std::is_same_v<T, float>) return _mm512_cmp_ps_mask(a, b, _CMP_GT_OQ);
-  else return _mm512_cmp_pd_mask(a, b, _CMP_GT_OQ);
+  constexpr int pred = op == Cmp::GT ? _CMP_GT_OQ : op == Cmp::GE ? _CMP_GE_OQ : _CMP_LE_OQ;
+  if constexpr (std::is_same_v<T, float>) return _mm512_cmp_ps_mask(a, b, pred);
+  else return _mm512_cmp_pd_mask(a, b, pred);
 #else
   constexpr uint32_t all = (1u << Vectorized<T>::size()) - 1;
-  return ~static_cast<uint32_t>((a > b).zero_mask()) & all;
+  const Vectorized<T> m = op == Cmp::GT ? (a > b) : op == Cmp::GE ? (a >= b) : (a <= b);
+  return ~static_cast<uint32_t>(m.zero_mask()) & all;
 #endif
 }
 
 // Remaining candidates in score order, struct of arrays, padded by one vector
-// so that full-width loads and compress-stores past the end stay in bounds.
+// so that full-width loads past the end stay in bounds.
 template <typename T>
 struct Candidates {
   std::vector<T> x1, y1, x2, y2, area;
@@ -172,72 +175,89 @@ struct Candidates {
   }
 };
 
-// Writes the lanes of chunk r (bits `keep`, within its n valid lanes) to position w.
+// Threshold constants of the sweep. `iou > thr` is the exact test. For
+// thr = 0 or thr >= 2^-30 (2^-400 for double) a cheaper test proves most lanes
+// unsuppressed without dividing: if union >= tiny and inter <= fl(union * lo),
+// lo = thr * (1 - 2^-20), then inter < union * thr exactly (the product's
+// relative rounding error, at most 2^-24, cannot close a 2^-20 gap and is not
+// subnormal), so the correctly rounded inter / union is <= thr. A lane where
+// any value is NaN, inf, or union is tiny or negative fails the test and takes
+// the division; so does every lane when the threshold is negative.
 template <typename T>
-inline int64_t compact_chunk(Candidates<T>& c, int64_t r, int64_t w, uint32_t keep, const Vectorized<T>* v) {
-  using Vec = Vectorized<T>;
-  T* cols[5] = {c.x1.data(), c.y1.data(), c.x2.data(), c.y2.data(), c.area.data()};
-#if defined(CPU_CAPABILITY_AVX512)
-  for (int k = 0; k < 5; ++k) {
-    if constexpr (std::is_same_v<T, float>) {
-      _mm512_storeu_ps(cols[k] + w, _mm512_maskz_compress_ps(static_cast<__mmask16>(keep), v[k]));
-    } else {
-      _mm512_storeu_pd(cols[k] + w, _mm512_maskz_compress_pd(static_cast<__mmask8>(keep), v[k]));
-    }
+struct SweepThreshold {
+  T thr, lo, tiny;
+  bool filter;
+  explicit SweepThreshold(double iou_threshold) {
+    constexpr bool f32 = std::is_same_v<T, float>;
+    thr = f32 ? static_cast<T>(nm::float_threshold(iou_threshold)) : static_cast<T>(iou_threshold);
+    const T min_thr = f32 ? T(0x1p-30) : T(0x1p-400);
+    filter = thr == T(0) || thr >= min_thr;
+    lo = thr * (T(1) - T(0x1p-20));
+    tiny = f32 ? T(0x1p-60) : T(0x1p-500);
   }
-  int32_t* id = c.id.data();
-  if constexpr (std::is_same_v<T, float>) {
-    const __m512i ids = _mm512_loadu_si512(id + r);
-    _mm512_storeu_si512(id + w, _mm512_maskz_compress_epi32(static_cast<__mmask16>(keep), ids));
-  } else {
-    const __m256i ids = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(id + r));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(id + w), _mm256_maskz_compress_epi32(static_cast<__mmask8>(keep), ids));
-  }
-  return w + __builtin_popcount(keep);
-#else
-  T lanes[5][Vec::size()];
-  for (int k = 0; k < 5; ++k) v[k].store(lanes[k]);
-  int32_t ids[Vec::size()];
-  std::copy(c.id.data() + r, c.id.data() + r + Vec::size(), ids);
-  for (int l = 0; l < Vec::size(); ++l) {
-    if (!((keep >> l) & 1)) continue;
-    for (int k = 0; k < 5; ++k) cols[k][w] = lanes[k][l];
-    c.id[w++] = ids[l];
-  }
-  return w;
-#endif
-}
+};
 
 // Greedy NMS over c[0..m) (already in score order): appends the kept ids, in
-// order, to `kept`. thr is the threshold in the compute type (nm::float_threshold
-// for float), so `iou > thr` is torchvision's float-vs-double comparison.
+// order, to `kept`. The first alive candidate is kept and every alive candidate
+// it suppresses loses its alive bit; the arrays are compacted (survivors moved
+// to the front, order kept) once a quarter of the remaining span is dead, so
+// later sweeps skip dead candidates without a store per vector.
 template <typename T>
-void greedy_sweep(Candidates<T>& c, int64_t m, T thr, bool disjoint_never_suppresses, std::vector<int32_t>& kept) {
+void greedy_sweep(Candidates<T>& c, int64_t m, const SweepThreshold<T>& th, std::vector<int32_t>& kept) {
   using Vec = Vectorized<T>;
   using Ops = VecOps<T>;
   constexpr int64_t W = Vec::size();
-  const Vec vthr(thr), zero(T(0));
-  for (int64_t head = 0; head < m; ++head) {
+  const Vec vthr(th.thr), vlo(th.lo), vtiny(th.tiny);
+  std::vector<uint32_t> alive((m + W - 1) / W + 1);
+  auto reset_alive = [&](int64_t count) {  // positions [0, count) alive
+    std::fill(alive.begin(), alive.end(), 0u);
+    for (int64_t k = 0; k < count / W; ++k) alive[k] = (W == 32 ? 0u : 1u << W) - 1;
+    if (count % W) alive[count / W] = (1u << (count % W)) - 1;
+  };
+  reset_alive(m);
+  int64_t head = 0, dead = 0;
+  const int64_t words = static_cast<int64_t>(alive.size());
+  while (true) {
+    int64_t k = head / W;  // the next alive candidate is the next kept box
+    uint32_t bits = k < words ? alive[k] & (~0u << (head % W)) : 0;
+    while (bits == 0 && ++k < words) bits = alive[k];
+    if (bits == 0) break;
+    head = k * W + __builtin_ctz(bits);
+    alive[k] &= ~(1u << (head % W));
     kept.push_back(c.id[head]);
+
     const Vec ix1(c.x1[head]), iy1(c.y1[head]), ix2(c.x2[head]), iy2(c.y2[head]), ia(c.area[head]);
-    int64_t w = head + 1;  // next slot for a survivor
-    for (int64_t r = head + 1; r < m; r += W) {
-      const int64_t n = std::min(W, m - r);
-      const uint32_t valid = (1u << n) - 1;
-      Vec v[5] = {Vec::loadu(&c.x1[r]), Vec::loadu(&c.y1[r]), Vec::loadu(&c.x2[r]), Vec::loadu(&c.y2[r]),
-                  Vec::loadu(&c.area[r])};
-      const Vec inter = nm::box_inter<Ops>(ix1, iy1, ix2, iy2, v[0], v[1], v[2], v[3]);
-      uint32_t suppressed = 0;
-      if (!disjoint_never_suppresses || (gt_bits<T>(inter, zero) & valid)) {
-        suppressed = gt_bits<T>(nm::box_iou_from_inter<Ops>(inter, ia, v[4]), vthr) & valid;
+    for (int64_t kk = k; kk * W < m; ++kk) {
+      const uint32_t a = alive[kk];
+      if (a == 0) continue;
+      const int64_t r = kk * W;
+      const Vec jx1 = Vec::loadu(&c.x1[r]), jy1 = Vec::loadu(&c.y1[r]), jx2 = Vec::loadu(&c.x2[r]),
+                jy2 = Vec::loadu(&c.y2[r]), ja = Vec::loadu(&c.area[r]);
+      const Vec inter = nm::box_inter<Ops>(ix1, iy1, ix2, iy2, jx1, jy1, jx2, jy2);
+      if (th.filter) {
+        const Vec uni = Ops::sub(Ops::add(ia, ja), inter);
+        const uint32_t safe = cmp_bits<Cmp::GE>(uni, vtiny) & cmp_bits<Cmp::LE>(inter, Ops::mul(uni, vlo));
+        if ((a & ~safe) == 0) continue;
       }
-      if (suppressed == 0 && w == r) {  // nothing removed so far: the data is already in place
-        w += n;
-        continue;
+      const uint32_t sup = cmp_bits<Cmp::GT>(nm::box_iou_from_inter<Ops>(inter, ia, ja), vthr) & a;
+      if (sup) {
+        alive[kk] = a & ~sup;
+        dead += __builtin_popcount(sup);
       }
-      w = compact_chunk<T>(c, r, w, valid & ~suppressed, v);
     }
-    m = w;
+
+    if (dead * 4 > m - head && m - head > 4 * W) {  // compact the survivors after head to the front
+      int64_t w = 0;
+      for (int64_t r = head + 1; r < m; ++r) {
+        if (!((alive[r / W] >> (r % W)) & 1)) continue;
+        c.x1[w] = c.x1[r], c.y1[w] = c.y1[r], c.x2[w] = c.x2[r], c.y2[w] = c.y2[r], c.area[w] = c.area[r];
+        c.id[w++] = c.id[r];
+      }
+      m = w;
+      reset_alive(m);
+      head = 0;
+      dead = 0;
+    }
   }
 }
 
@@ -267,10 +287,7 @@ template <typename scalar_t>
 void nms_groups(const at::Tensor& boxes, const std::vector<int32_t>& ranked, const std::vector<int64_t>& group_start,
                 double iou_threshold, std::vector<uint8_t>& keep) {
   using T = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-  const T thr = std::is_same_v<T, float> ? static_cast<T>(nm::float_threshold(iou_threshold))
-                                         : static_cast<T>(iou_threshold);
-  // Intersection 0 gives an IoU of +-0 or NaN, which only a negative threshold exceeds.
-  const bool disjoint_never_suppresses = !(iou_threshold < 0);
+  const SweepThreshold<T> th(iou_threshold);
   const scalar_t* b = boxes.const_data_ptr<scalar_t>();
   const int64_t groups = static_cast<int64_t>(group_start.size()) - 1;
 
@@ -287,7 +304,7 @@ void nms_groups(const at::Tensor& boxes, const std::vector<int32_t>& ranked, con
       c.id[r] = i;
     }
     kept.clear();
-    greedy_sweep<T>(c, m, thr, disjoint_never_suppresses, kept);
+    greedy_sweep<T>(c, m, th, kept);
     for (int32_t i : kept) keep[i] = 1;  // groups are disjoint: no two threads write one byte
   };
 
