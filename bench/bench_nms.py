@@ -180,18 +180,16 @@ def test_bench_batched_nms(benchmark, textbook, n):
     assert torch.equal(keep, textbook_batched(textbook, boxes, scores, idxs, IOU))
     reps = {1000: 100, 5000: 30, 20000: 10}[n]
     threads = torch.get_num_threads()
-
-    def one_thread():
-        torch.set_num_threads(1)
-        try:
-            batched_nms(boxes, scores, idxs, IOU)
-        finally:
-            torch.set_num_threads(threads)
-
-    ours, ours1, base = interleaved([lambda: batched_nms(boxes, scores, idxs, IOU), one_thread,
-                                     lambda: textbook_batched(textbook, boxes, scores, idxs, IOU)], reps)
+    ours, base = interleaved([lambda: batched_nms(boxes, scores, idxs, IOU),
+                              lambda: textbook_batched(textbook, boxes, scores, idxs, IOU)], reps)
+    torch.set_num_threads(1)  # the per-category parallelism's share of the gain
+    try:
+        ours1, base1 = interleaved([lambda: batched_nms(boxes, scores, idxs, IOU),
+                                    lambda: textbook_batched(textbook, boxes, scores, idxs, IOU)], reps)
+    finally:
+        torch.set_num_threads(threads)
     _row("batched_nms", f"N={n}, 20 classes", "float32", "textbook per-class loop", base / ours, threads,
-         f"ours {ours * 1e3:.2f} ms; with 1 thread {base / ours1:.2f}x")
+         f"ours {ours * 1e3:.2f} ms; both on 1 thread {base1 / ours1:.2f}x")
     benchmark(batched_nms, boxes, scores, idxs, IOU)
 
 

@@ -45,7 +45,7 @@ def _fm_nms_kernel(CLS, RANK, KEY, FLAG, KEEP, A, H, W, N, RADIUS: tl.constexpr,
     h = hw // W
     w = hw % W
     undecided = mine
-    kept = mine & (rank < 0)  # all False, with the right shape
+    kept = tl.zeros([BLOCK], dtype=tl.int1)
     remaining = tl.sum(undecided.to(tl.int32), axis=0)
     while remaining > 0:
         # 1. Each undecided candidate publishes its rank; keep the local first ones.
@@ -66,7 +66,7 @@ def _fm_nms_kernel(CLS, RANK, KEY, FLAG, KEEP, A, H, W, N, RADIUS: tl.constexpr,
         # 2. Newly kept candidates publish a flag; undecided neighbours are suppressed.
         tl.store(FLAG + base + offs, new_kept.to(tl.int32), mask=mine)
         tl.debug_barrier()
-        near = new_kept & False
+        near = tl.zeros([BLOCK], dtype=tl.int1)
         for a2 in range(0, A):
             for dh in tl.static_range(-RADIUS, RADIUS + 1):
                 for dw in tl.static_range(-RADIUS, RADIUS + 1):

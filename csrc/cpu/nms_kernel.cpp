@@ -7,14 +7,15 @@
 //   2. per category (one category for nms): gather the boxes in score order
 //      into struct-of-arrays x1, y1, x2, y2, area, id (compute type: float for
 //      fp32/fp16/bf16, double for fp64).
-//   3. sweep: the head of the remaining list is kept; the IoU of it against
-//      every remaining candidate is computed a vector at a time and the
-//      candidates it does not suppress are compacted in place behind the head
-//      (AVX-512 compress; nothing is written until the first suppression).
-//      So the work is sum over kept boxes of the candidates still alive, not
-//      torchvision's sum over kept boxes of all later boxes, and the divide is
-//      skipped for vectors where no pair intersects (then no IoU can exceed a
-//      threshold >= 0).
+//   3. sweep: the first alive candidate is kept; the IoU of it against every
+//      alive candidate after it is computed a vector at a time (at::vec lanes,
+//      AVX-512 here) and the suppressed ones lose their alive bit. A multiply
+//      and compare prove most lanes unsuppressed, so the exact division runs
+//      only where suppression is possible; dead candidates are compacted away
+//      once they are a quarter of the span. The work is thus the sum over kept
+//      boxes of the candidates still alive, and shrinks as boxes die, where
+//      torchvision's loop visits all later boxes for every kept box.
+//      One thread: a sweep is a few microseconds, too short to split.
 //   4. batched_nms: categories run concurrently (largest first, dynamic
 //      scheduling) when there is enough work; the kept flags are then read
 //      back in the global score order, which is torchvision's output order.
@@ -24,9 +25,12 @@
 //   (descending, ties by lower flat index a*H*W + h*W + w), then one greedy
 //   pass: a candidate is kept unless its cell is blocked for its class, and a
 //   kept candidate blocks the K x K cells around it for its class (all anchors).
-//   O(N log N)-free: O(A*C*H*W) for the argmax plus O(kept * K^2) bytes marked.
-// Memory traffic: nms reads boxes and scores once and keeps O(N) scratch
-// (~6 arrays of N); fm_nms reads class_probs once and writes a bool per candidate.
+//   Linear: O(A*C*H*W) for the argmax, O(A*H*W) for the sort and the pass,
+//   plus O(kept * K^2) bytes marked.
+// Memory traffic: nms reads boxes and scores once and keeps O(N) scratch (six
+// arrays of N in the compute type, which sit in L2 up to ~50k boxes); fm_nms
+// reads class_probs and objectness once and writes a bool per candidate.
+// Numerics: see nms_math.h; the sort keys and the argmax are exact comparisons.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
@@ -434,6 +438,42 @@ void class_argmax(const scalar_t* p, int64_t A, int64_t C, int64_t HW, int32_t* 
         }
       }
     }
+  }
+}
+
+// fp32: vectorized over cells, classes in the outer loop so that every read
+// streams through memory; the running class index is kept as a float (exact
+// below 2^24 classes).
+template <>
+void class_argmax<float>(const float* p, int64_t A, int64_t C, int64_t HW, int32_t* cls, std::vector<float>& scratch) {
+  using Vec = Vectorized<float>;
+  constexpr int64_t W = Vec::size();
+  scratch.resize(2 * HW);
+  float* best = scratch.data();
+  float* idx = best + HW;
+  for (int64_t a = 0; a < A; ++a) {
+    const float* pa = p + a * C * HW;
+    std::copy(pa, pa + HW, best);
+    std::fill(idx, idx + HW, 0.0f);
+    for (int64_t c = 1; c < C; ++c) {
+      const float* pc = pa + c * HW;
+      const Vec vc(static_cast<float>(c));
+      int64_t hw = 0;
+      for (; hw + W <= HW; hw += W) {
+        const Vec v = Vec::loadu(pc + hw), b = Vec::loadu(best + hw);
+        const Vec take = (v > b) | ((v != v) & (b == b));
+        Vec::blendv(b, v, take).store(best + hw);
+        Vec::blendv(Vec::loadu(idx + hw), vc, take).store(idx + hw);
+      }
+      for (; hw < HW; ++hw) {
+        if (pc[hw] > best[hw] || (std::isnan(pc[hw]) && !std::isnan(best[hw]))) {
+          best[hw] = pc[hw];
+          idx[hw] = static_cast<float>(c);
+        }
+      }
+    }
+    int32_t* ca = cls + a * HW;
+    for (int64_t hw = 0; hw < HW; ++hw) ca[hw] = static_cast<int32_t>(idx[hw]);
   }
 }
 
