@@ -11,4 +11,11 @@ TORCH_LIBRARY_FRAGMENT(pycompress, m) {
       "kd_loss(Tensor student, Tensor teacher, Tensor? target, float temperature, "
       "str divergence, float beta, float alpha, bool t2_scale, str reduction, "
       "int ignore_index, bool compute_grad) -> (Tensor, Tensor)");
+  // The same loss with a sparse teacher: k (value, index) pairs per row.
+  // tail="bucket" keeps the teacher's remaining mass as one class; "drop" renormalises
+  // both distributions over the k classes. See csrc/cpu/kd_loss_kernel.cpp.
+  m.def(
+      "kd_loss_topk(Tensor student, Tensor teacher_values, Tensor teacher_indices, Tensor? target, "
+      "float temperature, str divergence, float beta, float alpha, bool t2_scale, str reduction, "
+      "int ignore_index, str tail, bool compute_grad) -> (Tensor, Tensor)");
 }

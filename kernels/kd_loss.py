@@ -197,16 +197,8 @@ def kd_loss_triton(student, teacher, target, temperature, divergence, beta, alph
     has_target = target is not None
     tgt = target.reshape(-1).to(torch.int64) if has_target else s2.new_empty(0, dtype=torch.int64)
 
-    # The reduction's denominator, as a device scalar (no host sync).
-    n_valid = (tgt != ignore_index).sum() if has_target else torch.tensor(N, device=student.device)
-    n_valid = n_valid.to(torch.float64)
-    if reduction == "mean":
-        denom = n_valid
-    elif reduction == "batchmean":
-        denom = n_valid * (student.shape[0] / N) if N else n_valid
-    else:
-        denom = torch.ones((), dtype=torch.float64, device=student.device)
-    gscale = torch.where(denom > 0, 1.0 / denom.clamp_min(1e-300), 0.0).to(torch.float32).reshape(1)
+    gscale = _gscale(reduction, tgt if has_target else None, ignore_index, N,
+                     student.shape[0] if student.dim() > 1 else 1, student.device)
 
     loss_rows = torch.empty(N, dtype=torch.float32, device=student.device)
     grad = torch.empty(student.shape, dtype=student.dtype, device=student.device) if compute_grad \
@@ -225,3 +217,218 @@ def kd_loss_triton(student, teacher, target, temperature, divergence, beta, alph
     else:
         loss = (loss_rows.double().sum() * gscale.double().squeeze(0)).to(student.dtype)
     return loss, grad
+
+
+@triton.jit
+def _kd_loss_topk_kernel(
+    S, TV, TI, TGT, LOSS, G, GSCALE,
+    stride_s, V, K,
+    inv_t, soft_coef, hard_coef, beta, ignore_index,
+    DIV: tl.constexpr, BUCKET: tl.constexpr, HAS_TARGET: tl.constexpr, NEED_CE: tl.constexpr,
+    T_IS_ONE: tl.constexpr, COMPUTE_GRAD: tl.constexpr, BLOCK: tl.constexpr, KBLOCK: tl.constexpr,
+):
+    """Sparse-teacher KD loss for one row (semantics: csrc/cpu/kd_loss_kernel.cpp, kd_topk_row).
+
+    A column's bucket is found by comparing the tile's column ids with the k teacher
+    indices (a BLOCK x KBLOCK match), so each pass stays one sweep over the row.
+    """
+    row = tl.program_id(0).to(tl.int64)
+    s_row = S + row * stride_s
+    g_row = G + row * V
+    cols0 = tl.arange(0, BLOCK)
+    kk = tl.arange(0, KBLOCK)
+    kmask = kk < K
+    neg_inf = float("-inf")
+
+    tgt = -1
+    valid = True
+    if HAS_TARGET:
+        tgt = tl.load(TGT + row)
+        valid = tgt != ignore_index
+    if not valid:
+        tl.store(LOSS + row, 0.0)
+        if COMPUTE_GRAD:
+            for off in range(0, V, BLOCK):
+                cols = off + cols0
+                tl.store(g_row + cols, tl.zeros([BLOCK], tl.float32).to(G.dtype.element_ty), mask=cols < V)
+        return
+    gscale = tl.load(GSCALE)
+    v = tl.load(TV + row * K + kk, mask=kmask, other=0.0).to(tl.float32)
+    idx = tl.load(TI + row * K + kk, mask=kmask, other=-1)
+    s_top = tl.load(s_row + idx, mask=kmask, other=0.0).to(tl.float32)
+
+    # Student pass: tempered max and sum, the tail's sum, and lse(s) for CE.
+    m = tl.full([], neg_inf, tl.float32)
+    z = tl.zeros([], tl.float32)
+    zt = tl.zeros([], tl.float32)
+    m1 = tl.full([], neg_inf, tl.float32)
+    z1 = tl.zeros([], tl.float32)
+    for off in range(0, V, BLOCK):
+        cols = off + cols0
+        mask = cols < V
+        s = tl.load(s_row + cols, mask=mask, other=0.0).to(tl.float32)
+        x = tl.where(mask, s * inv_t, neg_inf)
+        in_top = tl.sum(tl.where(cols[:, None] == idx[None, :], 1, 0), 1) > 0
+        m_new = tl.maximum(m, tl.max(x))
+        r = tl.exp(m - m_new)
+        e = tl.exp(x - m_new)
+        z = z * r + tl.sum(e)
+        zt = zt * r + tl.sum(tl.where(in_top, 0.0, e))
+        m = m_new
+        if NEED_CE and not T_IS_ONE:
+            sm = tl.where(mask, s, neg_inf)
+            m1_new = tl.maximum(m1, tl.max(sm))
+            z1 = z1 * tl.exp(m1 - m1_new) + tl.sum(tl.exp(sm - m1_new))
+            m1 = m1_new
+    lse = m + tl.log(z)
+    lse1 = lse
+    if NEED_CE and not T_IS_ONE:
+        lse1 = m1 + tl.log(z1)
+
+    div = tl.zeros([], tl.float32)
+    lq_tail = tl.zeros([], tl.float32)
+    lp_tail = tl.zeros([], tl.float32)
+    h_tail = tl.zeros([], tl.float32)
+    if DIV == 3:  # mse_logits on the k given logits
+        d = tl.where(kmask, s_top - v, 0.0)
+        div = tl.sum(0.5 * d * d)
+        h = d
+        q = tl.zeros([KBLOCK], tl.float32)
+        lp = tl.zeros([KBLOCK], tl.float32)
+    else:
+        u = tl.where(kmask, v * inv_t, neg_inf)
+        if BUCKET:
+            tail_mass = tl.maximum(1.0 - tl.sum(tl.where(kmask, tl.exp(v), 0.0)), 0.0)
+            u_tail = tl.log(tail_mass) * inv_t
+            umax = tl.maximum(tl.max(u), u_tail)
+            tlse = umax + tl.log(tl.sum(tl.exp(u - umax)) + tl.exp(u_tail - umax))
+            lp_tail = u_tail - tlse
+            lq = s_top * inv_t - lse
+            lq_tail = tl.log(zt) - tl.log(z)
+        else:
+            umax = tl.max(u)
+            tlse = umax + tl.log(tl.sum(tl.exp(u - umax)))
+            xq = tl.where(kmask, s_top * inv_t, neg_inf)
+            qmax = tl.max(xq)
+            lq = xq - (qmax + tl.log(tl.sum(tl.exp(xq - qmax))))
+        lp = u - tlse
+        p = tl.where(kmask, tl.exp(lp), 0.0)
+        q = tl.where(kmask, tl.exp(lq), 0.0)
+        if DIV == 0:
+            div = tl.sum(tl.where(p > 0.0, p * (lp - lq), 0.0))
+            h = tl.zeros([KBLOCK], tl.float32)
+        elif DIV == 1:
+            div = tl.sum(tl.where(q > 0.0, q * (lq - lp), 0.0))
+        else:
+            lm = tl.log(beta * p + (1.0 - beta) * q)
+            tq = tl.where(q > 0.0, q * (lq - lm), 0.0)
+            div = tl.sum(beta * tl.where(p > 0.0, p * (lp - lm), 0.0) + (1.0 - beta) * tq)
+            kl_qm = tl.sum(tq)
+        if BUCKET:
+            p_t = tl.exp(lp_tail)
+            q_t = tl.exp(lq_tail)
+            if DIV == 0:
+                div += tl.where(p_t > 0.0, p_t * (lp_tail - lq_tail), 0.0)
+            elif DIV == 1:
+                div += tl.where(q_t > 0.0, q_t * (lq_tail - lp_tail), 0.0)
+            else:
+                lm_t = tl.log(beta * p_t + (1.0 - beta) * q_t)
+                tq_t = tl.where(q_t > 0.0, q_t * (lq_tail - lm_t), 0.0)
+                div += beta * tl.where(p_t > 0.0, p_t * (lp_tail - lm_t), 0.0) + (1.0 - beta) * tq_t
+                kl_qm += tq_t
+        # h: d(divergence)/d(x_j) = q_j h_b for reverse KL and JSD.
+        if DIV == 1:
+            h = lq - lp - div
+            if BUCKET:
+                h_tail = lq_tail - lp_tail - div
+        if DIV == 2:
+            h = (1.0 - beta) * (tl.where(q > 0.0, lq - lm, 0.0) - kl_qm)
+            if BUCKET:
+                h_tail = (1.0 - beta) * (tl.where(q_t > 0.0, lq_tail - lm_t, 0.0) - kl_qm)
+
+    loss = soft_coef * div
+    if NEED_CE:
+        loss += hard_coef * (lse1 - tl.load(s_row + tgt).to(tl.float32))
+    tl.store(LOSS + row, loss)
+    if COMPUTE_GRAD:
+        gsoft = soft_coef * inv_t
+        if DIV == 3:
+            gsoft = soft_coef
+        # the soft gradient of a top-k class, per slot
+        if DIV == 0:
+            g_top = q - p
+        elif DIV == 3:
+            g_top = h
+        else:
+            g_top = q * h
+        c_tail = 0.0
+        if BUCKET and DIV != 3:
+            if DIV == 0:
+                c_tail = tl.where(zt > 0.0, 1.0 / z - tl.exp(lp_tail) / zt, 0.0)
+            else:
+                c_tail = tl.where(zt > 0.0, h_tail / z, 0.0)
+        for off in range(0, V, BLOCK):
+            cols = off + cols0
+            mask = cols < V
+            s = tl.load(s_row + cols, mask=mask, other=0.0).to(tl.float32)
+            match = cols[:, None] == idx[None, :]
+            in_top = tl.sum(tl.where(match, 1, 0), 1) > 0
+            top_val = tl.sum(tl.where(match, g_top[None, :], 0.0), 1)
+            g = gsoft * tl.where(in_top, top_val, c_tail * tl.exp(s * inv_t - m))
+            if NEED_CE:
+                g += hard_coef * (tl.exp(s - lse1) - tl.where(cols == tgt, 1.0, 0.0))
+            tl.store(g_row + cols, (g * gscale).to(G.dtype.element_ty), mask=mask)
+
+
+def _gscale(reduction, target, ignore_index, n_rows, batch, device):
+    """1 / the reduction's denominator as a device scalar (kd_loss's contract; 0 if no row is valid)."""
+    if reduction in ("none", "sum"):
+        return torch.ones(1, dtype=torch.float32, device=device)
+    n_valid = (target != ignore_index).sum() if target is not None else torch.tensor(n_rows, device=device)
+    denom = n_valid.to(torch.float64)
+    if reduction == "batchmean" and n_rows:
+        denom = denom * (batch / n_rows)
+    return torch.where(denom > 0, 1.0 / denom.clamp_min(1e-300), 0.0).to(torch.float32).reshape(1)
+
+
+def kd_loss_topk_triton(student, teacher_values, teacher_indices, target, temperature, divergence, beta, alpha,
+                        t2_scale, reduction, ignore_index, tail, compute_grad):
+    """The ``pycompress::kd_loss_topk`` op on Triton; same arguments and outputs as the CPU kernel."""
+    if divergence not in _DIVERGENCES:
+        raise ValueError(f"divergence must be one of {sorted(_DIVERGENCES)}, got {divergence!r}")
+    if tail not in ("bucket", "drop"):
+        raise ValueError(f"tail must be 'bucket' or 'drop', got {tail!r}")
+    V = student.shape[-1]
+    s2 = _rows(student)
+    N, k = s2.shape[0], teacher_values.shape[-1]
+    tv = teacher_values.reshape(N, k).to(torch.float32).contiguous()
+    ti = teacher_indices.reshape(N, k).to(torch.int64).contiguous()
+    if not torch.compiler.is_compiling() and N:
+        # A kernel cannot raise: check what the CPU kernel checks row by row, here at once.
+        if bool((ti < 0).any() | (ti >= V).any()):
+            raise ValueError(f"teacher indices must be in [0, {V}); got values outside")
+        if k > 1 and bool((ti.sort(-1).values.diff(dim=-1) == 0).any()):
+            raise ValueError("teacher indices must not repeat within a row")
+        if tail == "bucket" and divergence != "mse_logits" and k < V and bool((tv.exp().sum(-1) > 1.001).any()):
+            raise ValueError("with tail='bucket' the teacher values must be log-probabilities (log_softmax at T = 1)")
+    mse = divergence == "mse_logits"
+    T = 1.0 if mse else float(temperature)
+    scale = T * T if (t2_scale and not mse) else 1.0
+    has_target = target is not None
+    tgt = target.reshape(-1).to(torch.int64) if has_target else s2.new_empty(0, dtype=torch.int64)
+    gscale = _gscale(reduction, tgt if has_target else None, ignore_index, N,
+                     student.shape[0] if student.dim() > 1 else 1, student.device)
+    loss_rows = torch.empty(N, dtype=torch.float32, device=student.device)
+    grad = torch.empty(student.shape, dtype=student.dtype, device=student.device) if compute_grad \
+        else student.new_empty(0)
+    if N:
+        _kd_loss_topk_kernel[(N,)](
+            s2, tv, ti, tgt, loss_rows, grad, gscale, s2.stride(0), V, k,
+            1.0 / T, alpha * scale, 1.0 - alpha, float(beta), int(ignore_index),
+            DIV=_DIVERGENCES[divergence], BUCKET=(tail == "bucket" and k < V), HAS_TARGET=has_target,
+            NEED_CE=alpha < 1.0 and has_target, T_IS_ONE=T == 1.0, COMPUTE_GRAD=compute_grad,
+            BLOCK=min(1024, triton.next_power_of_2(V)), KBLOCK=triton.next_power_of_2(k),
+        )
+    if reduction == "none":
+        return loss_rows.to(student.dtype).reshape(student.shape[:-1]), grad
+    return (loss_rows.double().sum() * gscale.double().squeeze(0)).to(student.dtype), grad

@@ -2,8 +2,8 @@
 
 from pycompress import _extension  # noqa: F401  (loads the op library before anything registers on it)
 from pycompress import ops
-from pycompress.functional import kd_loss
-from pycompress.nn import KDLoss
+from pycompress.functional import fused_linear_kd_loss, kd_loss
+from pycompress.nn import FusedLinearKDLoss, KDLoss
 
-__all__ = ["KDLoss", "kd_loss", "ops"]
+__all__ = ["KDLoss", "kd_loss", "FusedLinearKDLoss", "fused_linear_kd_loss", "ops"]
 __version__ = "0.1.0"

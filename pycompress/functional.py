@@ -30,22 +30,68 @@ def check_kd_hyperparameters(temperature, alpha, divergence, beta, reduction, te
         raise ValueError(f"reduction must be one of {', '.join(REDUCTIONS)}, got {reduction!r}")
 
 
-def _check_kd_tensors(student, teacher, target, alpha, ignore_index):
-    for name, x in (("student_logits", student), ("teacher_logits", teacher)):
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{name} must be a Tensor, got {type(x).__name__}")
-        if not x.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
+TOPK_TAILS = ("bucket", "drop")
+
+
+def _check_topk_teacher(teacher, rows_shape, V, device, topk_tail):
+    """Checks a sparse teacher ``(values, indices)`` for rows of shape ``rows_shape`` over
+    ``V`` classes; returns it detached, with int64 indices."""
+    if len(teacher) != 2:
+        raise TypeError("a sparse teacher_logits must be a pair (topk_values, topk_indices)")
+    values, indices = teacher
+    if not isinstance(values, torch.Tensor) or not values.is_floating_point():
+        raise TypeError(f"topk_values must be a floating-point Tensor, got {getattr(values, 'dtype', type(values))}")
+    if not isinstance(indices, torch.Tensor) or indices.is_floating_point() or indices.dtype == torch.bool:
+        raise TypeError(f"topk_indices must be an integer Tensor, got {getattr(indices, 'dtype', type(indices))}")
+    if values.shape != indices.shape:
+        raise ValueError(f"topk_values {tuple(values.shape)} and topk_indices {tuple(indices.shape)} must have the "
+                         "same shape")
+    if values.dim() != len(rows_shape) + 1 or values.shape[:-1] != rows_shape:
+        raise ValueError(f"topk_values must have shape {tuple(rows_shape)} + (k,), one row per student row, "
+                         f"got {tuple(values.shape)}")
+    k = values.shape[-1]
+    if not 1 <= k <= V:
+        raise ValueError(f"k = {k} teacher entries per row must be in [1, V = {V}]")
+    if values.device != device or indices.device != device:
+        raise ValueError(f"topk_values and topk_indices must be on the student's device {device}")
+    if topk_tail not in TOPK_TAILS:
+        raise ValueError(f"topk_tail must be one of {', '.join(TOPK_TAILS)}, got {topk_tail!r}")
+    # Index range and duplicates are checked by the kernel, row by row, with ValueErrors.
+    return values.detach(), indices.to(torch.int64)
+
+
+def _check_dense_teacher(teacher, rows_shape, V, dtype, device):
+    if not isinstance(teacher, torch.Tensor):
+        raise TypeError(f"teacher_logits must be a Tensor or a (topk_values, topk_indices) pair, got "
+                        f"{type(teacher).__name__}")
+    if not teacher.is_floating_point():
+        raise TypeError(f"teacher_logits must be a floating-point tensor, got {teacher.dtype}")
+    if teacher.shape != (*rows_shape, V):
+        raise ValueError(f"teacher_logits must have the student's shape {(*rows_shape, V)} (same rows, same "
+                         f"vocabulary), got {tuple(teacher.shape)}")
+    if teacher.dtype != dtype:
+        raise TypeError(f"teacher_logits ({teacher.dtype}) must have the student's dtype {dtype}; cast the "
+                        "teacher's logits")
+    if teacher.device != device:
+        raise ValueError(f"teacher_logits must be on the student's device {device}, got {teacher.device}")
+
+
+def _check_floating(name, x):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
+
+
+def _check_kd_tensors(student, target, alpha, ignore_index):
+    _check_floating("student_logits", student)
     if student.dim() < 1 or student.shape[-1] < 1:
         raise ValueError(f"student_logits must be (..., V) with V >= 1, got shape {tuple(student.shape)}")
-    if student.shape != teacher.shape:
-        raise ValueError(f"student_logits {tuple(student.shape)} and teacher_logits {tuple(teacher.shape)} "
-                         "must have the same shape (same rows, same vocabulary)")
-    if student.dtype != teacher.dtype:
-        raise TypeError(f"student_logits ({student.dtype}) and teacher_logits ({teacher.dtype}) must share a "
-                        "dtype; cast the teacher's logits")
-    if student.device != teacher.device:
-        raise ValueError(f"student_logits is on {student.device} but teacher_logits is on {teacher.device}")
+    _check_target(target, student.shape[:-1], student.shape[-1], student.device, alpha, ignore_index)
+
+
+def _check_target(target, rows_shape, V, device, alpha, ignore_index):
+    """Checks class-index targets for rows of shape ``rows_shape`` over ``V`` classes."""
     if target is None:
         if alpha < 1.0:
             raise ValueError(f"alpha={alpha} < 1 weights a hard-label cross-entropy, so target is required")
@@ -54,13 +100,11 @@ def _check_kd_tensors(student, teacher, target, alpha, ignore_index):
         raise TypeError(f"target must be a Tensor of class indices, got {type(target).__name__}")
     if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
         raise TypeError(f"target must hold integer class indices, got {target.dtype}")
-    if target.device != student.device:
-        raise ValueError(f"target is on {target.device} but student_logits is on {student.device}")
-    if target.shape != student.shape[:-1]:
-        raise ValueError(f"target must have shape {tuple(student.shape[:-1])} (student_logits without its last "
-                         f"dim), got {tuple(target.shape)}")
+    if target.device != device:
+        raise ValueError(f"target must be on the student's device {device}, got {target.device}")
+    if target.shape != rows_shape:
+        raise ValueError(f"target must have shape {tuple(rows_shape)} (one class per row), got {tuple(target.shape)}")
     if not torch.compiler.is_compiling():  # a data-dependent check; the kernel re-checks it when compiled
-        V = student.shape[-1]
         bad = (target != ignore_index) & ((target < 0) | (target >= V))
         if bool(bad.any()):
             value = target[bad].flatten()[0].item()
@@ -82,7 +126,8 @@ def perturb_teacher(teacher_logits: torch.Tensor, sigma: float,
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: Optional[torch.Tensor] = None, *,
             temperature: float = 1.0, alpha: float = 1.0, divergence: str = "forward_kl", beta: float = 0.5,
             reduction: str = "batchmean", ignore_index: int = -100, t2_scale: bool = True,
-            teacher_noise: float = 0.0, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+            teacher_noise: float = 0.0, generator: Optional[torch.Generator] = None,
+            topk_tail: str = "bucket") -> torch.Tensor:
     r"""Knowledge-distillation loss, fused: one pass computes the loss and the student's gradient.
 
     .. math::
@@ -100,8 +145,10 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: 
     Args:
         student_logits (Tensor[..., V]): student logits, fp32/bf16/fp16/fp64, any
             strides (rows are read in place when the class dim is contiguous).
-        teacher_logits (Tensor[..., V]): teacher logits, same shape and dtype; never
-            receives a gradient.
+        teacher_logits (Tensor[..., V] or (Tensor[..., k], LongTensor[..., k])): teacher
+            logits, same shape and dtype; never receives a gradient. A pair
+            ``(topk_values, topk_indices)`` is a sparse teacher (cached or served top-k
+            outputs); memory for the teacher then scales with k. See ``topk_tail``.
         target (LongTensor[...], optional): class indices; needed when ``alpha < 1``.
             Rows whose target is ``ignore_index`` contribute nothing, to the loss or
             to the gradient, in every term.
@@ -125,6 +172,15 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: 
         teacher_noise (float): sigma of Sau et al.'s multiplicative noise on the teacher
             logits, ``t (1 + sigma xi)``; 0 disables it. Uses ``generator``.
         generator (torch.Generator, optional): source of the teacher noise.
+        topk_tail (str): how a sparse teacher's missing mass is read. ``bucket``
+            (default): ``topk_values`` are teacher log-probabilities (``log_softmax``
+            at T = 1) and the remaining mass ``1 - sum(exp(values))`` is one extra
+            "tail" class; the student's tail is its probability summed over all other
+            classes, and the teacher's k + 1 buckets are tempered as k + 1 classes.
+            ``drop``: the tail is discarded and both distributions are renormalised
+            over the k classes (values may be logits or log-probabilities alike); the
+            other classes get no soft gradient. Both equal the dense loss at k = V.
+            ``mse_logits`` regresses the k given logits and ignores the tail.
 
     Returns:
         Tensor: a scalar, or ``student_logits.shape[:-1]`` for ``reduction="none"``,
@@ -136,12 +192,115 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: 
         >>> loss.backward()
     """
     check_kd_hyperparameters(temperature, alpha, divergence, beta, reduction, teacher_noise)
-    _check_kd_tensors(student_logits, teacher_logits, target, alpha, ignore_index)
+    _check_kd_tensors(student_logits, target, alpha, ignore_index)
+    compute_grad = torch.is_grad_enabled() and student_logits.requires_grad
+    if isinstance(teacher_logits, (tuple, list)):
+        if teacher_noise > 0:
+            raise ValueError("teacher_noise perturbs dense teacher logits; it does not apply to a top-k teacher")
+        values, indices = _check_topk_teacher(teacher_logits, student_logits.shape[:-1], student_logits.shape[-1],
+                                              student_logits.device, topk_tail)
+        loss, _ = torch.ops.pycompress.kd_loss_topk(student_logits, values, indices, target, float(temperature),
+                                                    divergence, float(beta), float(alpha), bool(t2_scale), reduction,
+                                                    int(ignore_index), topk_tail, compute_grad)
+        return loss
+    _check_dense_teacher(teacher_logits, student_logits.shape[:-1], student_logits.shape[-1], student_logits.dtype,
+                         student_logits.device)
     teacher = teacher_logits.detach()
     if teacher_noise > 0:
         teacher = perturb_teacher(teacher, teacher_noise, generator)
-    compute_grad = torch.is_grad_enabled() and student_logits.requires_grad
     loss, _ = torch.ops.pycompress.kd_loss(student_logits, teacher, target, float(temperature), divergence,
                                            float(beta), float(alpha), bool(t2_scale), reduction, int(ignore_index),
                                            compute_grad)
+    return loss
+
+
+def fused_linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor,
+                         teacher_hidden: Optional[torch.Tensor] = None, teacher_weight: Optional[torch.Tensor] = None,
+                         target: Optional[torch.Tensor] = None, *, student_bias: Optional[torch.Tensor] = None,
+                         teacher_bias: Optional[torch.Tensor] = None, teacher_logits=None,
+                         temperature: float = 1.0, alpha: float = 1.0, divergence: str = "forward_kl",
+                         beta: float = 0.5, reduction: str = "batchmean", ignore_index: int = -100,
+                         t2_scale: bool = True, topk_tail: str = "bucket",
+                         chunk_size: Optional[int] = None) -> torch.Tensor:
+    r"""KD loss of the logits ``student_hidden @ student_weight.T (+ bias)`` without materialising them.
+
+    The same loss as :func:`kd_loss` on those logits (every argument means the same),
+    computed over chunks of rows: per chunk the logits are a GEMM, the fused KD op
+    gives the loss and the logits' gradient in one pass, and the gradients of the
+    hidden states, weight and bias are accumulated at once, so peak extra memory is
+    O(chunk_size x V) rather than O(N x V).
+
+    Args:
+        student_hidden (Tensor[..., H]): the student's last hidden states.
+        student_weight (Tensor[V, H]): the student's output projection.
+        teacher_hidden (Tensor[..., H_t], optional): the teacher's hidden states (H_t may
+            differ from H); with ``teacher_weight`` (Tensor[V, H_t]).
+        teacher_weight (Tensor[V, H_t], optional): the teacher's output projection.
+        target (LongTensor[...], optional): class indices, needed when ``alpha < 1``.
+        student_bias (Tensor[V], optional), teacher_bias (Tensor[V], optional): biases.
+        teacher_logits (Tensor[..., V] or pair, optional): precomputed teacher logits, or
+            a top-k pair ``(values, indices)`` (see ``topk_tail`` in :func:`kd_loss`),
+            instead of ``teacher_hidden`` and ``teacher_weight``.
+        reduction (str): ``sum`` | ``mean`` | ``batchmean`` (``none`` would need the
+            logits again in backward and is not offered).
+        chunk_size (int, optional): rows per chunk; by default chosen from N, V and the
+            dtype so that the chunk buffers take about 128 MiB.
+
+    Returns:
+        Tensor: the scalar loss, in the hidden states' dtype.
+    """
+    from pycompress.ops.fused_linear_kd import fused_linear_kd_loss_op
+
+    check_kd_hyperparameters(temperature, alpha, divergence, beta, reduction)
+    if reduction == "none":
+        raise ValueError("reduction='none' is not supported by the fused linear loss; use sum, mean or batchmean")
+    _check_floating("student_hidden", student_hidden)
+    _check_floating("student_weight", student_weight)
+    if student_weight.dim() != 2 or student_hidden.dim() < 1 or student_hidden.shape[-1] != student_weight.shape[1]:
+        raise ValueError(f"student_weight must be (V, H) with H = student_hidden.shape[-1] = "
+                         f"{student_hidden.shape[-1] if student_hidden.dim() else None}, got {tuple(student_weight.shape)}")
+    V, rows = student_weight.shape[0], student_hidden.shape[:-1]
+    for name, x in (("student_weight", student_weight), ("student_bias", student_bias),
+                    ("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight),
+                    ("teacher_bias", teacher_bias)):
+        if x is None:
+            continue
+        _check_floating(name, x)
+        if x.dtype != student_hidden.dtype:
+            raise TypeError(f"{name} ({x.dtype}) must have student_hidden's dtype {student_hidden.dtype}")
+        if x.device != student_hidden.device:
+            raise ValueError(f"{name} must be on student_hidden's device {student_hidden.device}, got {x.device}")
+    if student_bias is not None and student_bias.shape != (V,):
+        raise ValueError(f"student_bias must have shape ({V},), got {tuple(student_bias.shape)}")
+    if (teacher_hidden is None) != (teacher_weight is None):
+        raise ValueError("teacher_hidden and teacher_weight go together")
+    if (teacher_hidden is None) == (teacher_logits is None):
+        raise ValueError("give the teacher either as teacher_hidden and teacher_weight, or as teacher_logits")
+    values = indices = dense = None
+    if teacher_hidden is not None:
+        if teacher_weight.dim() != 2 or teacher_hidden.shape[-1] != teacher_weight.shape[1]:
+            raise ValueError(f"teacher_weight must be (V, H_t) with H_t = teacher_hidden.shape[-1] = "
+                             f"{teacher_hidden.shape[-1]}, got {tuple(teacher_weight.shape)}")
+        if teacher_weight.shape[0] != V:
+            raise ValueError(f"the teacher's vocabulary ({teacher_weight.shape[0]}) differs from the student's ({V})")
+        if teacher_hidden.shape[:-1] != rows:
+            raise ValueError(f"teacher_hidden {tuple(teacher_hidden.shape)} must have student_hidden's rows "
+                             f"{tuple(rows)}")
+        if teacher_bias is not None and teacher_bias.shape != (V,):
+            raise ValueError(f"teacher_bias must have shape ({V},), got {tuple(teacher_bias.shape)}")
+    elif isinstance(teacher_logits, (tuple, list)):
+        values, indices = _check_topk_teacher(teacher_logits, rows, V, student_hidden.device, topk_tail)
+    else:
+        _check_dense_teacher(teacher_logits, rows, V, student_hidden.dtype, student_hidden.device)
+        dense = teacher_logits.detach()
+    _check_target(target, rows, V, student_hidden.device, alpha, ignore_index)
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
+    compute_grad = torch.is_grad_enabled() and any(
+        x is not None and x.requires_grad for x in (student_hidden, student_weight, student_bias))
+    detach = (lambda x: None if x is None else x.detach())
+    loss, *_ = fused_linear_kd_loss_op(
+        student_hidden, student_weight, student_bias, detach(teacher_hidden), detach(teacher_weight),
+        detach(teacher_bias), dense, values, indices, target, float(temperature), divergence, float(beta),
+        float(alpha), bool(t2_scale), reduction, int(ignore_index), topk_tail, chunk_size or 0, compute_grad)
     return loss

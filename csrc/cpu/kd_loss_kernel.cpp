@@ -13,7 +13,8 @@
 // Passes over a row (rows in parallel, at::parallel_for):
 //   1. max of s and t: the only pass that streams s and t from DRAM;
 //   2. e_s = exp(x - max x), e_t = exp(y - max y) into a per-thread scratch row,
-//      with their sums: every exponential is computed exactly once;
+//      with their sums: every exponential is computed exactly once. This pass
+//      also prefetches the next row, hiding pass 1's DRAM latency behind exps;
 //   3. the gradient from the scratch rows (s and t re-read from L2), written once.
 // Memory traffic: reads 2*N*V*sizeof(scalar), writes N*V*sizeof(scalar) for the
 // gradient; nothing else of size N*V exists. At V = 32k in fp32, a row's s, t,
@@ -136,7 +137,8 @@ template <Divergence D, typename scalar_t>
 typename Io<scalar_t>::acc_t kd_row(
     const scalar_t* s, const scalar_t* t, int64_t V, int64_t target, scalar_t* g,
     typename Io<scalar_t>::acc_t gscale, const RowParams<typename Io<scalar_t>::acc_t>& p,
-    typename Io<scalar_t>::acc_t* es, typename Io<scalar_t>::acc_t* et) {
+    typename Io<scalar_t>::acc_t* es, typename Io<scalar_t>::acc_t* et, const scalar_t* next_s,
+    const scalar_t* next_t) {
   using IO = Io<scalar_t>;
   using acc_t = typename IO::acc_t;
   using Vec = Vectorized<acc_t>;
@@ -196,6 +198,12 @@ typename Io<scalar_t>::acc_t kd_row(
     const Vec vit(p.inv_t), vmx(mx), vmy(my), vms1(ms);
     Vec vzs(0), vzt(0), va(0), vz1(0);
     for_chunks<W>(V, [&](int64_t j, int64_t n) {
+      // Pass 2 is compute-bound: pull the next row into cache meanwhile, so that
+      // its pass 1 (the only DRAM-bound pass) overlaps with this row's exps.
+      if (next_s) {
+        __builtin_prefetch(next_s + j);
+        __builtin_prefetch(next_t + j);
+      }
       const Vec sv = IO::load(s + j, n);
       const Vec x = sv * vit - vmx;
       const Vec y = IO::load(t + j, n) * vit - vmy;
@@ -301,7 +309,9 @@ void kd_rows(const at::Tensor& student, const at::Tensor& teacher, const int64_t
         if (g_row) std::fill(g_row, g_row + V, scalar_t(0));
         continue;
       }
-      row_loss[r] = kd_row<D, scalar_t>(s + row_s[r], t + row_t[r], V, y, g_row, gscale, p, es, et);
+      const bool has_next = r + 1 < end;
+      row_loss[r] = kd_row<D, scalar_t>(s + row_s[r], t + row_t[r], V, y, g_row, gscale, p, es, et,
+                                        has_next ? s + row_s[r + 1] : nullptr, has_next ? t + row_t[r + 1] : nullptr);
     }
   });
 }
@@ -328,82 +338,111 @@ std::vector<int64_t> row_offsets(const at::Tensor& x) {
   return out;
 }
 
+// What every kd_loss variant shares: the checked hyperparameters, each row's
+// target code (-1: no CE, -2: ignored row, else the class) and the reduction.
+struct LossSetup {
+  Divergence div;
+  Reduction red;
+  std::vector<int64_t> target;  // empty without a target
+  double gscale;                // 1 / the reduction's denominator (0 when no row is valid)
+};
+
+LossSetup setup_loss(const char* op, const at::Tensor& student, const std::optional<at::Tensor>& target_in,
+                     double temperature, c10::string_view divergence, double beta, double alpha,
+                     c10::string_view reduction, int64_t ignore_index) {
+  LossSetup out{parse_divergence(divergence), parse_reduction(reduction), {}, 1.0};
+  TORCH_CHECK_VALUE(temperature > 0, op, ": temperature must be > 0, got ", temperature);
+  TORCH_CHECK_VALUE(beta >= 0 && beta <= 1, op, ": beta must be in [0, 1], got ", beta);
+  TORCH_CHECK_VALUE(alpha >= 0 && alpha <= 1, op, ": alpha must be in [0, 1], got ", alpha);
+  const int64_t V = student.size(-1);
+  const auto lead = student.sizes().slice(0, student.dim() - 1);
+  const int64_t N = c10::multiply_integers(lead);
+  const bool has_target = target_in.has_value() && target_in->defined();
+  TORCH_CHECK_VALUE(alpha == 1.0 || has_target, op, ": alpha < 1 needs a target");
+  int64_t n_valid = N;
+  if (has_target) {
+    const at::Tensor& tg = *target_in;
+    TORCH_CHECK_VALUE(tg.sizes() == lead, op, ": target ", tg.sizes(), " must have the student's leading shape ", lead);
+    TORCH_CHECK_TYPE(!at::isFloatingType(tg.scalar_type()) && !at::isComplexType(tg.scalar_type()), op,
+                     ": target must be an integer tensor, got ", tg.scalar_type());
+    const at::Tensor tg64 = tg.to(at::kLong).contiguous();
+    const int64_t* tp = tg64.const_data_ptr<int64_t>();
+    out.target.resize(N);
+    n_valid = 0;
+    for (int64_t r = 0; r < N; ++r) {
+      if (tp[r] == ignore_index) {
+        out.target[r] = -2;
+        continue;
+      }
+      TORCH_CHECK_VALUE(tp[r] >= 0 && tp[r] < V, op, ": target[", r, "] = ", tp[r], " is outside [0, ", V,
+                        ") and is not ignore_index (", ignore_index, ")");
+      out.target[r] = alpha < 1.0 ? tp[r] : -1;
+      ++n_valid;
+    }
+  }
+  // Denominators, as documented in pycompress/functional.py.
+  double denom = 1.0;
+  if (out.red == Reduction::Mean) denom = static_cast<double>(n_valid);
+  if (out.red == Reduction::BatchMean) {
+    const double rows_per_entry = student.size(0) > 0 ? static_cast<double>(N) / student.size(0) : 1.0;
+    denom = n_valid / rows_per_entry;
+  }
+  out.gscale = denom > 0 ? 1.0 / denom : 0.0;  // an all-ignored batch has loss 0, gradient 0
+  return out;
+}
+
+template <typename acc_t>
+RowParams<acc_t> row_params(const LossSetup& ls, double temperature, double beta, double alpha, bool t2_scale) {
+  const bool mse = ls.div == Divergence::MSELogits;
+  const double T = mse ? 1.0 : temperature;  // logit regression has no temperature
+  RowParams<acc_t> p;
+  p.inv_t = static_cast<acc_t>(1.0 / T);
+  p.soft_coef = static_cast<acc_t>(alpha * ((t2_scale && !mse) ? T * T : 1.0));
+  p.hard_coef = static_cast<acc_t>(1.0 - alpha);
+  p.beta = static_cast<acc_t>(beta);
+  p.need_ce = alpha < 1.0;
+  p.t_is_one = T == 1.0;
+  return p;
+}
+
+// Reduces row losses (summed in fp64, in row order: independent of the thread count).
+at::Tensor reduce_rows(const std::vector<double>& row_loss, const LossSetup& ls, const at::Tensor& student) {
+  if (ls.red == Reduction::None) {
+    at::Tensor loss = at::empty({static_cast<int64_t>(row_loss.size())}, at::kDouble);
+    std::copy(row_loss.begin(), row_loss.end(), loss.data_ptr<double>());
+    return loss.to(student.scalar_type()).reshape(student.sizes().slice(0, student.dim() - 1));
+  }
+  double total = 0;
+  for (double v : row_loss) total += v;
+  return at::scalar_tensor(total * ls.gscale, student.options());
+}
+
 std::tuple<at::Tensor, at::Tensor> kd_loss_cpu(const at::Tensor& student_in, const at::Tensor& teacher_in,
                                                const std::optional<at::Tensor>& target_in, double temperature,
                                                c10::string_view divergence, double beta, double alpha, bool t2_scale,
                                                c10::string_view reduction, int64_t ignore_index, bool compute_grad) {
-  const Divergence D = parse_divergence(divergence);
-  const Reduction R = parse_reduction(reduction);
-  TORCH_CHECK_VALUE(student_in.dim() >= 1, "pycompress::kd_loss: student must have at least 1 dim, got 0");
-  TORCH_CHECK_VALUE(student_in.sizes() == teacher_in.sizes(), "pycompress::kd_loss: student ", student_in.sizes(),
-                    " and teacher ", teacher_in.sizes(), " must have the same shape");
-  TORCH_CHECK_TYPE(student_in.scalar_type() == teacher_in.scalar_type(), "pycompress::kd_loss: student (",
+  constexpr const char* op = "pycompress::kd_loss";
+  TORCH_CHECK_VALUE(student_in.dim() >= 1 && student_in.size(-1) >= 1, op,
+                    ": student must be (..., V) with V >= 1, got ", student_in.sizes());
+  TORCH_CHECK_VALUE(student_in.sizes() == teacher_in.sizes(), op, ": student ", student_in.sizes(), " and teacher ",
+                    teacher_in.sizes(), " must have the same shape");
+  TORCH_CHECK_TYPE(student_in.scalar_type() == teacher_in.scalar_type(), op, ": student (",
                    student_in.scalar_type(), ") and teacher (", teacher_in.scalar_type(), ") must share a dtype");
-  TORCH_CHECK_VALUE(temperature > 0, "pycompress::kd_loss: temperature must be > 0, got ", temperature);
-  TORCH_CHECK_VALUE(beta >= 0 && beta <= 1, "pycompress::kd_loss: beta must be in [0, 1], got ", beta);
-  TORCH_CHECK_VALUE(alpha >= 0 && alpha <= 1, "pycompress::kd_loss: alpha must be in [0, 1], got ", alpha);
-  const int64_t V = student_in.size(-1);
-  TORCH_CHECK_VALUE(V >= 1, "pycompress::kd_loss: the class dim must be non-empty");
+  const LossSetup ls = setup_loss(op, student_in, target_in, temperature, divergence, beta, alpha, reduction,
+                                  ignore_index);
   // Rows are addressed through offsets; only the class dim must be contiguous.
   const at::Tensor student = student_in.stride(-1) == 1 ? student_in : student_in.contiguous();
   const at::Tensor teacher = teacher_in.stride(-1) == 1 ? teacher_in : teacher_in.contiguous();
   const std::vector<int64_t> row_s = row_offsets(student), row_t = row_offsets(teacher);
-  const int64_t N = static_cast<int64_t>(row_s.size());
-
-  // Targets: -1 = no CE for this row, -2 = ignored row, else the class.
-  const bool has_target = target_in.has_value() && target_in->defined();
-  TORCH_CHECK_VALUE(alpha == 1.0 || has_target, "pycompress::kd_loss: alpha < 1 needs a target");
-  std::vector<int64_t> target;
-  int64_t n_valid = N;
-  if (has_target) {
-    const at::Tensor& tg = *target_in;
-    TORCH_CHECK_VALUE(tg.sizes() == student.sizes().slice(0, student.dim() - 1), "pycompress::kd_loss: target ",
-                      tg.sizes(), " must have the student's leading shape ", student.sizes().slice(0, student.dim() - 1));
-    TORCH_CHECK_TYPE(!at::isFloatingType(tg.scalar_type()) && !at::isComplexType(tg.scalar_type()),
-                     "pycompress::kd_loss: target must be an integer tensor, got ", tg.scalar_type());
-    const at::Tensor tg64 = tg.to(at::kLong).contiguous();
-    const int64_t* tp = tg64.const_data_ptr<int64_t>();
-    target.resize(N);
-    n_valid = 0;
-    const bool use_ce = alpha < 1.0;
-    for (int64_t r = 0; r < N; ++r) {
-      if (tp[r] == ignore_index) {
-        target[r] = -2;
-        continue;
-      }
-      TORCH_CHECK_VALUE(tp[r] >= 0 && tp[r] < V, "pycompress::kd_loss: target[", r, "] = ", tp[r],
-                        " is outside [0, ", V, ") and is not ignore_index (", ignore_index, ")");
-      target[r] = use_ce ? tp[r] : -1;
-      ++n_valid;
-    }
-  }
-  // Denominators (see pycompress/functional.py for the documented contract).
-  double denom = 1.0;
-  if (R == Reduction::Mean) denom = static_cast<double>(n_valid);
-  if (R == Reduction::BatchMean) {
-    const double rows_per_entry = student.size(0) > 0 ? static_cast<double>(N) / student.size(0) : 1.0;
-    denom = n_valid / rows_per_entry;
-  }
-  const double gscale = denom > 0 ? 1.0 / denom : 0.0;  // an all-ignored batch has loss 0, gradient 0
-
-  at::Tensor grad;
-  if (compute_grad) grad = empty_hugepage(student.sizes(), student.options());
-  std::vector<double> row_loss(N);
-  const double scale = (t2_scale && D != Divergence::MSELogits) ? temperature * temperature : 1.0;
-  const double T = D == Divergence::MSELogits ? 1.0 : temperature;
+  at::Tensor grad = compute_grad ? empty_hugepage(student.sizes(), student.options()) : at::Tensor();
+  std::vector<double> row_loss(row_s.size());
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, student.scalar_type(), "kd_loss_cpu", [&] {
     using acc_t = typename Io<scalar_t>::acc_t;
-    RowParams<acc_t> p;
-    p.inv_t = static_cast<acc_t>(1.0 / T);
-    p.soft_coef = static_cast<acc_t>(alpha * scale);
-    p.hard_coef = static_cast<acc_t>(1.0 - alpha);
-    p.beta = static_cast<acc_t>(beta);
-    p.need_ce = alpha < 1.0;
-    p.t_is_one = T == 1.0;
-    const int64_t* tp = has_target ? target.data() : nullptr;
-    const auto gs = static_cast<acc_t>(gscale);
-    switch (D) {
+    const auto p = row_params<acc_t>(ls, temperature, beta, alpha, t2_scale);
+    const int64_t* tp = ls.target.empty() ? nullptr : ls.target.data();
+    const auto gs = static_cast<acc_t>(ls.gscale);
+    switch (ls.div) {
       case Divergence::ForwardKL:
         kd_rows<Divergence::ForwardKL, scalar_t>(student, teacher, row_s.data(), row_t.data(), tp, grad, gs, p, row_loss);
         break;
@@ -418,25 +457,245 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_cpu(const at::Tensor& student_in, con
         break;
     }
   });
+  return {reduce_rows(row_loss, ls, student), compute_grad ? grad : at::empty({0}, student.options())};
+}
 
-  at::Tensor loss;
-  if (R == Reduction::None) {
-    loss = at::from_blob(row_loss.data(), {N}, at::kDouble)
-               .to(student.scalar_type())
-               .reshape(student.sizes().slice(0, student.dim() - 1));
-  } else {
-    double total = 0;  // fixed order: independent of the thread count
-    for (double v : row_loss) total += v;
-    loss = at::scalar_tensor(total * gscale, student.options());
+// ---------------------------------------------------------------------------------------------
+// Sparse (top-k) teacher. The teacher row is k (value, index) pairs; the divergence is taken
+// between bucket distributions (b = each top-k class, plus the tail in "bucket" mode):
+//   bucket  values are teacher log-probabilities at T = 1; the remaining mass 1 - sum exp(v)
+//           forms one tail bucket. Teacher buckets are tempered as k + 1 classes (the tail
+//           as one class), softmax(u / T) with u = (v, log tail). The student's buckets are
+//           its full tempered softmax Q, summed over the tail classes.
+//   drop    the tail is discarded: both distributions are renormalised over the k classes
+//           (values may then be logits or log-probabilities alike).
+// With k = V both equal the dense loss. Gradient: dD/dx_j = q_j h_b(j) for the bucket b(j) of
+// class j, with h_b the same per-bucket factors as the dense formulas (e.g. 1 - P_b / Q_b for
+// forward KL); in drop mode classes outside the top-k get none. mse_logits regresses the k
+// given logits only. Cost: the dense kernel's passes over the student row, plus O(k).
+enum class Tail { Bucket, Drop };
+
+template <typename acc_t>
+struct Buckets {  // per-thread scratch of size k + 1
+  std::vector<acc_t> lq, lp, h;
+};
+
+template <typename scalar_t>
+typename Io<scalar_t>::acc_t kd_topk_row(
+    const scalar_t* s, int64_t V, const typename Io<scalar_t>::acc_t* tv, const int64_t* ti, int64_t k, Tail tail,
+    Divergence D, int64_t target, scalar_t* g, typename Io<scalar_t>::acc_t gscale,
+    const RowParams<typename Io<scalar_t>::acc_t>& p, typename Io<scalar_t>::acc_t* es,
+    typename Io<scalar_t>::acc_t* mark, Buckets<typename Io<scalar_t>::acc_t>& bk, int64_t row) {
+  using IO = Io<scalar_t>;
+  using acc_t = typename IO::acc_t;
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t W = Vec::size();
+  constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+  auto hsum = [](const Vec& v) { return at::vec::vec_reduce_all<acc_t>([](Vec a, Vec b) { return a + b; }, v); };
+  const bool need_ce = p.need_ce && target >= 0;
+  // With k = V there is no tail class: the bucket reading reduces to the k classes.
+  const bool bucket = tail == Tail::Bucket && D != Divergence::MSELogits && k < V;
+
+  for (int64_t i = 0; i < k; ++i) {
+    const int64_t c = ti[i];
+    TORCH_CHECK_VALUE(c >= 0 && c < V, "pycompress::kd_loss_topk: teacher index ", c, " in row ", row,
+                      " is outside [0, ", V, ")");
+    TORCH_CHECK_VALUE(mark[c] == 0, "pycompress::kd_loss_topk: teacher index ", c, " appears twice in row ", row);
+    mark[c] = 1;
   }
-  if (!compute_grad) grad = at::empty({0}, student.options());
-  return {loss, grad};
+  // Passes over the student row: max, then exps (stored) with their total and tail sums.
+  acc_t ms = kNegInf, zs = 0, ztail = 0, z1 = 0;
+  const bool full_pass = bucket || need_ce;
+  if (full_pass) {
+    Vec vm(kNegInf);
+    for_chunks<W>(V, [&](int64_t j, int64_t n) { vm = at::vec::maximum(vm, keep(IO::load(s + j, n), n, kNegInf)); });
+    ms = at::vec::vec_reduce_all<acc_t>([](Vec a, Vec b) { return at::vec::maximum(a, b); }, vm);
+    const Vec vit(p.inv_t), vmx(ms * p.inv_t), vms(ms), one(1);
+    Vec vz(0), vt(0), v1(0);
+    for_chunks<W>(V, [&](int64_t j, int64_t n) {
+      const Vec sv = IO::load(s + j, n);
+      const Vec e = keep(fast_exp(sv * vit - vmx), n, acc_t(0));
+      e.store(es + j);
+      vz += e;
+      vt += e * (one - Vec::loadu(mark + j));
+      if (need_ce && !p.t_is_one) v1 += keep(fast_exp(sv - vms), n, acc_t(0));
+    });
+    zs = hsum(vz);
+    ztail = hsum(vt);
+    z1 = p.t_is_one ? zs : hsum(v1);
+  }
+  const acc_t lzs = std::log(zs), mx = ms * p.inv_t;
+
+  // Bucket log-probabilities: lq (student), lp (teacher); K = k (+ 1 tail bucket).
+  const int64_t K = bucket ? k + 1 : k;
+  auto& lq = bk.lq;
+  auto& lp = bk.lp;
+  auto& h = bk.h;
+  acc_t div = 0;
+  if (D == Divergence::MSELogits) {
+    for (int64_t i = 0; i < k; ++i) {
+      const acc_t d = static_cast<acc_t>(s[ti[i]]) - tv[i];
+      div += acc_t(0.5) * d * d;
+      h[i] = d;
+    }
+  } else {
+    acc_t tmax = kNegInf;
+    acc_t tmass = 0;
+    for (int64_t i = 0; i < k; ++i) {
+      lp[i] = tv[i] * p.inv_t;
+      tmax = std::max(tmax, lp[i]);
+      if (bucket) tmass += std::exp(tv[i]);
+    }
+    if (bucket) {
+      TORCH_CHECK_VALUE(tmass <= acc_t(1.001), "pycompress::kd_loss_topk: with tail='bucket' the teacher values "
+                        "must be log-probabilities (log_softmax at T = 1), but row ", row, " sums to ", tmass, " > 1");
+      lp[k] = std::log(std::max(acc_t(1) - tmass, acc_t(0))) * p.inv_t;
+      tmax = std::max(tmax, lp[k]);
+    }
+    acc_t tz = 0;
+    for (int64_t b = 0; b < K; ++b) tz += std::exp(lp[b] - tmax);
+    const acc_t tlse = tmax + std::log(tz);
+    for (int64_t b = 0; b < K; ++b) lp[b] -= tlse;
+    if (bucket) {
+      for (int64_t i = 0; i < k; ++i) lq[i] = static_cast<acc_t>(s[ti[i]]) * p.inv_t - mx - lzs;
+      lq[k] = std::log(ztail) - lzs;
+    } else {  // drop: the student renormalised over the top-k classes
+      acc_t qmax = kNegInf, qz = 0;
+      for (int64_t i = 0; i < k; ++i) qmax = std::max(qmax, lq[i] = static_cast<acc_t>(s[ti[i]]) * p.inv_t);
+      for (int64_t i = 0; i < k; ++i) qz += std::exp(lq[i] - qmax);
+      const acc_t qlse = qmax + std::log(qz);
+      for (int64_t i = 0; i < k; ++i) lq[i] -= qlse;
+    }
+    // h_b: d(divergence)/d(x_j) = q_j * h_b(j) for reverse KL and JSD. Forward KL's
+    // h_b = 1 - P_b/Q_b is applied as q_j - P_b q_j/Q_b below, so no P/Q can overflow.
+    acc_t kl_qm = 0;
+    for (int64_t b = 0; b < K; ++b) {
+      const acc_t P = std::exp(lp[b]), Q = std::exp(lq[b]);
+      if (D == Divergence::ForwardKL) {
+        if (P > 0) div += P * (lp[b] - lq[b]);
+      } else if (D == Divergence::ReverseKL) {
+        if (Q > 0) div += Q * (lq[b] - lp[b]);
+      } else {
+        const acc_t M = p.beta * P + (acc_t(1) - p.beta) * Q;
+        const acc_t lm = std::log(M);
+        if (P > 0) div += p.beta * P * (lp[b] - lm);
+        const acc_t tq = Q > 0 ? Q * (lq[b] - lm) : acc_t(0);
+        div += (acc_t(1) - p.beta) * tq;
+        kl_qm += tq;
+        h[b] = Q > 0 ? lq[b] - lm : acc_t(0);
+      }
+    }
+    for (int64_t b = 0; b < K; ++b) {
+      if (D == Divergence::ReverseKL) h[b] = lq[b] - lp[b] - div;
+      if (D == Divergence::JSD) h[b] = (acc_t(1) - p.beta) * (h[b] - kl_qm);
+    }
+  }
+  const acc_t ce = need_ce ? (p.t_is_one ? mx + lzs : ms + std::log(z1)) - static_cast<acc_t>(s[target]) : acc_t(0);
+  const acc_t loss = p.soft_coef * div + (need_ce ? p.hard_coef * ce : acc_t(0));
+
+  if (g) {
+    // Every class: its tail-bucket term (bucket mode) and the CE term; then the top-k classes.
+    const acc_t gsoft = p.soft_coef * (D == Divergence::MSELogits ? acc_t(1) : p.inv_t) * gscale;
+    const acc_t izs = acc_t(1) / zs, iz1 = acc_t(1) / z1;
+    // Tail classes: q_j h_tail; forward KL's h_tail = 1 - P/Q is taken as (1 - P/Q) on the
+    // tail's total, i.e. q_j - P_tail * e_j / ztail.
+    acc_t c_tail = 0;
+    if (bucket) {
+      c_tail = D == Divergence::ForwardKL ? izs - std::exp(lp[k]) / ztail : izs * h[k];
+      if (!(ztail > 0)) c_tail = 0;  // no tail class exists (k = V) or all underflowed
+    }
+    const Vec vct(gsoft * c_tail), vgh(p.hard_coef * gscale), vizs(izs), viz1(iz1), vms(ms);
+    for_chunks<W>(V, [&](int64_t j, int64_t n) {
+      Vec gv(0);
+      if (bucket) gv = vct * Vec::loadu(es + j);
+      if (need_ce) gv += vgh * (p.t_is_one ? Vec::loadu(es + j) * vizs : fast_exp(IO::load(s + j, n) - vms) * viz1);
+      IO::store(g + j, gv, n);
+    });
+    for (int64_t i = 0; i < k; ++i) {
+      const int64_t c = ti[i];
+      acc_t soft;
+      if (D == Divergence::MSELogits) {
+        soft = h[i];
+      } else {
+        const acc_t q = std::exp(lq[i]);  // bucket mode: q_c; drop mode: renormalised q_c
+        soft = D == Divergence::ForwardKL ? q - std::exp(lp[i]) : q * h[i];
+      }
+      acc_t gc = gsoft * soft;
+      if (need_ce) gc += p.hard_coef * gscale * (p.t_is_one ? es[c] * izs : std::exp(static_cast<acc_t>(s[c]) - ms) * iz1);
+      g[c] = static_cast<scalar_t>(gc);
+    }
+    if (need_ce) g[target] = static_cast<scalar_t>(static_cast<acc_t>(g[target]) - p.hard_coef * gscale);
+  }
+  for (int64_t i = 0; i < k; ++i) mark[ti[i]] = 0;
+  return loss;
+}
+
+std::tuple<at::Tensor, at::Tensor> kd_loss_topk_cpu(
+    const at::Tensor& student_in, const at::Tensor& values_in, const at::Tensor& indices_in,
+    const std::optional<at::Tensor>& target_in, double temperature, c10::string_view divergence, double beta,
+    double alpha, bool t2_scale, c10::string_view reduction, int64_t ignore_index, c10::string_view tail_name,
+    bool compute_grad) {
+  constexpr const char* op = "pycompress::kd_loss_topk";
+  TORCH_CHECK_VALUE(student_in.dim() >= 1 && student_in.size(-1) >= 1, op,
+                    ": student must be (..., V) with V >= 1, got ", student_in.sizes());
+  const auto lead = student_in.sizes().slice(0, student_in.dim() - 1);
+  TORCH_CHECK_VALUE(values_in.dim() == student_in.dim() && values_in.sizes().slice(0, values_in.dim() - 1) == lead,
+                    op, ": teacher values ", values_in.sizes(), " must be (", lead, ", k)");
+  TORCH_CHECK_VALUE(indices_in.sizes() == values_in.sizes(), op, ": teacher indices ", indices_in.sizes(),
+                    " must match the values ", values_in.sizes());
+  const int64_t V = student_in.size(-1), k = values_in.size(-1);
+  TORCH_CHECK_VALUE(k >= 1 && k <= V, op, ": k = ", k, " must be in [1, V = ", V, "]");
+  TORCH_CHECK_TYPE(at::isFloatingType(values_in.scalar_type()), op, ": teacher values must be floating point, got ",
+                   values_in.scalar_type());
+  TORCH_CHECK_TYPE(indices_in.scalar_type() == at::kLong, op, ": teacher indices must be int64, got ",
+                   indices_in.scalar_type());
+  TORCH_CHECK_VALUE(tail_name == "bucket" || tail_name == "drop", op, ": tail must be 'bucket' or 'drop', got '",
+                    tail_name, "'");
+  const Tail tail = tail_name == "bucket" ? Tail::Bucket : Tail::Drop;
+  const LossSetup ls = setup_loss(op, student_in, target_in, temperature, divergence, beta, alpha, reduction,
+                                  ignore_index);
+  const at::Tensor student = student_in.stride(-1) == 1 ? student_in : student_in.contiguous();
+  const std::vector<int64_t> row_s = row_offsets(student);
+  const int64_t N = static_cast<int64_t>(row_s.size());
+  const at::Tensor indices = indices_in.reshape({N, k}).contiguous();
+  at::Tensor grad = compute_grad ? empty_hugepage(student.sizes(), student.options()) : at::Tensor();
+  std::vector<double> row_loss(N);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, student.scalar_type(), "kd_loss_topk_cpu", [&] {
+    using acc_t = typename Io<scalar_t>::acc_t;
+    constexpr int64_t W = Vectorized<acc_t>::size();
+    const auto p = row_params<acc_t>(ls, temperature, beta, alpha, t2_scale);
+    const at::Tensor values = values_in.reshape({N, k}).to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+    const acc_t* tv = values.const_data_ptr<acc_t>();
+    const int64_t* ti = indices.const_data_ptr<int64_t>();
+    const scalar_t* s = student.const_data_ptr<scalar_t>();
+    scalar_t* g = compute_grad ? grad.data_ptr<scalar_t>() : nullptr;
+    const auto gs = static_cast<acc_t>(ls.gscale);
+    const int64_t Vpad = (V + W - 1) / W * W;
+    at::parallel_for(0, N, std::max<int64_t>(1, 16384 / V), [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> es(Vpad), mark(Vpad, acc_t(0));
+      Buckets<acc_t> bk{std::vector<acc_t>(k + 1), std::vector<acc_t>(k + 1), std::vector<acc_t>(k + 1)};
+      for (int64_t r = begin; r < end; ++r) {
+        scalar_t* g_row = g ? g + r * V : nullptr;
+        const int64_t y = ls.target.empty() ? -1 : ls.target[r];
+        if (y == -2) {
+          row_loss[r] = 0;
+          if (g_row) std::fill(g_row, g_row + V, scalar_t(0));
+          continue;
+        }
+        row_loss[r] = kd_topk_row<scalar_t>(s + row_s[r], V, tv + r * k, ti + r * k, k, tail, ls.div, y, g_row, gs, p,
+                                            es.data(), mark.data(), bk, r);
+      }
+    });
+  });
+  return {reduce_rows(row_loss, ls, student), compute_grad ? grad : at::empty({0}, student.options())};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pycompress, CPU, m) {
   m.impl("kd_loss", &kd_loss_cpu);
+  m.impl("kd_loss_topk", &kd_loss_topk_cpu);
 }
 
 }  // namespace pycompress

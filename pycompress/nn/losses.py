@@ -5,7 +5,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from pycompress.functional import check_kd_hyperparameters, kd_loss
+from pycompress.functional import TOPK_TAILS, check_kd_hyperparameters, fused_linear_kd_loss, kd_loss
 
 
 class KDLoss(nn.Module):
@@ -30,10 +30,12 @@ class KDLoss(nn.Module):
         t2_scale (bool): scale the soft term by T^2.
         teacher_noise (float): Sau et al.'s multiplicative teacher noise sigma.
         generator (torch.Generator, optional): source of that noise.
+        topk_tail (str): ``bucket`` | ``drop``: how a sparse ``(values, indices)``
+            teacher's missing mass is read (see :func:`pycompress.kd_loss`).
 
     Shape:
         - student_logits: (N, V) or (B, L, V)
-        - teacher_logits: same as student_logits
+        - teacher_logits: same as student_logits, or a pair of (..., k) values and int64 indices
         - target: student_logits.shape[:-1], integer
         - output: scalar, or student_logits.shape[:-1] with ``reduction="none"``
 
@@ -44,9 +46,12 @@ class KDLoss(nn.Module):
 
     def __init__(self, temperature: float = 1.0, alpha: float = 1.0, divergence: str = "forward_kl",
                  beta: float = 0.5, reduction: str = "batchmean", ignore_index: int = -100, t2_scale: bool = True,
-                 teacher_noise: float = 0.0, generator: Optional[torch.Generator] = None):
+                 teacher_noise: float = 0.0, generator: Optional[torch.Generator] = None, topk_tail: str = "bucket"):
         super().__init__()
         check_kd_hyperparameters(temperature, alpha, divergence, beta, reduction, teacher_noise)
+        if topk_tail not in TOPK_TAILS:
+            raise ValueError(f"topk_tail must be one of {', '.join(TOPK_TAILS)}, got {topk_tail!r}")
+        self.topk_tail = topk_tail
         self.temperature = float(temperature)
         self.alpha = float(alpha)
         self.divergence = divergence
@@ -57,12 +62,12 @@ class KDLoss(nn.Module):
         self.teacher_noise = float(teacher_noise)
         self.generator = generator
 
-    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+    def forward(self, student_logits: torch.Tensor, teacher_logits,
                 target: Optional[torch.Tensor] = None) -> torch.Tensor:
         return kd_loss(student_logits, teacher_logits, target, temperature=self.temperature, alpha=self.alpha,
                        divergence=self.divergence, beta=self.beta, reduction=self.reduction,
                        ignore_index=self.ignore_index, t2_scale=self.t2_scale, teacher_noise=self.teacher_noise,
-                       generator=self.generator)
+                       generator=self.generator, topk_tail=self.topk_tail)
 
     def extra_repr(self) -> str:
         parts = [f"temperature={self.temperature}", f"alpha={self.alpha}", f"divergence={self.divergence!r}"]
@@ -71,4 +76,70 @@ class KDLoss(nn.Module):
         parts += [f"reduction={self.reduction!r}", f"ignore_index={self.ignore_index}", f"t2_scale={self.t2_scale}"]
         if self.teacher_noise:
             parts.append(f"teacher_noise={self.teacher_noise}")
+        return ", ".join(parts)
+
+
+class FusedLinearKDLoss(nn.Module):
+    r"""KD loss on the output projection, without materialising the N x V logits.
+
+    Computes the same loss as :class:`KDLoss` on ``student_hidden @ student_weight.T
+    (+ bias)`` against the teacher's logits, chunk by chunk: peak extra memory is
+    O(chunk_size x V), never O(N x V), which is what makes distilling an LLM's 128k
+    vocabulary over thousands of tokens fit. Gradients for the hidden states, the
+    weight and the bias are produced in the forward pass; backward only scales them.
+
+    Args:
+        temperature, alpha, divergence, beta, ignore_index, t2_scale, topk_tail: as in
+            :class:`KDLoss`.
+        reduction (str): ``sum`` | ``mean`` | ``batchmean``.
+        chunk_size (int, optional): rows per chunk; by default about 128 MiB of chunk
+            buffers.
+
+    Shape:
+        - student_hidden: (N, H) or (B, L, H)
+        - student_weight: (V, H); student_bias: (V,)
+        - teacher_hidden: rows as student_hidden, (..., H_t); teacher_weight: (V, H_t)
+        - or teacher_logits: (..., V), or a top-k pair of (..., k) values and indices
+        - target: student_hidden.shape[:-1]
+        - output: scalar
+
+    Example:
+        >>> loss_fn = FusedLinearKDLoss(temperature=2.0, alpha=0.5, reduction="mean")
+        >>> loss = loss_fn(h_s, lm_head_s.weight, h_t, lm_head_t.weight, target=labels)
+    """
+
+    def __init__(self, temperature: float = 1.0, alpha: float = 1.0, divergence: str = "forward_kl",
+                 beta: float = 0.5, reduction: str = "batchmean", ignore_index: int = -100, t2_scale: bool = True,
+                 chunk_size: Optional[int] = None, topk_tail: str = "bucket"):
+        super().__init__()
+        check_kd_hyperparameters(temperature, alpha, divergence, beta, reduction)
+        if reduction == "none":
+            raise ValueError("reduction='none' is not supported by FusedLinearKDLoss; use sum, mean or batchmean")
+        if topk_tail not in TOPK_TAILS:
+            raise ValueError(f"topk_tail must be one of {', '.join(TOPK_TAILS)}, got {topk_tail!r}")
+        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+                                       or chunk_size < 1):
+            raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
+        self.temperature, self.alpha, self.divergence, self.beta = float(temperature), float(alpha), divergence, \
+            float(beta)
+        self.reduction, self.ignore_index, self.t2_scale = reduction, int(ignore_index), bool(t2_scale)
+        self.chunk_size, self.topk_tail = chunk_size, topk_tail
+
+    def forward(self, student_hidden: torch.Tensor, student_weight: torch.Tensor,
+                teacher_hidden: Optional[torch.Tensor] = None, teacher_weight: Optional[torch.Tensor] = None,
+                target: Optional[torch.Tensor] = None, *, student_bias: Optional[torch.Tensor] = None,
+                teacher_bias: Optional[torch.Tensor] = None, teacher_logits=None) -> torch.Tensor:
+        return fused_linear_kd_loss(
+            student_hidden, student_weight, teacher_hidden, teacher_weight, target, student_bias=student_bias,
+            teacher_bias=teacher_bias, teacher_logits=teacher_logits, temperature=self.temperature,
+            alpha=self.alpha, divergence=self.divergence, beta=self.beta, reduction=self.reduction,
+            ignore_index=self.ignore_index, t2_scale=self.t2_scale, topk_tail=self.topk_tail,
+            chunk_size=self.chunk_size)
+
+    def extra_repr(self) -> str:
+        parts = [f"temperature={self.temperature}", f"alpha={self.alpha}", f"divergence={self.divergence!r}"]
+        if self.divergence == "jsd":
+            parts.append(f"beta={self.beta}")
+        parts += [f"reduction={self.reduction!r}", f"ignore_index={self.ignore_index}", f"t2_scale={self.t2_scale}",
+                  f"chunk_size={self.chunk_size or 'auto'}"]
         return ", ".join(parts)

@@ -31,27 +31,65 @@ def _kd_loss_fake(student, teacher, target, temperature, divergence, beta, alpha
     return loss, grad
 
 
-def _setup_context(ctx, inputs, output):
-    ctx.reduction = inputs[8]
-    ctx.save_for_backward(output[1])
+def _is_concrete_one(x):
+    """True when x is a real tensor equal to 1. Traced values (dynamo, fake or
+    functorch-wrapped tensors) cannot be inspected, so they report False."""
+    if torch.compiler.is_compiling() or type(x) is not torch.Tensor:
+        return False
+    if torch._C._functorch.is_functorch_wrapped_tensor(x):
+        return False
+    return bool(x == 1)
 
 
-def _backward(ctx, grad_loss, _grad_of_grad_output):
-    (grad,) = ctx.saved_tensors
-    if grad.numel() == 0 and grad_loss.numel() != 0:
-        raise RuntimeError("pycompress::kd_loss was called with compute_grad=False; call it with "
-                           "compute_grad=True to differentiate it (pycompress.kd_loss does this)")
-    if ctx.reduction == "none":
-        grad_student = grad * grad_loss.unsqueeze(-1)
-    elif not torch.compiler.is_compiling() and bool(grad_loss == 1):
-        grad_student = grad  # loss.backward(): the forward's buffer is the gradient, no copy
-    else:
-        grad_student = grad * grad_loss
-    # The teacher never receives a gradient; nor do the non-tensor arguments.
-    return (grad_student,) + (None,) * 10
+def _register_autograd(op: str, reduction_arg: int, n_args: int):
+    """Autograd for a fused loss op returning (loss, d(loss)/d(arg 0)): backward scales the
+    saved gradient by the incoming one. No other argument receives a gradient."""
+
+    def setup_context(ctx, inputs, output):
+        ctx.reduction = inputs[reduction_arg]
+        ctx.save_for_backward(output[1])
+        # The gradient output is a by-product, not a differentiable result. Without
+        # these two lines autograd would materialise an N x V zero tensor as its
+        # incoming gradient on every backward.
+        ctx.mark_non_differentiable(output[1])
+        ctx.set_materialize_grads(False)
+
+    def backward(ctx, grad_loss, _grad_of_grad_output):
+        (grad,) = ctx.saved_tensors
+        if grad_loss is None:  # the loss was not used (grads are not materialised)
+            return (None,) * n_args
+        if grad.numel() == 0 and grad_loss.numel() != 0:
+            raise RuntimeError(f"{op} was called with compute_grad=False; call it with compute_grad=True to "
+                               "differentiate it (pycompress.kd_loss does this)")
+        if ctx.reduction == "none":
+            grad_student = grad * grad_loss.unsqueeze(-1)
+        elif _is_concrete_one(grad_loss):
+            grad_student = grad  # loss.backward(): the forward's buffer is the gradient, no copy
+        else:
+            grad_student = grad * grad_loss
+        return (grad_student,) + (None,) * (n_args - 1)
+
+    torch.library.register_autograd(op, backward, setup_context=setup_context)
 
 
-torch.library.register_autograd(_OP, _backward, setup_context=_setup_context)
+_register_autograd(_OP, reduction_arg=8, n_args=11)
+
+
+@torch.library.register_fake("pycompress::kd_loss_topk")
+def _kd_loss_topk_fake(student, teacher_values, teacher_indices, target, temperature, divergence, beta, alpha,
+                       t2_scale, reduction, ignore_index, tail, compute_grad):
+    torch._check(student.dim() >= 1, lambda: "pycompress::kd_loss_topk: student must have at least 1 dim")
+    torch._check(teacher_values.shape[:-1] == student.shape[:-1],
+                 lambda: f"pycompress::kd_loss_topk: teacher values {tuple(teacher_values.shape)} must be "
+                         f"({tuple(student.shape[:-1])}, k)")
+    torch._check(teacher_indices.shape == teacher_values.shape,
+                 lambda: "pycompress::kd_loss_topk: teacher indices must match the values' shape")
+    loss = student.new_empty(student.shape[:-1] if reduction == "none" else ())
+    grad = student.new_empty(student.shape) if compute_grad else student.new_empty(0)
+    return loss, grad
+
+
+_register_autograd("pycompress::kd_loss_topk", reduction_arg=9, n_args=13)
 
 
 @torch.library.register_kernel(_OP, "cuda")
@@ -61,3 +99,10 @@ def _kd_loss_cuda(*args):
 
     return kd_loss_triton(*args)
 
+
+
+@torch.library.register_kernel("pycompress::kd_loss_topk", "cuda")
+def _kd_loss_topk_cuda(*args):
+    from pycompress.kernels.kd_loss import kd_loss_topk_triton
+
+    return kd_loss_topk_triton(*args)

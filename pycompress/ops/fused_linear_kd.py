@@ -1,0 +1,165 @@
+"""``pycompress::fused_linear_kd_loss``: the KD loss of ``hidden @ weight.T`` logits, never materialised.
+
+Algorithm: the rows are processed in chunks of C. Per chunk,
+  1. student logits = h_c @ W_s.T (+ b_s), teacher logits likewise (or a slice of
+     the given dense or top-k teacher): BLAS on CPU, cuBLAS on GPU, into buffers
+     reused across chunks;
+  2. the fused KD op (``pycompress::kd_loss`` / ``kd_loss_topk``) returns the chunk's
+     summed loss and d(loss)/d(logits) in one pass over the logits;
+  3. grad_h[c] = g @ W_s, grad_W_s += g.T @ h_c, grad_b_s += sum(g): accumulated here,
+     in the forward, so backward only scales them (as the KD op does for logits).
+Memory: O(C x V) for three logits-sized chunk buffers plus the parameter-sized
+gradients, never O(N x V). C is picked so the chunk buffers stay near 128 MiB.
+Numerics: the chunk losses are summed in fp64 and divided once by the global
+denominator of the reduction (the same contract as ``kd_loss``); weight and bias
+gradients accumulate in fp32 (fp64 for fp64 inputs).
+"""
+
+from typing import List, Optional, Tuple
+
+import torch
+
+from pycompress.ops.kd_loss import _is_concrete_one  # also registers the per-chunk ops
+
+_OP = "pycompress::fused_linear_kd_loss"
+CHUNK_BUDGET_BYTES = 128 << 20
+
+
+def auto_chunk_size(n_rows: int, vocab: int, element_size: int) -> int:
+    """Rows per chunk such that three (chunk, V) buffers take about CHUNK_BUDGET_BYTES;
+    a multiple of 64 rows (GEMM-friendly) when the budget allows it."""
+    rows = max(1, CHUNK_BUDGET_BYTES // (3 * vocab * element_size))
+    if rows >= 64:
+        rows -= rows % 64
+    return max(1, min(n_rows, rows))
+
+
+def _denominator(reduction: str, target: Optional[torch.Tensor], ignore_index: int, n_rows: int,
+                 batch: int, device) -> torch.Tensor:
+    """The reduction's denominator over all rows (kd_loss's contract); 0 when no row is valid."""
+    if reduction == "sum":
+        return torch.ones((), dtype=torch.float64, device=device)
+    n_valid = (target != ignore_index).sum() if target is not None else torch.tensor(n_rows, device=device)
+    n_valid = n_valid.to(torch.float64)
+    if reduction == "batchmean" and n_rows:
+        return n_valid * (batch / n_rows)
+    return n_valid
+
+
+def fused_linear_kd(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
+                    teacher_logits, topk_values, topk_indices, target, temperature, divergence, beta, alpha, t2_scale,
+                    reduction, ignore_index, topk_tail, chunk_size, compute_grad, kd_impl=None, kd_topk_impl=None):
+    """The chunked computation; returns ``(loss, grad_hidden, grad_weight, grad_bias)``.
+
+    ``kd_impl`` / ``kd_topk_impl`` replace the per-chunk ops (tests run the Triton
+    kernel through here under the interpreter); by default they dispatch on device.
+    """
+    kd_impl = kd_impl or torch.ops.pycompress.kd_loss
+    kd_topk_impl = kd_topk_impl or torch.ops.pycompress.kd_loss_topk
+    batch = student_hidden.shape[0] if student_hidden.dim() > 1 else 1
+    h_s = student_hidden.reshape(-1, student_hidden.shape[-1])
+    N, V = h_s.shape[0], student_weight.shape[0]
+    h_t = teacher_hidden.reshape(-1, teacher_hidden.shape[-1]) if teacher_hidden is not None else None
+    t_dense = teacher_logits.reshape(-1, V) if teacher_logits is not None else None
+    tv = topk_values.reshape(N, -1) if topk_values is not None else None
+    ti = topk_indices.reshape(N, -1) if topk_indices is not None else None
+    y = target.reshape(-1) if target is not None else None
+    C = chunk_size if chunk_size > 0 else auto_chunk_size(N, V, h_s.element_size())
+
+    acc = torch.float64 if h_s.dtype == torch.float64 else torch.float32
+    grad_h = torch.empty_like(h_s) if compute_grad else h_s.new_empty(0)
+    grad_w = h_s.new_zeros(student_weight.shape, dtype=acc) if compute_grad else h_s.new_empty(0)
+    grad_b = h_s.new_zeros(V, dtype=acc) if (compute_grad and student_bias is not None) else h_s.new_empty(0)
+    s_buf = h_s.new_empty(min(C, N), V)
+    t_buf = h_s.new_empty(min(C, N), V) if h_t is not None else None
+    total = h_s.new_zeros((), dtype=torch.float64)
+    for start in range(0, N, C):
+        end = min(N, start + C)
+        logits = s_buf[: end - start]
+        torch.matmul(h_s[start:end], student_weight.t(), out=logits)
+        if student_bias is not None:
+            logits += student_bias
+        y_c = y[start:end] if y is not None else None
+        args = (temperature, divergence, beta, alpha, t2_scale, "sum", ignore_index)
+        if tv is not None:
+            loss_c, g = kd_topk_impl(logits, tv[start:end], ti[start:end], y_c, *args, topk_tail, compute_grad)
+        else:
+            if h_t is not None:
+                t_logits = t_buf[: end - start]
+                torch.matmul(h_t[start:end], teacher_weight.t(), out=t_logits)
+                if teacher_bias is not None:
+                    t_logits += teacher_bias
+            else:
+                t_logits = t_dense[start:end]
+            loss_c, g = kd_impl(logits, t_logits, y_c, *args, compute_grad)
+        total += loss_c.double()
+        if compute_grad:
+            torch.matmul(g, student_weight, out=grad_h[start:end])
+            grad_w.addmm_(g.t().to(acc), h_s[start:end].to(acc))
+            if student_bias is not None:
+                grad_b += g.sum(0, dtype=acc)
+    denom = _denominator(reduction, y, ignore_index, N, batch, h_s.device)
+    scale = torch.where(denom > 0, 1.0 / denom.clamp_min(1e-300), 0.0)
+    loss = (total * scale).to(h_s.dtype)
+    if compute_grad:
+        grad_h.mul_(scale.to(grad_h.dtype))
+        grad_h = grad_h.reshape(student_hidden.shape)
+        grad_w = grad_w.mul_(scale).to(student_weight.dtype)
+        if student_bias is not None:
+            grad_b = grad_b.mul_(scale).to(student_bias.dtype)
+    return loss, grad_h, grad_w, grad_b
+
+
+@torch.library.custom_op(_OP, mutates_args=(), device_types=("cpu", "cuda"))
+def fused_linear_kd_loss_op(
+        student_hidden: torch.Tensor, student_weight: torch.Tensor, student_bias: Optional[torch.Tensor],
+        teacher_hidden: Optional[torch.Tensor], teacher_weight: Optional[torch.Tensor],
+        teacher_bias: Optional[torch.Tensor], teacher_logits: Optional[torch.Tensor],
+        topk_values: Optional[torch.Tensor], topk_indices: Optional[torch.Tensor], target: Optional[torch.Tensor],
+        temperature: float, divergence: str, beta: float, alpha: float, t2_scale: bool, reduction: str,
+        ignore_index: int, topk_tail: str, chunk_size: int, compute_grad: bool,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (loss, grad_hidden, grad_weight, grad_bias); the gradients are empty unless compute_grad."""
+    return fused_linear_kd(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
+                           teacher_bias, teacher_logits, topk_values, topk_indices, target, temperature, divergence,
+                           beta, alpha, t2_scale, reduction, ignore_index, topk_tail, chunk_size, compute_grad)
+
+
+@fused_linear_kd_loss_op.register_fake
+def _fake(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, teacher_logits,
+          topk_values, topk_indices, target, temperature, divergence, beta, alpha, t2_scale, reduction, ignore_index,
+          topk_tail, chunk_size, compute_grad):
+    torch._check(student_hidden.shape[-1] == student_weight.shape[-1],
+                 lambda: "pycompress::fused_linear_kd_loss: student_hidden and student_weight disagree on H")
+    empty = student_hidden.new_empty(0)
+    loss = student_hidden.new_empty(())
+    if not compute_grad:
+        return loss, empty, empty, empty
+    grad_b = torch.empty_like(student_bias) if student_bias is not None else empty
+    return loss, torch.empty_like(student_hidden), torch.empty_like(student_weight), grad_b
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.has_bias = inputs[2] is not None
+    ctx.save_for_backward(*output[1:])
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, grad_loss, *_unused):
+    grads: List[Optional[torch.Tensor]] = [None] * 20
+    if grad_loss is None:
+        return tuple(grads)
+    grad_h, grad_w, grad_b = ctx.saved_tensors
+    if grad_h.numel() == 0:
+        raise RuntimeError("pycompress::fused_linear_kd_loss was called with compute_grad=False; use "
+                           "pycompress.FusedLinearKDLoss, which asks for gradients when they are needed")
+    one = _is_concrete_one(grad_loss)
+    grads[0] = grad_h if one else grad_h * grad_loss
+    grads[1] = grad_w if one else grad_w * grad_loss
+    if ctx.has_bias:
+        grads[2] = grad_b if one else grad_b * grad_loss
+    return tuple(grads)
+
+
+fused_linear_kd_loss_op.register_autograd(_backward, setup_context=_setup_context)
