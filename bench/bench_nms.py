@@ -13,28 +13,20 @@ Baselines:
 Boxes look like detector outputs: 1000 x 1000 image, sides uniform in [20, 300],
 20 classes, scores uniform. Every ratio is baseline time / our time, both medians
 of interleaved runs (A B A B ...) in one process; the results must agree exactly.
-Rows (op, shape, dtype, baseline, ratio, threads, machine, commit) are printed
-and appended to .benchmarks/nms_rows.csv.
+Rows (op, shape, dtype, baseline, ms, ratio, threads) are printed and written to
+bench/results/nms.jsonl with the machine and commit (bench/common.py).
 """
 
-import csv
 import os
-import statistics
-import subprocess
-import sys
 import tempfile
-import time
 
 import pytest
 import torch
 from torch.utils.cpp_extension import load_inline
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tests"))
-
-import pycompress  # noqa: E402
-from pycompress.ops import batched_nms, fm_nms, nms  # noqa: E402
-from test_nms import fm_nms_torch  # noqa: E402  (the baseline lives with the tests)
+from bench.common import interleaved_medians, write_rows
+from pycompress.ops import batched_nms, fm_nms, nms
+from tests.test_nms import fm_nms_torch  # the baseline lives with the tests
 
 _TEXTBOOK = r"""
 #include <torch/extension.h>
@@ -105,40 +97,9 @@ def detector_boxes(n, seed=0):
     return boxes, torch.rand(n, generator=g), torch.randint(0, 20, (n,), generator=g)
 
 
-def interleaved(fns, reps):
-    """Median time of each function, called in turn (A B A B ...) after one warm-up each."""
-    for f in fns:
-        f()
-    times = [[] for _ in fns]
-    for _ in range(reps):
-        for k, f in enumerate(fns):
-            t = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t)
-    return [statistics.median(t) for t in times]
-
-
-def _machine():
-    model = "cpu"
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{model}, {os.cpu_count()} cores, {pycompress._extension.cpu_vector_bits()}-bit vec"
-
-
-def _commit():
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def _row(op, shape, dtype, baseline, ratio, threads, extra=""):
-    ROWS.append(dict(op=op, shape=shape, dtype=dtype, baseline=baseline, ratio=round(ratio, 2), threads=threads,
-                     extra=extra, machine=_machine(), commit=_commit()))
+def _row(op, shape, baseline, ours, base, threads, detail=""):
+    ROWS.append(dict(op=op, shape=shape, dtype="float32", baseline=baseline, ms=round(ours * 1e3, 3),
+                     baseline_ms=round(base * 1e3, 3), ratio=round(base / ours, 2), threads=threads, detail=detail))
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -146,19 +107,11 @@ def report():
     yield
     if not ROWS:
         return
-    print("\n\nop           shape                  dtype    baseline                        ratio  threads  detail")
+    print(f"\n\n{'op':<12} {'shape':<22} {'baseline':<28} {'ours ms':>9} {'base ms':>9} {'ratio':>8} {'threads':>7}  detail")
     for r in ROWS:
-        print(f"{r['op']:<12} {r['shape']:<22} {r['dtype']:<8} {r['baseline']:<31} {r['ratio']:>5.2f}x "
-              f"{r['threads']:>7}  {r['extra']}")
-    print(f"machine: {ROWS[0]['machine']}; commit {ROWS[0]['commit']}")
-    out = os.path.join(ROOT, ".benchmarks", "nms_rows.csv")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    new = not os.path.exists(out)
-    with open(out, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(ROWS[0]))
-        if new:
-            w.writeheader()
-        w.writerows(ROWS)
+        print(f"{r['op']:<12} {r['shape']:<22} {r['baseline']:<28} {r['ms']:>9.2f} {r['baseline_ms']:>9.2f} "
+              f"{r['ratio']:>7.2f}x {r['threads']:>7}  {r['detail']}")
+    print("written to", write_rows("nms", ROWS))
 
 
 @pytest.mark.parametrize("n", [1000, 5000, 20000])
@@ -167,10 +120,10 @@ def test_bench_nms(benchmark, textbook, n):
     keep = nms(boxes, scores, IOU)
     assert torch.equal(keep, textbook.textbook_nms(boxes, scores, IOU))
     reps = {1000: 200, 5000: 20, 20000: 5}[n]
-    ours, base = interleaved([lambda: nms(boxes, scores, IOU), lambda: textbook.textbook_nms(boxes, scores, IOU)], reps)
-    _row("nms", f"N={n}", "float32", "textbook O(N^2) loop", base / ours, 1,
-         f"ours {ours * 1e3:.2f} ms, kept {len(keep)}")
-    benchmark(nms, boxes, scores, IOU)
+    med = interleaved_medians({"ours": lambda: nms(boxes, scores, IOU),
+                               "textbook": lambda: textbook.textbook_nms(boxes, scores, IOU)}, repeats=reps, warmup=1)
+    _row("nms", f"N={n}", "textbook O(N^2) loop", med["ours"], med["textbook"], 1, f"kept {len(keep)}")
+    benchmark.pedantic(nms, args=(boxes, scores, IOU), rounds=3, warmup_rounds=1)
 
 
 @pytest.mark.parametrize("n", [1000, 5000, 20000])
@@ -179,18 +132,19 @@ def test_bench_batched_nms(benchmark, textbook, n):
     keep = batched_nms(boxes, scores, idxs, IOU)
     assert torch.equal(keep, textbook_batched(textbook, boxes, scores, idxs, IOU))
     reps = {1000: 100, 5000: 30, 20000: 10}[n]
+    variants = {"ours": lambda: batched_nms(boxes, scores, idxs, IOU),
+                "textbook": lambda: textbook_batched(textbook, boxes, scores, idxs, IOU)}
     threads = torch.get_num_threads()
-    ours, base = interleaved([lambda: batched_nms(boxes, scores, idxs, IOU),
-                              lambda: textbook_batched(textbook, boxes, scores, idxs, IOU)], reps)
+    med = interleaved_medians(variants, repeats=reps, warmup=1)
     torch.set_num_threads(1)  # the per-category parallelism's share of the gain
     try:
-        ours1, base1 = interleaved([lambda: batched_nms(boxes, scores, idxs, IOU),
-                                    lambda: textbook_batched(textbook, boxes, scores, idxs, IOU)], reps)
+        med1 = interleaved_medians(variants, repeats=reps, warmup=1)
     finally:
         torch.set_num_threads(threads)
-    _row("batched_nms", f"N={n}, 20 classes", "float32", "textbook per-class loop", base / ours, threads,
-         f"ours {ours * 1e3:.2f} ms; both on 1 thread {base1 / ours1:.2f}x")
-    benchmark(batched_nms, boxes, scores, idxs, IOU)
+    shape = f"N={n}, 20 classes"
+    _row("batched_nms", shape, "textbook per-class loop", med["ours"], med["textbook"], threads)
+    _row("batched_nms", shape, "textbook per-class loop", med1["ours"], med1["textbook"], 1)
+    benchmark.pedantic(batched_nms, args=(boxes, scores, idxs, IOU), rounds=3, warmup_rounds=1)
 
 
 @pytest.mark.parametrize("hw", [13, 52])
@@ -202,7 +156,16 @@ def test_bench_fm_nms(benchmark, hw):
     keep = fm_nms(obj, probs, 3)
     assert torch.equal(keep, fm_nms_torch(obj, probs, 3))
     reps = {13: 20, 52: 3}[hw]
-    ours, base = interleaved([lambda: fm_nms(obj, probs, 3), lambda: fm_nms_torch(obj, probs, 3)], reps)
-    _row("fm_nms", f"{B}x{A}x{C}x{hw}x{hw}", "float32", "PyTorch-ops greedy rounds", base / ours,
-         torch.get_num_threads(), f"ours {B / ours:,.0f} maps/s vs {B / base:,.0f} maps/s")
-    benchmark(fm_nms, obj, probs, 3)
+    variants = {"ours": lambda: fm_nms(obj, probs, 3), "torch": lambda: fm_nms_torch(obj, probs, 3)}
+    threads = torch.get_num_threads()
+    med = interleaved_medians(variants, repeats=reps, warmup=1)
+    torch.set_num_threads(1)  # both sides on one core: robust to a busy second core
+    try:
+        med1 = interleaved_medians(variants, repeats=reps, warmup=1)
+    finally:
+        torch.set_num_threads(threads)
+    shape = f"{B}x{A}x{C}x{hw}x{hw}"
+    for m, t in ((med, threads), (med1, 1)):
+        _row("fm_nms", shape, "PyTorch-ops greedy rounds", m["ours"], m["torch"], t,
+             f"{B / m['ours']:,.0f} vs {B / m['torch']:,.0f} maps/s")
+    benchmark.pedantic(fm_nms, args=(obj, probs, 3), rounds=3, warmup_rounds=1)
