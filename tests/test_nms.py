@@ -293,6 +293,13 @@ def test_batched_nms_100k_boxes_one_class_exact():
     assert_same(keep[idxs[keep] == 11], sub[ref_nms(boxes[sub], scores[sub], 0.5)])
 
 
+def test_nms_non_contiguous_inputs():
+    boxes = random_boxes(300, seed=12).t().contiguous().t()  # column-major view
+    scores = random_scores(600, seed=12)[::2]
+    assert not boxes.is_contiguous() and not scores.is_contiguous()
+    assert_same(nms(boxes, scores, 0.5), ref_nms(boxes.contiguous(), scores.contiguous(), 0.5))
+
+
 # ---------------------------------------------------------------------------
 # batched_nms
 
@@ -397,6 +404,14 @@ def test_fm_nms_every_candidate_is_kept_or_next_to_a_kept_one():
     assert torch.equal(fm_nms_torch(obj, probs, 3), keep)
     assert torch.equal(fm_nms(obj, probs, 3), keep)  # deterministic
     assert (kept_cls >= 0).sum() == keep.sum()
+
+
+def test_fm_nms_empty_and_non_contiguous():
+    obj, probs = random_map(3, 2, 4, 5, 6, seed=6)
+    assert fm_nms(obj[:0], probs[:0]).shape == (0, 2, 5, 6)
+    obj_nc = obj.transpose(2, 3).contiguous().transpose(2, 3)
+    assert torch.equal(fm_nms(obj_nc, probs.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)),
+                       ref_fm_nms(obj, probs, 3))
 
 
 @pytest.mark.parametrize("suppress_objectness", [False, True])
