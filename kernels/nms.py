@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-_UNRANKED = 2**31 - 1  # larger than any rank: "no undecided candidate here"
+_UNRANKED = tl.constexpr(2**31 - 1)  # larger than any rank: "no undecided candidate here"
 
 
 @triton.jit
@@ -49,9 +49,9 @@ def _fm_nms_kernel(CLS, RANK, KEY, FLAG, KEEP, A, H, W, N, RADIUS: tl.constexpr,
     remaining = tl.sum(undecided.to(tl.int32), axis=0)
     while remaining > 0:
         # 1. Each undecided candidate publishes its rank; keep the local first ones.
-        tl.store(KEY + base + offs, tl.where(undecided, rank, 2147483647), mask=mine)
+        tl.store(KEY + base + offs, tl.where(undecided, rank, _UNRANKED), mask=mine)
         tl.debug_barrier()
-        best = tl.full([BLOCK], 2147483647, tl.int32)
+        best = tl.full([BLOCK], _UNRANKED, tl.int32)
         for a2 in range(0, A):
             for dh in tl.static_range(-RADIUS, RADIUS + 1):
                 for dw in tl.static_range(-RADIUS, RADIUS + 1):
@@ -60,7 +60,7 @@ def _fm_nms_kernel(CLS, RANK, KEY, FLAG, KEEP, A, H, W, N, RADIUS: tl.constexpr,
                     j = a2 * H * W + nh * W + nw
                     inb = undecided & (nh >= 0) & (nh < H) & (nw >= 0) & (nw < W)
                     cj = tl.load(CLS + base + j, mask=inb, other=-1)
-                    kj = tl.load(KEY + base + j, mask=inb & (cj == c), other=2147483647)
+                    kj = tl.load(KEY + base + j, mask=inb & (cj == c), other=_UNRANKED)
                     best = tl.minimum(best, kj)
         new_kept = undecided & (best == rank)
         # 2. Newly kept candidates publish a flag; undecided neighbours are suppressed.
