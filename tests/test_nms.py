@@ -160,10 +160,10 @@ def assert_same(got, want):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n", [0, 1, 2, 7, 129, 1000])
 @pytest.mark.parametrize("thr", [0.5, 0.7, 0.0])
-def test_nms_matches_reference(dtype, n, thr):
+def test_nms_matches_reference(device, dtype, n, thr):
     boxes = random_boxes(n, dtype, seed=n, integer=True)
     scores = random_scores(n, dtype, seed=n, levels=50)
-    assert_same(nms(boxes, scores, thr), ref_nms(boxes, scores, thr))
+    assert_same(nms(boxes.to(device), scores.to(device), thr).cpu(), ref_nms(boxes, scores, thr))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -209,10 +209,10 @@ def mixed_boxes(n, dtype, seed):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("n", [300, 3000])
 @pytest.mark.parametrize("thr", [0.0, 1e-12, 1e-9, 0.3, 0.5, 0.9, -0.5, float("nan"), float("inf")])
-def test_nms_mixed_special_boxes(dtype, n, thr):
+def test_nms_mixed_special_boxes(device, dtype, n, thr):
     boxes = mixed_boxes(n, dtype, seed=n)
     scores = random_scores(n, dtype, seed=n, levels=30)
-    assert_same(nms(boxes, scores, thr), ref_nms(boxes, scores, thr))
+    assert_same(nms(boxes.to(device), scores.to(device), thr).cpu(), ref_nms(boxes, scores, thr))
 
 
 def test_nms_iou_exactly_at_threshold_is_kept():
@@ -306,11 +306,12 @@ def test_nms_non_contiguous_inputs():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
 @pytest.mark.parametrize("n", [0, 1, 97, 2000])
-def test_batched_nms_matches_reference(dtype, n):
+def test_batched_nms_matches_reference(device, dtype, n):
     boxes = random_boxes(n, dtype, seed=n + 11, integer=True)
     scores = random_scores(n, dtype, seed=n, levels=40)
     idxs = torch.randint(-3, 17, (n,), generator=torch.Generator().manual_seed(n))
-    assert_same(batched_nms(boxes, scores, idxs, 0.5), ref_batched_nms(boxes, scores, idxs, 0.5))
+    got = batched_nms(boxes.to(device), scores.to(device), idxs.to(device), 0.5).cpu()
+    assert_same(got, ref_batched_nms(boxes, scores, idxs, 0.5))
 
 
 @settings(max_examples=80, deadline=None)
@@ -369,9 +370,9 @@ FM_SHAPES = [(1, 1, 1, 1, 1), (2, 3, 4, 5, 6), (3, 5, 7, 13, 11), (1, 2, 20, 1, 
 @pytest.mark.parametrize("shape", FM_SHAPES)
 @pytest.mark.parametrize("kernel_size", [1, 3, 5])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_fm_nms_matches_reference(shape, kernel_size, dtype):
+def test_fm_nms_matches_reference(device, shape, kernel_size, dtype):
     obj, probs = random_map(*shape, dtype=dtype, seed=sum(shape), levels=8)  # ties in objectness
-    got = fm_nms(obj, probs, kernel_size)
+    got = fm_nms(obj.to(device), probs.to(device), kernel_size).cpu()
     assert got.dtype == torch.bool and got.shape == obj.shape
     assert torch.equal(got, ref_fm_nms(obj, probs, kernel_size))
 
