@@ -396,6 +396,14 @@ def test_fm_nms_chain_and_equal_objectness():
     assert torch.equal(fm_nms(flat, p, 3), ref_fm_nms(flat, p, 3))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fm_nms_nan_probabilities_follow_torch_argmax(dtype):
+    obj, probs = random_map(2, 3, 5, 7, 19, dtype=dtype, seed=9, levels=4)  # 19: a vector plus a tail
+    g = torch.Generator().manual_seed(9)
+    probs[torch.rand(probs.shape, generator=g) < 0.05] = float("nan")
+    assert torch.equal(fm_nms(obj, probs, 3), ref_fm_nms(obj, probs, 3))
+
+
 def test_fm_nms_every_candidate_is_kept_or_next_to_a_kept_one():
     obj, probs = random_map(4, 5, 20, 13, 13, seed=3)
     keep = fm_nms(obj, probs, 3)

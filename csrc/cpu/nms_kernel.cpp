@@ -419,7 +419,8 @@ at::Tensor batched_nms_cpu(const at::Tensor& boxes, const at::Tensor& scores, co
 // FM-NMS
 
 // Class argmax of every candidate of one image: cls[a*HW + hw]. First maximum
-// wins and NaN counts as the maximum, as torch.argmax.
+// wins and NaN counts as the maximum, as torch.argmax. This generic version
+// serves fp16 and bf16, widened exactly to fp32.
 template <typename scalar_t>
 void class_argmax(const scalar_t* p, int64_t A, int64_t C, int64_t HW, int32_t* cls, std::vector<float>& best) {
   best.resize(HW);
