@@ -462,9 +462,17 @@ void class_argmax<float>(const float* p, int64_t A, int64_t C, int64_t HW, int32
       int64_t hw = 0;
       for (; hw + W <= HW; hw += W) {
         const Vec v = Vec::loadu(pc + hw), b = Vec::loadu(best + hw);
+#if defined(CPU_CAPABILITY_AVX512)
+        // Mask compares and masked stores: only the lanes that change are written.
+        const __mmask16 take = _mm512_cmp_ps_mask(v, b, _CMP_GT_OQ) |
+                               (_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q) & _mm512_cmp_ps_mask(b, b, _CMP_ORD_Q));
+        _mm512_mask_storeu_ps(best + hw, take, v);
+        _mm512_mask_storeu_ps(idx + hw, take, vc);
+#else
         const Vec take = (v > b) | ((v != v) & (b == b));
         Vec::blendv(b, v, take).store(best + hw);
         Vec::blendv(Vec::loadu(idx + hw), vc, take).store(idx + hw);
+#endif
       }
       for (; hw < HW; ++hw) {
         if (pc[hw] > best[hw] || (std::isnan(pc[hw]) && !std::isnan(best[hw]))) {
@@ -505,6 +513,24 @@ void fm_nms_images(const at::Tensor& obj, const at::Tensor& probs, int64_t radiu
   const prob_t* p = probs.const_data_ptr<prob_t>();
   bool* out = keep.data_ptr<bool>();
   using key_t = std::conditional_t<std::is_same_v<obj_t, double>, uint64_t, uint32_t>;
+  // Per cell, the window's first row offset and its column range; per
+  // candidate, its cell. Shared by all images, and it keeps integer divisions
+  // out of the per-candidate loop.
+  struct Window {
+    int32_t row0, rows, w0, w1;
+  };
+  std::vector<Window> window(HW);
+  for (int64_t h = 0; h < H; ++h) {
+    for (int64_t w = 0; w < W; ++w) {
+      const int64_t h0 = std::max<int64_t>(0, h - radius), h1 = std::min<int64_t>(H - 1, h + radius);
+      window[h * W + w] = {static_cast<int32_t>(h0 * W), static_cast<int32_t>(h1 - h0 + 1),
+                           static_cast<int32_t>(std::max<int64_t>(0, w - radius)),
+                           static_cast<int32_t>(std::min<int64_t>(W - 1, w + radius))};
+    }
+  }
+  std::vector<int32_t> cell(N);
+  for (int64_t i = 0; i < N; ++i) cell[i] = static_cast<int32_t>(i % HW);
+
   const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, N * C));
   at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {
     std::vector<int32_t> cls(N), order(N), ib;
@@ -521,17 +547,18 @@ void fm_nms_images(const at::Tensor& obj, const at::Tensor& probs, int64_t radiu
       std::fill(blocked.begin(), blocked.end(), 0);
       bool* kb_out = out + b * N;
       for (int64_t r = 0; r < N; ++r) {
-        const int64_t i = order[r], hw = i % HW, c = cls[i];
-        uint8_t* plane = blocked.data() + c * HW;
-        if (plane[hw]) {
-          kb_out[i] = false;
-          continue;
+        const int32_t i = order[r], hw = cell[i];
+        uint8_t* plane = blocked.data() + static_cast<int64_t>(cls[i]) * HW;
+        const bool keep_i = !plane[hw];
+        kb_out[i] = keep_i;
+        if (!keep_i) continue;
+        const Window& win = window[hw];
+        // K is small: byte ORs, which compilers keep inline (a store loop of 1s
+        // becomes a memset call, which costs more than the K bytes it writes).
+        uint8_t* row = plane + win.row0;
+        for (int32_t y = 0; y < win.rows; ++y, row += W) {
+          for (int32_t x = win.w0; x <= win.w1; ++x) row[x] |= 1;
         }
-        kb_out[i] = true;
-        const int64_t h = hw / W, w = hw % W;
-        const int64_t h0 = std::max<int64_t>(0, h - radius), h1 = std::min<int64_t>(H - 1, h + radius);
-        const int64_t w0 = std::max<int64_t>(0, w - radius), w1 = std::min<int64_t>(W - 1, w + radius);
-        for (int64_t y = h0; y <= h1; ++y) std::memset(plane + y * W + w0, 1, w1 - w0 + 1);
       }
     }
   });
