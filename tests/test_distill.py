@@ -332,3 +332,11 @@ generator = "munge"
     assert report["runs"]["hinton"]["options"]["temperature"] == 2
     assert report["teacher"]["parameters"] > report["student"]["parameters"] == 1898
     assert report["runs"]["munge"]["generator_used"] == "munge"
+
+
+def test_distill_runs_in_bf16_autocast_with_grad_accum():
+    result = distill(lambda: linear_net(seed=1), linear_net(scale=5.0, seed=9), small_data(), "hinton", seeds=[0],
+                     epochs=2, batch_size=16, grad_accum=2, amp="bf16", progress=False, print_table=False)
+    assert result.report["training"]["amp"] == "bf16"
+    assert 0.0 <= result.report["runs"]["hinton"]["mean"] <= 1.0
+    assert all(p.dtype == torch.float32 for p in result.students["hinton"][0].parameters())

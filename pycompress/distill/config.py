@@ -137,8 +137,8 @@ def _build(cls, data: dict, prefix: str):
     hints = typing.get_type_hints(cls)
     for key in data:
         if key not in fields:
-            raise ValueError(f"unknown config key {prefix + key!r}; allowed keys{' in ' + prefix[:-1] if prefix else ''}"
-                             f": {', '.join(fields)}")
+            where = f" in {prefix[:-1]}" if prefix else ""
+            raise ValueError(f"unknown config key {prefix + key!r}; allowed keys{where}: {', '.join(fields)}")
     kwargs = {}
     for key, value in data.items():
         typ = hints[key]

@@ -237,7 +237,8 @@ class Munge(Strategy):
         if divergence not in DIVERGENCES:
             raise ValueError(f"divergence must be one of {', '.join(DIVERGENCES)}, got {divergence!r}")
         self.transfer_factor, self.generator, self.p, self.s = transfer_factor, generator, p, s
-        self.noise_std, self.mix_alpha, self.temperature, self.divergence = noise_std, mix_alpha, temperature, divergence
+        self.noise_std, self.mix_alpha = noise_std, mix_alpha
+        self.temperature, self.divergence = temperature, divergence
         self.loss = KDLoss(temperature=temperature, alpha=1.0, divergence=divergence)
 
     def prepare(self, train_data: Dataset, teacher_fn: Callable, seed: int) -> Dataset:
