@@ -38,6 +38,11 @@ def small_data(n=96, seed=0):
     return TensorDataset(x, y)
 
 
+def tiny_splits():
+    """A user data set given by import path (``tests.test_distill:tiny_splits``) in the CLI test."""
+    return {"train": small_data(96), "val": small_data(32, seed=1), "test": small_data(32, seed=2)}
+
+
 def teachers_for(strategy):
     ts = [linear_net(scale=5.0, seed=10 + i) for i in range(strategy.teachers_required)]
     for t in ts:
@@ -166,7 +171,7 @@ def test_transfer_set_munge_on_images_keeps_shape():
 # ---------------------------------------------------------------- resume
 @pytest.mark.parametrize("name", ["noisy_teacher", "munge"])
 def test_resume_is_bit_identical(tmp_path, name):
-    strategy = STRATEGIES[name]()
+    strategy = STRATEGIES[name](**({"transfer_factor": 1.0} if name == "munge" else {}))
     teacher = teachers_for(strategy)[0]
     data = strategy.prepare(_with_teacher_logits(small_data(), teacher) if name != "munge" else small_data(),
                             teacher, seed=0)
@@ -315,6 +320,8 @@ output = "{tmp_path / 'report.json'}"
 model = "pycompress.models:VGGStyle"
 kwargs = {{ widths = [8, 16], hidden = 32 }}
 checkpoints = ["{tmp_path / 'teacher.pt'}"]
+[data]
+dataset = "tests.test_distill:tiny_splits"
 [teacher.train]
 epochs = 1
 progress = false
