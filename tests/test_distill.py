@@ -96,8 +96,8 @@ def test_noisy_teacher_without_noise_equals_logit_regression():
     x, y = torch.rand(20, 1, 8, 8), torch.randint(0, 10, (20,))
     model, teacher = linear_net(seed=1), linear_net(seed=2)
     batch = (x, y, teacher(x).detach())
-    torch.testing.assert_close(NoisyTeacher(sigma=0.0, fraction=0.5).step_fn(teacher)(model, batch),
-                               LogitRegression().step_fn(teacher)(model, batch))
+    torch.testing.assert_close(NoisyTeacher(sigma=0.0, fraction=0.5).step_fn(teacher, cached=True)(model, batch),
+                               LogitRegression().step_fn(teacher, cached=True)(model, batch))
 
 
 def test_noisy_teacher_perturbs_only_its_fraction_of_rows():
@@ -107,7 +107,7 @@ def test_noisy_teacher_perturbs_only_its_fraction_of_rows():
     t = teacher(x).detach()
     s = torch.zeros(20, 10, requires_grad=True)
     strategy = NoisyTeacher(sigma=0.5, fraction=0.25)
-    strategy.step_fn(teacher)(lambda _: s, (x, y, t)).backward()
+    strategy.step_fn(teacher, cached=True)(lambda _: s, (x, y, t)).backward()
     # d/ds of (1/N) sum 1/2 ||s - t~||^2 at s = 0 is -t~/N: rows with t~ != t are the noisy ones
     changed = ~torch.isclose(-s.grad * 20, t).all(1)
     assert int(changed.sum()) == 5
@@ -175,8 +175,8 @@ def test_resume_is_bit_identical(tmp_path, name):
     teacher = teachers_for(strategy)[0]
     data = strategy.prepare(_with_teacher_logits(small_data(), teacher) if name != "munge" else small_data(),
                             teacher, seed=0)
-    kw = dict(step_fn=strategy.step_fn(teacher), batch_size=16, optimizer=lambda p: torch.optim.Adam(p, 1e-2),
-              seed=3, progress=False)
+    kw = dict(step_fn=strategy.step_fn(teacher, cached=name != "munge"), batch_size=16, seed=3, progress=False,
+              optimizer=lambda p: torch.optim.Adam(p, 1e-2))
     full = linear_net(seed=1)
     Trainer(full, data, epochs=3, **kw).fit()
     ckpt = str(tmp_path / "ckpt.pt")
@@ -214,6 +214,15 @@ def test_distill_report_and_table(tmp_path, capsys):
     assert report["runs"]["munge"]["generator_used"] == "mixup"
     assert "student, no distillation" in table and "± " in table and "teacher[1]" in table
     assert len(result.students["logits"]) == 2
+
+
+def test_cached_teacher_logits_train_like_a_live_teacher():
+    kw = dict(seeds=[0], epochs=2, batch_size=16, baseline=False, progress=False, print_table=False)
+    teacher = linear_net(scale=5.0, seed=9)
+    live = distill(lambda: linear_net(seed=1), teacher, small_data(), "hinton", cache_teacher=False, **kw)
+    cached = distill(lambda: linear_net(seed=1), teacher, small_data(), "hinton", cache_teacher=True, **kw)
+    for a, b in zip(live.students["hinton"][0].parameters(), cached.students["hinton"][0].parameters()):
+        torch.testing.assert_close(a, b)
 
 
 def test_temperature_sweep_gets_distinct_labels():

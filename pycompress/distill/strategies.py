@@ -12,7 +12,7 @@ A strategy's life in a workflow:
    (MUNGE grows and relabels it); the workflow may also cache the teacher's
    logits on every training example once, as a third batch element, when the
    data is fixed (no random augmentation);
-3. ``step_fn(teacher_fn)`` is the Trainer's ``step_fn(model, batch) -> loss``.
+3. ``step_fn(teacher_fn, cached)`` is the Trainer's ``step_fn(model, batch) -> loss``.
 """
 
 import inspect
@@ -60,18 +60,25 @@ class Strategy:
         """The training set the student sees; unchanged by default."""
         return train_data
 
-    def _targets(self, batch, teacher_fn):
-        """``(x, y, t)``: a cached teacher logit (third element) is used when present."""
+    @staticmethod
+    def _targets(batch, teacher_fn, cached):
+        """``(x, y, t)``: the teacher runs on ``x`` unless its logits are cached as the third element."""
         x, y = batch[0], batch[1]
-        if len(batch) > 2:
+        if cached:
             return x, y, batch[2]
         with torch.no_grad():
             return x, y, teacher_fn(x)
 
-    def step_fn(self, teacher_fn: Callable) -> Callable:
-        """``step_fn(model, batch) -> loss`` with ``batch = (x, y[, teacher_logits])``."""
+    def step_fn(self, teacher_fn: Callable, cached: bool = False) -> Callable:
+        """``step_fn(model, batch) -> loss``.
+
+        Args:
+            teacher_fn (callable): ``x -> teacher logits`` (see :meth:`teacher_logits`).
+            cached (bool): batches are ``(x, y, teacher_logits)`` precomputed by the
+                workflow; otherwise ``(x, y)`` and the teacher runs every step.
+        """
         def step(model, batch):
-            x, y, t = self._targets(batch, teacher_fn)
+            x, y, t = self._targets(batch, teacher_fn, cached)
             s = model(x)
             return self.loss(s, t.to(s.dtype), y)
 
@@ -147,9 +154,9 @@ class NoisyTeacher(Strategy):
         self.noisy_loss = KDLoss(alpha=alpha, divergence="mse_logits", reduction="sum", teacher_noise=sigma)
         self.loss = KDLoss(alpha=alpha, divergence="mse_logits", reduction="sum")
 
-    def step_fn(self, teacher_fn: Callable) -> Callable:
+    def step_fn(self, teacher_fn: Callable, cached: bool = False) -> Callable:
         def step(model, batch):
-            x, y, t = self._targets(batch, teacher_fn)
+            x, y, t = self._targets(batch, teacher_fn, cached)
             s = model(x)
             t = t.to(s.dtype)
             n = s.shape[0]
@@ -256,9 +263,9 @@ class Munge(Strategy):
         self.generator_used = kind
         return TensorDataset(union, label_with_teacher(teacher_fn, union))
 
-    def step_fn(self, teacher_fn: Callable) -> Callable:
+    def step_fn(self, teacher_fn: Callable, cached: bool = False) -> Callable:
         def step(model, batch):
-            x, t = batch[0], batch[-1]  # (x, teacher_logits): the union carries no labels
+            x, t = batch  # prepare() made (x, teacher_logits): the union carries no labels
             s = model(x)
             return self.loss(s, t.to(s.dtype))
 

@@ -328,10 +328,10 @@ def distill(student: Union[nn.Module, Callable[[], nn.Module]], teacher: Union[n
             return s.teacher_logits(teachers, x.to(device))
 
         # MUNGE labels its own (larger) set in prepare(); the others can reuse one pass of the teacher
-        cached = (_with_teacher_logits(train_data, teacher_fn)
-                  if cache_teacher and type(s).prepare is Strategy.prepare else train_data)
-        accs, val_accs = run(label, s.step_fn(teacher_fn), lambda seed, s=s, cached=cached, tf=teacher_fn:
-                             s.prepare(cached, tf, seed))
+        cache = cache_teacher and type(s).prepare is Strategy.prepare
+        cached = _with_teacher_logits(train_data, teacher_fn) if cache else train_data
+        accs, val_accs = run(label, s.step_fn(teacher_fn, cached=cache),
+                             lambda seed, s=s, cached=cached, tf=teacher_fn: s.prepare(cached, tf, seed))
         entry = {"strategy": s.name, "options": s.options(), **_summary(accs), "val_accuracy": val_accs}
         if hasattr(s, "generator_used"):
             entry["generator_used"] = s.generator_used
