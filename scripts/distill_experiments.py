@@ -10,6 +10,8 @@
    epoch; this trains the no-distillation student and the teacher-labelled
    training set alone (factor 0) for 5x the epochs, the same number of steps,
    to separate the transfer set's new inputs from the extra steps.
+5. ``baseline_steps.json``: the no-distillation student with as many steps as
+   each MUNGE point, ``(1 + factor) * epochs`` epochs.
 
 Every student run uses the same Trainer settings (Adam, lr 3e-3, batch 64,
 ``--epochs`` epochs); strategy hyperparameters are the library defaults, chosen
@@ -20,6 +22,7 @@ before any result was seen. Teachers are trained once per seed and kept in
 """
 
 import argparse
+import json
 import os
 import time
 
@@ -40,7 +43,8 @@ def main():
     p.add_argument("--temperatures", default="1,2,4,8")
     p.add_argument("--out", default="results/distill")
     p.add_argument("--work-dir", default="/tmp/pycompress_distill_teachers")
-    p.add_argument("--only", default="strategies,munge_curve,hinton_temperature,munge_steps_control")
+    p.add_argument("--only", default="strategies,munge_curve,hinton_temperature,munge_steps_control,"
+                   "baseline_steps")
     args = p.parse_args()
     torch.set_num_threads(1)  # a shared 2-core machine
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -84,7 +88,17 @@ def main():
         runs = {"munge x0, 5x epochs": Munge(transfer_factor=0.0)}
         distill(student_cnn, teachers[0], data.train, runs,
                 report_path=os.path.join(args.out, "munge_steps_control.json"), **{**common, "epochs": 5 * args.epochs})
-        print(f"munge steps control: {time.time() - start:.0f} s")
+        print(f"munge steps control: {time.time() - start:.0f} s\n")
+    if "baseline_steps" in only:
+        start = time.time()
+        reports = {}
+        for f in (float(f) for f in args.factors.split(",") if float(f) > 0):
+            epochs = round((1 + f) * args.epochs)
+            reports[f"steps of munge x{f:g} ({epochs} epochs)"] = distill(
+                student_cnn, teachers[0], data.train, [], **{**common, "epochs": epochs}).report
+        with open(os.path.join(args.out, "baseline_steps.json"), "w") as fh:
+            json.dump(reports, fh, indent=2)
+        print(f"baseline steps: {time.time() - start:.0f} s")
 
 
 if __name__ == "__main__":

@@ -356,3 +356,14 @@ def test_distill_runs_in_bf16_autocast_with_grad_accum():
     assert result.report["training"]["amp"] == "bf16"
     assert 0.0 <= result.report["runs"]["hinton"]["mean"] <= 1.0
     assert all(p.dtype == torch.float32 for p in result.students["hinton"][0].parameters())
+
+
+def test_baseline_only_run():
+    result = distill(lambda: linear_net(seed=1), linear_net(seed=9), small_data(), [], seeds=[0], epochs=1,
+                     progress=False, print_table=False)
+    assert set(result.report["runs"]) == {"baseline"}
+
+
+def test_no_strategy_and_no_baseline_is_rejected():
+    with pytest.raises(ValueError, match="at least one strategy"):
+        distill(linear_net(), linear_net(), small_data(), [], baseline=False)

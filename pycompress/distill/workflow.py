@@ -161,7 +161,7 @@ def _output_size(model: nn.Module, x: torch.Tensor) -> int:
         model.train(was_training)
 
 
-def _normalise_strategies(strategy, strategy_options) -> Dict[str, Strategy]:
+def _normalise_strategies(strategy, strategy_options, baseline: bool) -> Dict[str, Strategy]:
     """label -> Strategy. Names get their options from ``strategy_options[name]``."""
     strategy_options = strategy_options or {}
     unknown = sorted(set(strategy_options) - set(STRATEGIES))
@@ -171,8 +171,8 @@ def _normalise_strategies(strategy, strategy_options) -> Dict[str, Strategy]:
         items = list(strategy.items())
     else:
         items = [(None, s) for s in (strategy if isinstance(strategy, (list, tuple)) else [strategy])]
-    if not items:
-        raise ValueError("strategy must name at least one strategy")
+    if not items and not baseline:
+        raise ValueError("strategy must name at least one strategy (or keep baseline=True)")
     names = [s if isinstance(s, str) else getattr(s, "name", None) for _, s in items]
     out: Dict[str, Strategy] = {}
     for label, s in items:
@@ -227,7 +227,7 @@ def distill(student: Union[nn.Module, Callable[[], nn.Module]], teacher: Union[n
             ``ensemble`` its teachers, and single-teacher strategies use the first.
         train_data (Dataset): items ``(x, y)`` with integer class labels.
         strategy: a name in :data:`STRATEGIES`, a :class:`Strategy`, a list of those,
-            or a dict ``label -> name | Strategy``.
+            or a dict ``label -> name | Strategy``; empty (baseline only) needs ``baseline``.
         strategy_options (dict): ``name -> {option: value}`` for strategies given by name.
         eval_data (Dataset, optional): evaluated after every epoch.
         test_data (Dataset, optional): final accuracy (else ``eval_data``, else ``train_data``).
@@ -266,10 +266,10 @@ def distill(student: Union[nn.Module, Callable[[], nn.Module]], teacher: Union[n
     init_distributed()
     if isinstance(seeds, int) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
         raise ValueError(f"seeds must be a non-empty list of ints, got {seeds!r}")
-    strategies = _normalise_strategies(strategy, strategy_options)
+    strategies = _normalise_strategies(strategy, strategy_options, baseline)
     teachers = list(teacher) if isinstance(teacher, (list, tuple)) else ([] if teacher is None else [teacher])
     if not teachers:
-        raise ValueError(f"missing teacher: strategies {', '.join(strategies)} need a trained teacher; pass "
+        raise ValueError(f"missing teacher: distill needs a trained teacher (strategies: {', '.join(strategies)}); pass "
                          "teacher= (train one with `pycompress train-teacher` or load a state_dict)")
     for i, t in enumerate(teachers):
         if not isinstance(t, nn.Module):
