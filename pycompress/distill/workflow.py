@@ -269,8 +269,8 @@ def distill(student: Union[nn.Module, Callable[[], nn.Module]], teacher: Union[n
     strategies = _normalise_strategies(strategy, strategy_options, baseline)
     teachers = list(teacher) if isinstance(teacher, (list, tuple)) else ([] if teacher is None else [teacher])
     if not teachers:
-        raise ValueError(f"missing teacher: distill needs a trained teacher (strategies: {', '.join(strategies)}); pass "
-                         "teacher= (train one with `pycompress train-teacher` or load a state_dict)")
+        raise ValueError("missing teacher: distill needs a trained teacher; pass teacher= (train one with "
+                         "`pycompress train-teacher` or load a state_dict)")
     for i, t in enumerate(teachers):
         if not isinstance(t, nn.Module):
             raise TypeError(f"teacher[{i}] must be an nn.Module, got {type(t).__name__}")
