@@ -37,13 +37,17 @@ What it guarantees
 - **Evaluation** after every epoch with ``eval_fn(model, eval_data)`` (default:
   accuracy and mean cross-entropy), logged to ``history`` and the progress bar.
 
-Distributed training (later)
-----------------------------
-The loop is written so ``DistributedDataParallel`` under ``torchrun`` can be
-added without restructuring: every rank-dependent decision goes through
-:attr:`Trainer.is_main` (progress bar, logging, checkpoint writes) and the data
-order is produced in exactly one place, :meth:`Trainer.epoch_batches`, which is
-where a rank's shard (``batches[rank::world_size]``) would be taken.
+Distributed training
+--------------------
+Under ``torchrun`` call :func:`init_distributed` before building the Trainer.
+When a process group is initialised the Trainer wraps the model in
+``DistributedDataParallel`` (``Trainer.module`` stays the bare model: it is
+what gets evaluated and checkpointed), and :meth:`Trainer.epoch_batches`, the
+one place data order is decided, takes this rank's shard with a
+``DistributedSampler`` (same seed + epoch permutation as one process).
+``batch_size`` is then the per-rank micro-batch: the global batch is
+``batch_size * world_size``. Progress, logging and checkpoint writes happen
+on rank 0 only (:attr:`Trainer.is_main`), with a barrier after each write.
 """
 
 import math
@@ -55,7 +59,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import Dataset, DistributedSampler, TensorDataset
 from torch.utils.data._utils.collate import default_collate
 
 __all__ = ["Trainer", "fit", "evaluate_classifier", "seed_everything", "cross_entropy_step", "atomic_save"]
@@ -182,7 +186,8 @@ class Trainer:
             raise ValueError("amp_dtype=torch.float16 needs a CUDA device; use torch.bfloat16 on CPU")
         if checkpoint_every is not None and checkpoint_path is None:
             raise ValueError("checkpoint_every needs checkpoint_path")
-        self.model = model.to(self.device)
+        self.module = model.to(self.device)  # the bare model: evaluated and checkpointed
+        self.model = _wrap_distributed(self.module, self.device)  # what the step function runs
         self.train_data, self.eval_data = train_data, eval_data
         self.step_fn = step_fn or cross_entropy_step
         self.eval_fn = eval_fn or evaluate_classifier
@@ -208,8 +213,15 @@ class Trainer:
 
     def epoch_batches(self, epoch: int) -> List[List[int]]:
         """The micro-batches (lists of dataset indices) of ``epoch``: the one place data order is decided."""
-        g = torch.Generator().manual_seed(self.seed + epoch)
-        perm = torch.randperm(len(self.train_data), generator=g).tolist()
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized():
+            # DistributedSampler draws the same permutation as below, then takes this rank's shard
+            sampler = DistributedSampler(self.train_data, seed=self.seed, drop_last=self.drop_last)
+            sampler.set_epoch(epoch)
+            perm = list(sampler)
+        else:
+            g = torch.Generator().manual_seed(self.seed + epoch)
+            perm = torch.randperm(len(self.train_data), generator=g).tolist()
         end = len(perm) - len(perm) % self.batch_size if self.drop_last else len(perm)
         return [perm[i:i + self.batch_size] for i in range(0, end, self.batch_size)]
 
@@ -217,7 +229,7 @@ class Trainer:
     def state_dict(self) -> dict:
         np_state = np.random.get_state()
         return {
-            "model": self.model.state_dict(),
+            "model": self.module.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
@@ -237,7 +249,7 @@ class Trainer:
         if state["config"] != cfg:
             raise ValueError(f"checkpoint was written with {state['config']}, this trainer has {cfg}; resuming "
                              "would not reproduce the run")
-        self.model.load_state_dict(state["model"])
+        self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and state["scheduler"] is not None:
             self.scheduler.load_state_dict(state["scheduler"])
@@ -259,6 +271,8 @@ class Trainer:
         path = path or self.checkpoint_path
         if path is not None and self.is_main:
             atomic_save(self.state_dict(), path)
+        if path is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()  # no rank runs ahead of (or reads) a checkpoint still being written
 
     def load_checkpoint(self, path: Optional[str] = None):
         path = path or self.checkpoint_path
@@ -270,7 +284,7 @@ class Trainer:
 
     def evaluate(self) -> Dict[str, float]:
         """Runs ``eval_fn`` on ``eval_data`` (empty dict without eval data)."""
-        return self.eval_fn(self.model, self.eval_data) if self.eval_data is not None else {}
+        return self.eval_fn(self.module, self.eval_data) if self.eval_data is not None else {}
 
     def fit(self, resume: bool = False) -> List[dict]:
         """Trains until ``epochs`` or ``max_steps``; returns the per-epoch history.
@@ -348,6 +362,35 @@ class _NullContext:
 
     def __exit__(self, *exc):
         return False
+
+
+def init_distributed() -> bool:
+    """Joins the process group that ``torchrun`` describes in the environment, if any.
+
+    Uses ``nccl`` when CUDA is available (and selects ``cuda:LOCAL_RANK``),
+    ``gloo`` otherwise. Does nothing without ``WORLD_SIZE`` in the environment
+    or when a group already exists.
+
+    Returns:
+        bool: True when this process is part of an initialised process group.
+    """
+    dist = torch.distributed
+    if not dist.is_available():
+        return False
+    if not dist.is_initialized() and "WORLD_SIZE" in os.environ:
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.is_initialized()
+
+
+def _wrap_distributed(model: nn.Module, device: torch.device) -> nn.Module:
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or not any(p.requires_grad for p in model.parameters()):
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def fit(model: nn.Module, train_data: Dataset, resume: bool = False, **kwargs) -> List[dict]:

@@ -1,0 +1,19 @@
+"""Distillation workflows: Hinton KD, Ba & Caruana logit regression, Sau's noisy teacher,
+Buciluǎ's MUNGE transfer sets and teacher ensembles, on the shared Trainer.
+
+Python API::
+
+    from pycompress.distill import distill
+    result = distill(student_cnn, teacher, data.train, strategy=["hinton", "munge"],
+                     eval_data=data.val, test_data=data.test, seeds=[0, 1, 2])
+
+Command line: ``pycompress train-teacher`` and ``pycompress distill`` (see
+:mod:`pycompress.distill.cli` and :mod:`pycompress.distill.config`).
+"""
+
+from pycompress.distill.strategies import (STRATEGIES, Ensemble, Hinton, LogitRegression, Munge, NoisyTeacher,
+                                           Strategy, make_strategy)
+from pycompress.distill.workflow import DistillResult, distill, format_table, train_teacher
+
+__all__ = ["distill", "train_teacher", "DistillResult", "format_table", "STRATEGIES", "Strategy", "Hinton",
+           "LogitRegression", "NoisyTeacher", "Munge", "Ensemble", "make_strategy"]
