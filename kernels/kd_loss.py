@@ -17,6 +17,8 @@ Numerics: fp32 accumulation whatever the input dtype, int64 row offsets,
 max-shifted exponentials, log-probabilities taken from logits.
 """
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -185,6 +187,46 @@ def _kd_loss_kernel(
             tl.store(g_row + cols, (g * gscale).to(G.dtype.element_ty), mask=mask)
 
 
+class _Launch(NamedTuple):
+    """Host-side state of one kernel launch, shared by the dense and top-k wrappers."""
+    T: float                 # the temperature (1 for logit regression)
+    soft_coef: float         # alpha * (T^2 when t2_scale, else 1)
+    has_target: bool
+    tgt: torch.Tensor        # int64 targets, flattened (empty without)
+    gscale: torch.Tensor     # 1 / the reduction's denominator, a device scalar
+    loss_rows: torch.Tensor  # fp32 per-row losses, written by the kernel
+    grad: torch.Tensor       # the student's gradient (empty unless compute_grad)
+
+
+def _launch_state(student, target, N, temperature, divergence, alpha, t2_scale, reduction, ignore_index,
+                  compute_grad) -> _Launch:
+    mse = divergence == "mse_logits"
+    T = 1.0 if mse else float(temperature)
+    has_target = target is not None
+    tgt = target.reshape(-1).to(torch.int64) if has_target else student.new_empty(0, dtype=torch.int64)
+    # 1 / the reduction's denominator as a device scalar, without a host sync (kd_loss's contract: 0 if no
+    # row is valid).
+    if reduction in ("none", "sum"):
+        gscale = torch.ones(1, dtype=torch.float32, device=student.device)
+    else:
+        n_valid = (tgt != ignore_index).sum() if has_target else torch.tensor(N, device=student.device)
+        denom = n_valid.to(torch.float64)
+        if reduction == "batchmean" and N:
+            denom = denom * ((student.shape[0] if student.dim() > 1 else 1) / N)
+        gscale = torch.where(denom > 0, 1.0 / denom.clamp_min(1e-300), 0.0).to(torch.float32).reshape(1)
+    grad = torch.empty(student.shape, dtype=student.dtype, device=student.device) if compute_grad \
+        else student.new_empty(0)
+    return _Launch(T, alpha * (T * T if (t2_scale and not mse) else 1.0), has_target, tgt, gscale,
+                   torch.empty(N, dtype=torch.float32, device=student.device), grad)
+
+
+def _reduced(L: _Launch, reduction, student):
+    """(loss, grad) as the op returns them; the reduced loss is summed in fp64."""
+    if reduction == "none":
+        return L.loss_rows.to(student.dtype).reshape(student.shape[:-1]), L.grad
+    return (L.loss_rows.double().sum() * L.gscale.double().squeeze(0)).to(student.dtype), L.grad
+
+
 def _rows(x: torch.Tensor) -> torch.Tensor:
     x = x.reshape(-1, x.shape[-1])
     return x if x.stride(-1) == 1 else x.contiguous()
@@ -203,33 +245,17 @@ def kd_loss_triton(student, teacher, target, temperature, divergence, beta, alph
     V = student.shape[-1]
     s2, t2 = _rows(student), _rows(teacher)
     N = s2.shape[0]
-    mse = divergence == "mse_logits"
-    T = 1.0 if mse else float(temperature)
-    scale = T * T if (t2_scale and not mse) else 1.0
-    need_ce = alpha < 1.0
-    has_target = target is not None
-    tgt = target.reshape(-1).to(torch.int64) if has_target else s2.new_empty(0, dtype=torch.int64)
-
-    gscale = _gscale(reduction, tgt if has_target else None, ignore_index, N,
-                     student.shape[0] if student.dim() > 1 else 1, student.device)
-
-    loss_rows = torch.empty(N, dtype=torch.float32, device=student.device)
-    grad = torch.empty(student.shape, dtype=student.dtype, device=student.device) if compute_grad \
-        else student.new_empty(0)
+    L = _launch_state(student, target, N, temperature, divergence, alpha, t2_scale, reduction, ignore_index,
+                      compute_grad)
     if N:
-        block = min(4096, triton.next_power_of_2(V))
         _kd_loss_kernel[(N,)](
-            s2, t2, tgt, loss_rows, grad, gscale,
+            s2, t2, L.tgt, L.loss_rows, L.grad, L.gscale,
             s2.stride(0), t2.stride(0), V,
-            1.0 / T, alpha * scale, 1.0 - alpha, float(beta), int(ignore_index),
-            DIV=_DIVERGENCES[divergence], HAS_TARGET=has_target, NEED_CE=need_ce and has_target,
-            T_IS_ONE=T == 1.0, COMPUTE_GRAD=compute_grad, BLOCK=block,
+            1.0 / L.T, L.soft_coef, 1.0 - alpha, float(beta), int(ignore_index),
+            DIV=_DIVERGENCES[divergence], HAS_TARGET=L.has_target, NEED_CE=alpha < 1.0 and L.has_target,
+            T_IS_ONE=L.T == 1.0, COMPUTE_GRAD=compute_grad, BLOCK=min(4096, triton.next_power_of_2(V)),
         )
-    if reduction == "none":
-        loss = loss_rows.to(student.dtype).reshape(student.shape[:-1])
-    else:
-        loss = (loss_rows.double().sum() * gscale.double().squeeze(0)).to(student.dtype)
-    return loss, grad
+    return _reduced(L, reduction, student)
 
 
 @triton.jit
@@ -382,17 +408,6 @@ def _kd_loss_topk_kernel(
             tl.store(g_row + cols, (g * gscale).to(G.dtype.element_ty), mask=mask)
 
 
-def _gscale(reduction, target, ignore_index, n_rows, batch, device):
-    """1 / the reduction's denominator as a device scalar (kd_loss's contract; 0 if no row is valid)."""
-    if reduction in ("none", "sum"):
-        return torch.ones(1, dtype=torch.float32, device=device)
-    n_valid = (target != ignore_index).sum() if target is not None else torch.tensor(n_rows, device=device)
-    denom = n_valid.to(torch.float64)
-    if reduction == "batchmean" and n_rows:
-        denom = denom * (batch / n_rows)
-    return torch.where(denom > 0, 1.0 / denom.clamp_min(1e-300), 0.0).to(torch.float32).reshape(1)
-
-
 def kd_loss_topk_triton(student, teacher_values, teacher_indices, target, temperature, divergence, beta, alpha,
                         t2_scale, reduction, ignore_index, tail, compute_grad):
     """The ``pycompress::kd_loss_topk`` op on Triton; same arguments and outputs as the CPU kernel."""
@@ -413,24 +428,14 @@ def kd_loss_topk_triton(student, teacher_values, teacher_indices, target, temper
             raise ValueError("teacher indices must not repeat within a row")
         if tail == "bucket" and divergence != "mse_logits" and k < V and bool((tv.exp().sum(-1) > 1.001).any()):
             raise ValueError("with tail='bucket' the teacher values must be log-probabilities (log_softmax at T = 1)")
-    mse = divergence == "mse_logits"
-    T = 1.0 if mse else float(temperature)
-    scale = T * T if (t2_scale and not mse) else 1.0
-    has_target = target is not None
-    tgt = target.reshape(-1).to(torch.int64) if has_target else s2.new_empty(0, dtype=torch.int64)
-    gscale = _gscale(reduction, tgt if has_target else None, ignore_index, N,
-                     student.shape[0] if student.dim() > 1 else 1, student.device)
-    loss_rows = torch.empty(N, dtype=torch.float32, device=student.device)
-    grad = torch.empty(student.shape, dtype=student.dtype, device=student.device) if compute_grad \
-        else student.new_empty(0)
+    L = _launch_state(student, target, N, temperature, divergence, alpha, t2_scale, reduction, ignore_index,
+                      compute_grad)
     if N:
         _kd_loss_topk_kernel[(N,)](
-            s2, tv, ti, tgt, loss_rows, grad, gscale, s2.stride(0), V, k,
-            1.0 / T, alpha * scale, 1.0 - alpha, float(beta), int(ignore_index),
-            DIV=_DIVERGENCES[divergence], BUCKET=(tail == "bucket" and k < V), HAS_TARGET=has_target,
-            NEED_CE=alpha < 1.0 and has_target, T_IS_ONE=T == 1.0, COMPUTE_GRAD=compute_grad,
+            s2, tv, ti, L.tgt, L.loss_rows, L.grad, L.gscale, s2.stride(0), V, k,
+            1.0 / L.T, L.soft_coef, 1.0 - alpha, float(beta), int(ignore_index),
+            DIV=_DIVERGENCES[divergence], BUCKET=(tail == "bucket" and k < V), HAS_TARGET=L.has_target,
+            NEED_CE=alpha < 1.0 and L.has_target, T_IS_ONE=L.T == 1.0, COMPUTE_GRAD=compute_grad,
             BLOCK=min(1024, triton.next_power_of_2(V)), KBLOCK=triton.next_power_of_2(k),
         )
-    if reduction == "none":
-        return loss_rows.to(student.dtype).reshape(student.shape[:-1]), grad
-    return (loss_rows.double().sum() * gscale.double().squeeze(0)).to(student.dtype), grad
+    return _reduced(L, reduction, student)
