@@ -61,9 +61,13 @@ def _want_cuda():
 
 def extensions():
     march = os.environ.get("PYCOMPRESS_ARCH", "native")
-    cxx = ["-O3", "-std=c++17", f"-march={march}", *_cpu_capability_macros(march)]
+    # -fopenmp: at::parallel_for is inlined from ATen/ParallelOpenMP.h and runs
+    # serially unless _OPENMP is defined in *our* translation units. The .so
+    # then needs libgomp.so.1, which resolves to the copy torch already loaded.
+    cxx = ["-O3", "-std=c++17", f"-march={march}", "-fopenmp", *_cpu_capability_macros(march)]
     sources = _rel("csrc/*.cpp") + _rel("csrc/cpu/*.cpp")
-    kwargs = dict(include_dirs=[os.path.join(ROOT, "csrc")], extra_compile_args={"cxx": cxx})
+    kwargs = dict(include_dirs=[os.path.join(ROOT, "csrc")], extra_compile_args={"cxx": cxx},
+                  extra_link_args=["-fopenmp"])
     if _want_cuda():
         # .cu files take raw pointers; their torch-facing bindings are the
         # csrc/cuda/*.cpp files, compiled only here because they need torch's

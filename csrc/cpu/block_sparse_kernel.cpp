@@ -1,0 +1,339 @@
+// Block-sparse (BSR) 2-D convolution, CPU kernel.
+//
+// The conv is the GEMM out[co, p] = sum_k W[co, k] * col[k, p], k = (ci, r, s)
+// in PyTorch's weight order, p an output pixel. W is BSR with (bo x bk) blocks;
+// only nonzero blocks are multiplied. Column row k of col is read from a
+// "source" buffer at a per-k offset, so one micro-kernel serves three layouts:
+//   direct   1x1, stride 1, no padding: the NCHW input itself (q = pixel);
+//   padded   stride 1: the input copied once into zero-padded planes; with
+//            q = oh * Wp + ow the tap (r, s) of channel c is the contiguous run
+//            at c*Hp*Wp + r*dh*Wp + s*dw + q (implicit GEMM, no im2col). Lanes
+//            with ow >= OW are computed and dropped (Wp/OW extra work);
+//   im2col   stride > 1: an explicit (K, N*OH*OW) column matrix.
+// Micro-kernel: a tile of MR output channels x NV vectors of q (16 fp32 lanes
+// each with AVX-512) kept in MR*NV accumulator registers; every nonzero weight
+// is broadcast and FMA'd against NV input vectors. Values are stored k-major
+// inside a block so the MR broadcasts of one k are contiguous. Tiles (image,
+// q strip, block row) are split over threads with at::parallel_for; bias and
+// ReLU are fused into the store.
+// Memory traffic per call: the input once (plus one padded copy, or K/C times
+// for im2col), nonzero weights once per q strip (from L2), the output once.
+// Scratch buffers are cached per thread and reused, so the hot path takes no
+// fresh page faults; the output comes from the huge-page allocator.
+// Numerics: fp32 FMA accumulation in block order; no reassociation across
+// calls, so results do not depend on the thread count.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "cpu/hugepage_alloc.h"
+
+namespace pycompress {
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kW = Vec::size();
+
+// Grows-only per-thread scratch: reused across calls (no page faults after the first).
+float* scratch(std::vector<float>& buf, int64_t n) {
+  if (static_cast<int64_t>(buf.size()) < n) buf.resize(n);
+  return buf.data();
+}
+
+// Where the column rows come from and how q maps to output pixels.
+struct Source {
+  const float* data;
+  int64_t len;           // readable elements from data
+  int64_t img_stride;    // elements between source images
+  int64_t n_img;         // source images (N, or 1 for im2col over the batch)
+  int64_t img_q;         // q positions per source image (rows of wq)
+  int64_t wq;            // q-row width
+  int64_t ow;            // valid lanes at the start of each q-row
+  int64_t img_p;         // output pixels per source image
+  std::vector<int64_t> off;  // per k: offset of column row k inside an image
+  int64_t max_off;
+};
+
+// acc[i][j] += sum over the blocks [b0, b1) of w[k][i] * x[off[k] + j*kW ...].
+template <int MR, int NV>
+inline void accumulate(Vec (&acc)[MR][NV], const float* x, const int64_t* off, const float* vals,
+                       const int64_t* cols, int64_t b0, int64_t b1, int64_t bk, int64_t bo) {
+  for (int64_t b = b0; b < b1; ++b) {
+    const float* w = vals + b * bk * bo;
+    const int64_t* o = off + cols[b] * bk;
+    for (int64_t kk = 0; kk < bk; ++kk, w += bo) {
+      const float* xk = x + o[kk];
+      Vec xv[NV];
+      for (int j = 0; j < NV; ++j) xv[j] = Vec::loadu(xk + j * kW);
+      for (int i = 0; i < MR; ++i) {
+        const Vec wi(w[i]);
+        for (int j = 0; j < NV; ++j) acc[i][j] = at::vec::fmadd(wi, xv[j], acc[i][j]);
+      }
+    }
+  }
+}
+
+template <int MR, int NV>
+void conv_tiles(const Source& src, const float* vals, const int64_t* cols, const int64_t* rptr, int64_t R,
+                int64_t bk, int64_t bo, const float* bias, bool relu, int64_t cout, int64_t ohow, float* out) {
+  constexpr int64_t SW = NV * kW;
+  const int64_t K = static_cast<int64_t>(src.off.size());
+  const int64_t strips = (src.img_q + SW - 1) / SW;
+  const int64_t ntiles = src.n_img * strips * R;
+  at::parallel_for(0, ntiles, 1, [&](int64_t begin, int64_t end) {
+    thread_local std::vector<float> pack_buf;
+    thread_local std::vector<int64_t> pack_off;
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t r = t % R;
+      const int64_t strip = (t / R) % strips;
+      const int64_t g = t / (R * strips);
+      const int64_t q0 = strip * SW;
+      const float* x = src.data + g * src.img_stride + q0;
+      const int64_t* off = src.off.data();
+      if (g * src.img_stride + src.max_off + q0 + SW > src.len) {
+        // Only a strip at the very end of a caller-owned buffer: copy its
+        // readable lanes into a zero-padded (K, SW) block.
+        float* p = scratch(pack_buf, K * SW);
+        if (static_cast<int64_t>(pack_off.size()) != K) {
+          pack_off.resize(K);
+          for (int64_t k = 0; k < K; ++k) pack_off[k] = k * SW;
+        }
+        for (int64_t k = 0; k < K; ++k) {
+          const int64_t n = std::clamp<int64_t>(src.len - (x - src.data) - off[k], 0, SW);
+          std::memcpy(p + k * SW, x + off[k], n * sizeof(float));
+          std::fill(p + k * SW + n, p + (k + 1) * SW, 0.f);
+        }
+        x = p;
+        off = pack_off.data();
+      }
+      const int64_t qend = std::min(q0 + SW, src.img_q);
+      const bool contiguous = src.wq == src.ow && qend - q0 == SW &&
+                              (g * src.img_p + q0) / ohow == (g * src.img_p + q0 + SW - 1) / ohow;
+      for (int64_t i0 = 0; i0 < bo; i0 += MR) {
+        const int64_t co0 = r * bo + i0;
+        const int64_t rows = std::min<int64_t>(MR, cout - co0);
+        if (rows <= 0) break;  // padding rows of the last block row
+        Vec acc[MR][NV];
+        for (int i = 0; i < MR; ++i)
+          for (int j = 0; j < NV; ++j) acc[i][j] = Vec(0.f);
+        accumulate<MR, NV>(acc, x, off, vals + i0, cols, rptr[r], rptr[r + 1], bk, bo);
+        for (int i = 0; i < MR; ++i) {
+          const Vec b(bias && i < rows ? bias[co0 + i] : 0.f);
+          for (int j = 0; j < NV; ++j) {
+            acc[i][j] = acc[i][j] + b;
+            if (relu) acc[i][j] = at::vec::clamp_min(acc[i][j], Vec(0.f));
+          }
+        }
+        if (contiguous) {
+          const int64_t gp = g * src.img_p + q0;
+          float* o = out + (gp / ohow) * cout * ohow + co0 * ohow + gp % ohow;
+          for (int64_t i = 0; i < rows; ++i)
+            for (int j = 0; j < NV; ++j) acc[i][j].store(o + i * ohow + j * kW);
+          continue;
+        }
+        // Scatter the valid runs of q (inside a q-row, inside one image).
+        alignas(64) float tmp[MR][SW];
+        for (int i = 0; i < MR; ++i)
+          for (int j = 0; j < NV; ++j) acc[i][j].store(&tmp[i][j * kW]);
+        for (int64_t q = q0; q < qend;) {
+          const int64_t row = q / src.wq, c = q % src.wq;
+          if (c >= src.ow) {
+            q = (row + 1) * src.wq;
+            continue;
+          }
+          const int64_t gp = g * src.img_p + row * src.ow + c;
+          const int64_t pix = gp % ohow;
+          const int64_t len = std::min({src.ow - c, qend - q, ohow - pix});
+          float* o = out + (gp / ohow) * cout * ohow + co0 * ohow + pix;
+          for (int64_t i = 0; i < rows; ++i) std::memcpy(o + i * ohow, &tmp[i][q - q0], len * sizeof(float));
+          q += len;
+        }
+      }
+    }
+  });
+}
+
+// Strip width (vectors of q): the fewest wasted lanes per source image, ties
+// to the wider strip (more reuse of each broadcast weight).
+int pick_nv(int64_t img_q) {
+  int best = 1;
+  int64_t best_waste = -1;
+  for (int nv : {4, 3, 2, 1}) {
+    const int64_t sw = nv * kW;
+    const int64_t waste = (img_q + sw - 1) / sw * sw - img_q;
+    if (best_waste < 0 || waste < best_waste) best = nv, best_waste = waste;
+  }
+  return best;
+}
+
+template <int MR>
+void dispatch_nv(int nv, const Source& src, const float* vals, const int64_t* cols, const int64_t* rptr, int64_t R,
+                 int64_t bk, int64_t bo, const float* bias, bool relu, int64_t cout, int64_t ohow, float* out) {
+  switch (nv) {
+    case 1: return conv_tiles<MR, 1>(src, vals, cols, rptr, R, bk, bo, bias, relu, cout, ohow, out);
+    case 2: return conv_tiles<MR, 2>(src, vals, cols, rptr, R, bk, bo, bias, relu, cout, ohow, out);
+    case 3: return conv_tiles<MR, 3>(src, vals, cols, rptr, R, bk, bo, bias, relu, cout, ohow, out);
+    default: return conv_tiles<MR, 4>(src, vals, cols, rptr, R, bk, bo, bias, relu, cout, ohow, out);
+  }
+}
+
+at::Tensor block_sparse_conv2d_cpu(const at::Tensor& input_in, const at::Tensor& values_in, const at::Tensor& col_idx_in,
+                                   const at::Tensor& row_ptr_in, const std::optional<at::Tensor>& bias_in,
+                                   at::IntArrayRef kernel, at::IntArrayRef stride, at::IntArrayRef padding,
+                                   at::IntArrayRef dilation, int64_t out_channels, bool relu) {
+  constexpr const char* op = "pycompress::block_sparse_conv2d: ";
+  TORCH_CHECK_VALUE(input_in.dim() == 4, op, "input must be 4-D (N, C, H, W), got ", input_in.dim(), "-D");
+  TORCH_CHECK_TYPE(input_in.scalar_type() == at::kFloat, op, "input must be float32, got ", input_in.scalar_type());
+  TORCH_CHECK_VALUE(values_in.dim() == 3, op, "values must be 3-D (nnzb, bk, bo), got ", values_in.dim(), "-D");
+  TORCH_CHECK_TYPE(values_in.scalar_type() == at::kFloat, op, "values must be float32, got ", values_in.scalar_type());
+  TORCH_CHECK_TYPE(col_idx_in.scalar_type() == at::kLong && row_ptr_in.scalar_type() == at::kLong, op,
+                   "col_idx and row_ptr must be int64, got ", col_idx_in.scalar_type(), " and ",
+                   row_ptr_in.scalar_type());
+  TORCH_CHECK_VALUE(col_idx_in.dim() == 1 && col_idx_in.size(0) == values_in.size(0), op, "col_idx must be (nnzb,) = (",
+                    values_in.size(0), ",), got ", col_idx_in.sizes());
+  TORCH_CHECK_VALUE(row_ptr_in.dim() == 1 && row_ptr_in.size(0) >= 2, op,
+                    "row_ptr must be 1-D with at least 2 entries, got ", row_ptr_in.sizes());
+  TORCH_CHECK_VALUE(kernel.size() == 2 && stride.size() == 2 && padding.size() == 2 && dilation.size() == 2, op,
+                    "kernel, stride, padding and dilation must have 2 entries each");
+  const int64_t kh = kernel[0], kw = kernel[1], sh = stride[0], sw = stride[1];
+  const int64_t ph = padding[0], pw = padding[1], dh = dilation[0], dw = dilation[1];
+  TORCH_CHECK_VALUE(kh >= 1 && kw >= 1 && sh >= 1 && sw >= 1 && dh >= 1 && dw >= 1 && ph >= 0 && pw >= 0, op,
+                    "kernel, stride and dilation must be >= 1 and padding >= 0, got kernel ", kernel, ", stride ",
+                    stride, ", padding ", padding, ", dilation ", dilation);
+  const int64_t N = input_in.size(0), C = input_in.size(1), H = input_in.size(2), W = input_in.size(3);
+  const int64_t bk = values_in.size(1), bo = values_in.size(2);
+  const int64_t R = row_ptr_in.size(0) - 1;
+  const int64_t K = C * kh * kw;
+  TORCH_CHECK_VALUE(bk >= 1 && bo >= 1, op, "block size (bo, bk) = (", bo, ", ", bk, ") must be positive");
+  TORCH_CHECK_VALUE(K % bk == 0, op, "block width bk=", bk, " must divide in_channels*kh*kw = ", C, "*", kh, "*", kw,
+                    " = ", K, " (the input has ", C, " channels)");
+  TORCH_CHECK_VALUE(out_channels > (R - 1) * bo && out_channels <= R * bo, op, "out_channels=", out_channels,
+                    " does not match ", R, " block rows of bo=", bo, " (expected ", (R - 1) * bo + 1, "..", R * bo, ")");
+  const int64_t OH = (H + 2 * ph - dh * (kh - 1) - 1) / sh + 1;
+  const int64_t OW = (W + 2 * pw - dw * (kw - 1) - 1) / sw + 1;
+  TORCH_CHECK_VALUE(OH >= 1 && OW >= 1, op, "input ", input_in.sizes(), " is smaller than the dilated kernel");
+  const float* bias = nullptr;
+  at::Tensor bias_t;
+  if (bias_in.has_value() && bias_in->defined()) {
+    TORCH_CHECK_VALUE(bias_in->dim() == 1 && bias_in->size(0) == out_channels, op, "bias must be (", out_channels,
+                      ",), got ", bias_in->sizes());
+    TORCH_CHECK_TYPE(bias_in->scalar_type() == at::kFloat, op, "bias must be float32, got ", bias_in->scalar_type());
+    bias_t = bias_in->contiguous();
+    bias = bias_t.const_data_ptr<float>();
+  }
+  const at::Tensor input = input_in.contiguous();
+  const at::Tensor values = values_in.contiguous();
+  const at::Tensor cols_t = col_idx_in.contiguous(), rptr_t = row_ptr_in.contiguous();
+  const int64_t* cols = cols_t.const_data_ptr<int64_t>();
+  const int64_t* rptr = rptr_t.const_data_ptr<int64_t>();
+  const int64_t nnzb = values.size(0), kblocks = K / bk;
+  TORCH_CHECK_VALUE(rptr[0] == 0 && rptr[R] == nnzb, op, "row_ptr must start at 0 and end at nnzb=", nnzb, ", got ",
+                    rptr[0], " and ", rptr[R]);
+  for (int64_t r = 0; r < R; ++r)
+    TORCH_CHECK_VALUE(rptr[r] <= rptr[r + 1], op, "row_ptr must be non-decreasing (row ", r, ")");
+  for (int64_t b = 0; b < nnzb; ++b)
+    TORCH_CHECK_VALUE(cols[b] >= 0 && cols[b] < kblocks, op, "col_idx[", b, "] = ", cols[b], " is outside [0, ",
+                      kblocks, ")");
+
+  const int64_t ohow = OH * OW;
+  at::Tensor out = empty_hugepage({N, out_channels, OH, OW}, input.options());
+  if (out.numel() == 0) return out;
+  const float* x = input.const_data_ptr<float>();
+
+  Source src;
+  std::vector<int64_t>& off = src.off;
+  off.resize(K);
+  thread_local std::vector<float> src_buf;  // the padded copy or the im2col matrix
+  const bool direct = kh == 1 && kw == 1 && sh == 1 && sw == 1 && ph == 0 && pw == 0;
+  int nv;
+  if (direct) {
+    nv = pick_nv(H * W);
+    src.data = x, src.len = input.numel(), src.img_stride = C * H * W, src.n_img = N;
+    src.img_q = H * W, src.wq = W, src.ow = W, src.img_p = H * W;
+    for (int64_t c = 0; c < C; ++c) off[c] = c * H * W;
+  } else if (sh == 1 && sw == 1) {
+    const int64_t Hp = H + 2 * ph, Wp = W + 2 * pw, plane = Hp * Wp;
+    nv = pick_nv(OH * Wp);
+    // Slack after the last plane: the last strip's dropped lanes read past it.
+    const int64_t len = N * C * plane + nv * kW + dw * (kw - 1) + Wp;
+    float* buf = scratch(src_buf, len);
+    at::parallel_for(0, N * C, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t nc = begin; nc < end; ++nc) {
+        float* d = buf + nc * plane;
+        const float* s = x + nc * H * W;
+        std::fill(d, d + ph * Wp, 0.f);
+        for (int64_t h = 0; h < H; ++h) {
+          float* row = d + (h + ph) * Wp;
+          std::fill(row, row + pw, 0.f);
+          std::memcpy(row + pw, s + h * W, W * sizeof(float));
+          std::fill(row + pw + W, row + Wp, 0.f);
+        }
+        std::fill(d + (ph + H) * Wp, d + plane, 0.f);
+      }
+    });
+    std::fill(buf + N * C * plane, buf + len, 0.f);
+    src.data = buf, src.len = len, src.img_stride = C * plane, src.n_img = N;
+    src.img_q = OH * Wp, src.wq = Wp, src.ow = OW, src.img_p = ohow;
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t r = 0; r < kh; ++r)
+        for (int64_t s = 0; s < kw; ++s) off[(c * kh + r) * kw + s] = c * plane + r * dh * Wp + s * dw;
+  } else {
+    const int64_t Q = N * ohow;
+    nv = pick_nv(Q);
+    const int64_t qpad = (Q + nv * kW - 1) / (nv * kW) * (nv * kW);
+    float* buf = scratch(src_buf, K * qpad);
+    at::parallel_for(0, K, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t k = begin; k < end; ++k) {
+        const int64_t c = k / (kh * kw), r = (k / kw) % kh, s = k % kw;
+        float* d = buf + k * qpad;
+        for (int64_t n = 0; n < N; ++n) {
+          const float* plane = x + (n * C + c) * H * W;
+          for (int64_t oh = 0; oh < OH; ++oh) {
+            const int64_t ih = oh * sh - ph + r * dh;
+            float* drow = d + n * ohow + oh * OW;
+            if (ih < 0 || ih >= H) {
+              std::fill(drow, drow + OW, 0.f);
+              continue;
+            }
+            for (int64_t ow = 0; ow < OW; ++ow) {
+              const int64_t iw = ow * sw - pw + s * dw;
+              drow[ow] = (iw >= 0 && iw < W) ? plane[ih * W + iw] : 0.f;
+            }
+          }
+        }
+        std::fill(d + Q, d + qpad, 0.f);
+      }
+    });
+    src.data = buf, src.len = K * qpad, src.img_stride = 0, src.n_img = 1;
+    src.img_q = Q, src.wq = OW, src.ow = OW, src.img_p = Q;
+    for (int64_t k = 0; k < K; ++k) off[k] = k * qpad;
+  }
+  src.max_off = *std::max_element(off.begin(), off.end());
+
+  const float* vals = values.const_data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  if (bo % 8 == 0) {
+    dispatch_nv<8>(nv, src, vals, cols, rptr, R, bk, bo, bias, relu, out_channels, ohow, o);
+  } else if (bo % 4 == 0) {
+    dispatch_nv<4>(nv, src, vals, cols, rptr, R, bk, bo, bias, relu, out_channels, ohow, o);
+  } else if (bo % 2 == 0) {
+    dispatch_nv<2>(nv, src, vals, cols, rptr, R, bk, bo, bias, relu, out_channels, ohow, o);
+  } else {
+    dispatch_nv<1>(nv, src, vals, cols, rptr, R, bk, bo, bias, relu, out_channels, ohow, o);
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pycompress, CPU, m) {
+  m.impl("block_sparse_conv2d", &block_sparse_conv2d_cpu);
+}
+
+}  // namespace pycompress
