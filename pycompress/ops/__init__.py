@@ -4,4 +4,5 @@ Each module registers on the schemas that csrc/<family>.cpp declares; importing
 this package performs every registration.
 """
 
+from pycompress.ops import block_sparse as _block_sparse  # noqa: F401  (registrations only)
 from pycompress.ops import kd_loss as _kd_loss  # noqa: F401  (registrations only)
