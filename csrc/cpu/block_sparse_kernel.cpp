@@ -175,6 +175,7 @@ void conv_tiles(const Source& src, const Bsr& w, const Epilogue& e) {
   at::parallel_for(0, ntiles, 1, [&](int64_t begin, int64_t end) {
     thread_local std::vector<float> pack_buf;
     thread_local std::vector<int64_t> pack_off;
+    const float* packed = nullptr;  // the strip now in pack_buf (consecutive tiles share it)
     for (int64_t t = begin; t < end; ++t) {
       const int64_t r = t % w.R;
       const int64_t strip = (t / w.R) % strips;
@@ -184,17 +185,20 @@ void conv_tiles(const Source& src, const Bsr& w, const Epilogue& e) {
       const float* x = src.data + g * src.img_stride + q0;
       const int64_t* off = src.off.data();
       if (g * src.img_stride + src.max_off + q0 + nv * kW > src.len) {
-        // Only a strip at the very end of a caller-owned buffer: copy its
-        // readable lanes into a zero-padded (K, SW) block.
+        // Only the last strip of a caller-owned buffer (1x1 direct mode): its
+        // readable lanes go into a zero-padded (K, SW) block, once per thread.
         float* p = scratch(pack_buf, K * SW);
-        if (static_cast<int64_t>(pack_off.size()) != K) {
-          pack_off.resize(K);
-          for (int64_t k = 0; k < K; ++k) pack_off[k] = k * SW;
-        }
-        for (int64_t k = 0; k < K; ++k) {
-          const int64_t n = std::clamp<int64_t>(src.len - (x - src.data) - off[k], 0, SW);
-          std::memcpy(p + k * SW, x + off[k], n * sizeof(float));
-          std::fill(p + k * SW + n, p + (k + 1) * SW, 0.f);
+        if (packed != x) {
+          if (static_cast<int64_t>(pack_off.size()) != K) {
+            pack_off.resize(K);
+            for (int64_t k = 0; k < K; ++k) pack_off[k] = k * SW;
+          }
+          for (int64_t k = 0; k < K; ++k) {
+            const int64_t n = std::clamp<int64_t>(src.len - (x - src.data) - off[k], 0, nv * kW);
+            std::memcpy(p + k * SW, x + off[k], n * sizeof(float));
+            std::fill(p + k * SW + n, p + k * SW + nv * kW, 0.f);
+          }
+          packed = x;
         }
         x = p;
         off = pack_off.data();
