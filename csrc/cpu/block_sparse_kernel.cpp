@@ -181,11 +181,31 @@ void conv_tiles(const Source& src, const Bsr& w, const Epilogue& e) {
   const int64_t strips = (src.img_q + SW - 1) / SW;
   const int tail_nv = static_cast<int>((src.img_q - (strips - 1) * SW + kW - 1) / kW);
   const int64_t ntiles = src.n_img * strips * w.R;
-  at::parallel_for(0, ntiles, 1, [&](int64_t begin, int64_t end) {
+  // Tiles run in (image, strip, block row) order, so a thread keeps one strip
+  // of input in L2 across block rows. Threads get contiguous runs of equal
+  // estimated cost (nonzero k steps x vectors, plus the epilogue) rather than
+  // equal tile counts: block rows differ in density and tail strips are narrow.
+  const int64_t nthreads = std::min<int64_t>(at::get_num_threads(), ntiles);
+  std::vector<int64_t> split(nthreads + 1, ntiles);
+  {
+    auto cost = [&](int64_t t) {
+      const int64_t r = t % w.R, strip = (t / w.R) % strips;
+      return ((w.rptr[r + 1] - w.rptr[r]) * w.bk + 8) * (strip == strips - 1 ? tail_nv : NV) * w.bo;
+    };
+    int64_t total = 0;
+    for (int64_t t = 0; t < ntiles; ++t) total += cost(t);
+    split[0] = 0;
+    int64_t acc = 0, i = 1;
+    for (int64_t t = 0; t < ntiles && i < nthreads; ++t) {
+      acc += cost(t);
+      while (i < nthreads && acc * nthreads >= total * i) split[i++] = t + 1;
+    }
+  }
+  at::parallel_for(0, nthreads, 1, [&](int64_t first, int64_t last) {
     thread_local std::vector<float> pack_buf;
     thread_local std::vector<int64_t> pack_off;
     const float* packed = nullptr;  // the strip now in pack_buf (consecutive tiles share it)
-    for (int64_t t = begin; t < end; ++t) {
+    for (int64_t t = split[first]; t < split[last]; ++t) {
       const int64_t r = t % w.R;
       const int64_t strip = (t / w.R) % strips;
       const int64_t g = t / (w.R * strips);
