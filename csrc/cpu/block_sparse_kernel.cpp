@@ -11,7 +11,7 @@
 //            with ow >= OW are computed and dropped (Wp/OW extra work);
 //   im2col   stride > 1: an explicit (K, N*OH*OW) column matrix.
 // Micro-kernel: a tile of MR = 4 output channels x NV = 6 vectors of q (16 fp32
-// lanes each with AVX-512) kept in 24 accumulator registers; every nonzero
+// lanes each with AVX-512; 8 x 3 for 1x1) kept in 24 accumulator registers; every nonzero
 // weight is broadcast and FMA'd against the NV input vectors. The last strip of
 // an image uses only the vectors it needs. Values are stored k-major
 // inside a block so the MR broadcasts of one k are contiguous. Tiles (image,
@@ -369,7 +369,12 @@ at::Tensor block_sparse_conv2d_cpu(const at::Tensor& input_in, const at::Tensor&
 
   const Bsr w{values.const_data_ptr<float>(), cols, rptr, R, bk, bo};
   const Epilogue e{bias, relu, out_channels, ohow, out.data_ptr<float>()};
-  if (bo % 4 == 0) {
+  if (direct && bo % 8 == 0) {
+    // 1x1: each k is a different channel plane, so no cache line is shared
+    // between k steps and L2 bandwidth binds; 8 rows halve the input loads
+    // per FMA (measured 180 vs 150 GFLOP/s at 50 %, 1 thread).
+    conv_tiles<8, 3>(src, w, e);
+  } else if (bo % 4 == 0) {
     conv_tiles<4, kNV>(src, w, e);
   } else if (bo % 2 == 0) {
     conv_tiles<2, kNV>(src, w, e);
