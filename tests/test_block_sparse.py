@@ -35,7 +35,7 @@ def ref_conv(x, conv: nn.Conv2d, block_mask, bo, bk, relu=False):
 
 
 # (N, Cin, Cout, H, W, kernel, stride, padding, dilation, block_size): covers the
-# three source layouts (1x1 direct, stride-1 padded, strided im2col), odd sizes,
+# source layouts (1x1 direct, stride-1 padded, strided phase planes), odd sizes,
 # Cout not a multiple of bo, and every micro-kernel row count (8, 4, 2, 1).
 CONV_CASES = [
     (1, 16, 24, 7, 9, 3, 1, 1, 1, (8, 8)),
@@ -46,6 +46,8 @@ CONV_CASES = [
     (1, 9, 10, 13, 5, 1, 2, 0, 1, (2, 1)),
     (2, 5, 7, 8, 11, (3, 1), (1, 2), (1, 0), (2, 1), (1, 5)),
     (1, 24, 40, 17, 17, 5, 1, 2, 1, (8, 4)),
+    (2, 8, 12, 13, 12, 3, 3, 2, 2, (4, 8)),
+    (8, 16, 8, 9, 9, 1, 2, 0, 1, (8, 8)),
 ]
 SPARSITIES = [0.0, 0.5, 0.9, 1.0]
 

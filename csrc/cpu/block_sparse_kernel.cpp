@@ -3,13 +3,14 @@
 // The conv is the GEMM out[co, p] = sum_k W[co, k] * col[k, p], k = (ci, r, s)
 // in PyTorch's weight order, p an output pixel. W is BSR with (bo x bk) blocks;
 // only nonzero blocks are multiplied. Column row k of col is read from a
-// "source" buffer at a per-k offset, so one micro-kernel serves three layouts:
+// "source" buffer at a per-k offset, so one micro-kernel serves two layouts:
 //   direct   1x1, stride 1, no padding: the NCHW input itself (q = pixel);
-//   padded   stride 1: the input copied once into zero-padded planes; with
-//            q = oh * Wp + ow the tap (r, s) of channel c is the contiguous run
-//            at c*Hp*Wp + r*dh*Wp + s*dw + q (implicit GEMM, no im2col). Lanes
-//            with ow >= OW are computed and dropped (Wp/OW extra work);
-//   im2col   stride > 1: an explicit (K, N*OH*OW) column matrix.
+//   phases   otherwise: the input copied once into zero-padded planes, split
+//            into sh*sw phase planes of (Hq, Wq) when strided. With
+//            q = oh * Wq + ow, tap (r, s) of channel c is the contiguous run
+//            at phase ((r*dh)%sh, (s*dw)%sw) of c, row (r*dh)/sh, column
+//            (s*dw)/sw (implicit GEMM: no im2col, no strided loads). Lanes
+//            with ow >= OW are computed and dropped (Wq/OW extra work).
 // Micro-kernel: a tile of MR = 4 output channels x NV = 6 vectors of q (16 fp32
 // lanes each with AVX-512; 8 x 3 for 1x1) kept in 24 accumulator registers; every nonzero
 // weight is broadcast and FMA'd against the NV input vectors. The last strip of
@@ -17,8 +18,8 @@
 // inside a block so the MR broadcasts of one k are contiguous. Tiles (image,
 // q strip, block row) are split over threads with at::parallel_for; bias and
 // ReLU are fused into the store.
-// Memory traffic per call: the input once (plus one padded copy, or K/C times
-// for im2col), nonzero weights once per q strip (from L2), the output once.
+// Memory traffic per call: the input once (plus one padded copy), nonzero
+// weights once per q strip (from L2), the output once.
 // Scratch buffers are cached per thread and reused, so the hot path takes no
 // fresh page faults; the output comes from the huge-page allocator.
 // Numerics: fp32 FMA accumulation in block order; no reassociation across
@@ -68,7 +69,7 @@ struct Source {
   const float* data;
   int64_t len;           // readable elements from data
   int64_t img_stride;    // elements between source images
-  int64_t n_img;         // source images (N, or 1 for im2col over the batch)
+  int64_t n_img;         // source images (N)
   int64_t img_q;         // q positions per source image (rows of wq)
   int64_t wq;            // q-row width
   int64_t ow;            // valid lanes at the start of each q-row
@@ -303,67 +304,67 @@ at::Tensor block_sparse_conv2d_cpu(const at::Tensor& input_in, const at::Tensor&
   Source src;
   std::vector<int64_t>& off = src.off;
   off.resize(K);
-  thread_local std::vector<float> src_buf;  // the padded copy or the im2col matrix
-  thread_local std::array<int64_t, 7> src_geometry{};  // of the padded copy now in src_buf
+  thread_local std::vector<float> src_buf;                 // the padded phase planes
+  thread_local std::array<int64_t, 13> src_geometry{};     // of the copy now in src_buf
   const bool direct = kh == 1 && kw == 1 && sh == 1 && sw == 1 && ph == 0 && pw == 0;
   if (direct) {
     src.data = x, src.len = input.numel(), src.img_stride = C * H * W, src.n_img = N;
     src.img_q = H * W, src.wq = W, src.ow = W, src.img_p = H * W;
     for (int64_t c = 0; c < C; ++c) off[c] = c * H * W;
-  } else if (sh == 1 && sw == 1) {
-    const int64_t Hp = H + 2 * ph, Wp = W + 2 * pw, plane = Hp * Wp;
+  } else {
+    // Zero-padded input split into sh*sw phase planes: phase (a, b) holds the
+    // padded pixels (i*sh + a, j*sw + b). Tap (r, s) of output (oh, ow) is then
+    // pixel (oh + r*dh/sh, ow + s*dw/sw) of phase ((r*dh)%sh, (s*dw)%sw), a
+    // constant offset from q = oh*Wq + ow: a strided conv becomes sh*sw
+    // stride-1 ones over a single copy of the input (stride 1: one phase).
+    const int64_t Hp = H + 2 * ph, Wp = W + 2 * pw;
+    const int64_t Hq = (Hp + sh - 1) / sh, Wq = (Wp + sw - 1) / sw, plane = Hq * Wq, P = sh * sw;
+    std::vector<char> used(P, 0);  // phases some tap reads (a 1x1 stride-2 conv needs one of four)
+    for (int64_t r = 0; r < kh; ++r)
+      for (int64_t s = 0; s < kw; ++s) used[((r * dh) % sh) * sw + (s * dw) % sw] = 1;
     // Slack after the last plane: the last strip's dropped lanes read past it.
-    const int64_t len = N * C * plane + kStrip + dw * (kw - 1) + Wp;
+    const int64_t len = N * C * P * plane + kStrip + (dw * (kw - 1)) / sw + Wq;
     float* buf = scratch(src_buf, len);
     // The zero borders survive in the cached buffer: rewrite them only when
     // the geometry (or the buffer) changed since the last call on this thread.
-    const std::array<int64_t, 7> geometry{N, C, H, W, ph, pw, reinterpret_cast<int64_t>(buf)};
+    const std::array<int64_t, 13> geometry{N, C, H, W, ph, pw, sh, sw, kh, kw, dh, dw,
+                                           reinterpret_cast<int64_t>(buf)};
     const bool zero_borders = geometry != src_geometry;
     at::parallel_for(0, N * C, 1, [&](int64_t begin, int64_t end) {
       for (int64_t nc = begin; nc < end; ++nc) {
-        float* d = buf + nc * plane;
-        const float* s = x + nc * H * W;
-        if (zero_borders) std::fill(d, d + plane, 0.f);
-        for (int64_t h = 0; h < H; ++h) copy_n(d + (h + ph) * Wp + pw, s + h * W, W);
-      }
-    });
-    if (zero_borders) std::fill(buf + N * C * plane, buf + len, 0.f);
-    src_geometry = geometry;
-    src.data = buf, src.len = len, src.img_stride = C * plane, src.n_img = N;
-    src.img_q = OH * Wp, src.wq = Wp, src.ow = OW, src.img_p = ohow;
-    for (int64_t c = 0; c < C; ++c)
-      for (int64_t r = 0; r < kh; ++r)
-        for (int64_t s = 0; s < kw; ++s) off[(c * kh + r) * kw + s] = c * plane + r * dh * Wp + s * dw;
-  } else {
-    const int64_t Q = N * ohow;
-    const int64_t qpad = (Q + kW - 1) / kW * kW;
-    float* buf = scratch(src_buf, K * qpad);
-    src_geometry = {};
-    at::parallel_for(0, K, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t k = begin; k < end; ++k) {
-        const int64_t c = k / (kh * kw), r = (k / kw) % kh, s = k % kw;
-        float* d = buf + k * qpad;
-        for (int64_t n = 0; n < N; ++n) {
-          const float* plane = x + (n * C + c) * H * W;
-          for (int64_t oh = 0; oh < OH; ++oh) {
-            const int64_t ih = oh * sh - ph + r * dh;
-            float* drow = d + n * ohow + oh * OW;
-            if (ih < 0 || ih >= H) {
-              std::fill(drow, drow + OW, 0.f);
-              continue;
-            }
-            for (int64_t ow = 0; ow < OW; ++ow) {
-              const int64_t iw = ow * sw - pw + s * dw;
-              drow[ow] = (iw >= 0 && iw < W) ? plane[ih * W + iw] : 0.f;
+        const float* src_plane = x + nc * H * W;
+        for (int64_t pa = 0; pa < sh; ++pa) {
+          for (int64_t pb = 0; pb < sw; ++pb) {
+            if (!used[pa * sw + pb]) continue;
+            float* d = buf + (nc * P + pa * sw + pb) * plane;
+            if (zero_borders) std::fill(d, d + plane, 0.f);
+            // Columns j with an input pixel: pw <= j*sw + pb < pw + W.
+            const int64_t j0 = std::max<int64_t>(0, (pw - pb + sw - 1) / sw);
+            const int64_t j1 = std::min<int64_t>(Wq, (pw + W - pb + sw - 1) / sw);
+            for (int64_t i = 0; i < Hq; ++i) {
+              const int64_t h = i * sh + pa - ph;
+              if (h < 0 || h >= H || j1 <= j0) continue;
+              const float* srow = src_plane + h * W + (j0 * sw + pb - pw);
+              float* drow = d + i * Wq + j0;
+              if (sw == 1) {
+                copy_n(drow, srow, j1 - j0);
+              } else {
+                for (int64_t j = 0; j < j1 - j0; ++j) drow[j] = srow[j * sw];
+              }
             }
           }
         }
-        std::fill(d + Q, d + qpad, 0.f);
       }
     });
-    src.data = buf, src.len = K * qpad, src.img_stride = 0, src.n_img = 1;
-    src.img_q = Q, src.wq = OW, src.ow = OW, src.img_p = Q;
-    for (int64_t k = 0; k < K; ++k) off[k] = k * qpad;
+    if (zero_borders) std::fill(buf + N * C * P * plane, buf + len, 0.f);
+    src_geometry = geometry;
+    src.data = buf, src.len = len, src.img_stride = C * P * plane, src.n_img = N;
+    src.img_q = OH * Wq, src.wq = Wq, src.ow = OW, src.img_p = ohow;
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t r = 0; r < kh; ++r)
+        for (int64_t s = 0; s < kw; ++s)
+          off[(c * kh + r) * kw + s] = (c * P + ((r * dh) % sh) * sw + (s * dw) % sw) * plane +
+                                       (r * dh) / sh * Wq + (s * dw) / sw;
   }
   src.max_off = *std::max_element(off.begin(), off.end());
 
