@@ -20,9 +20,11 @@ from pycompress import functional as PF
 from pycompress.ops.block_sparse import bsr_to_dense, dense_to_blocks
 
 # Above this density the CPU kernel is no faster than oneDNN's dense conv on
-# ResNet-50 shapes (bench/bench_block_sparse.py), so the module keeps a dense
-# weight and calls F.conv2d instead.
-DEFAULT_DENSE_THRESHOLD = 0.4
+# ResNet-50 shapes: at density 0.5 it still wins by 1.05-1.45x with 2 threads
+# and 1.25-2.9x with 1 (bench/bench_block_sparse.py), and it does ~1/density of
+# the dense work at ~50-60 % of dense's GFLOP/s. Denser layers keep a dense
+# weight and call F.conv2d instead.
+DEFAULT_DENSE_THRESHOLD = 0.5
 
 
 def default_block_size(k: int, device: torch.device) -> Tuple[int, int]:
