@@ -35,9 +35,11 @@ SHAPES = [
 BATCHES = [1, 8]
 SPARSITIES = [0.5, 0.75, 0.9, 0.95]
 ROWS = []
-# The thread count to measure with (default: torch's, 2 on the project machines).
+# The thread count to measure with (default: torch's, 2 on the project machines),
+# and a multiplier of the repeats for a busy shared machine.
 if os.environ.get("PYCOMPRESS_BENCH_THREADS"):
     torch.set_num_threads(int(os.environ["PYCOMPRESS_BENCH_THREADS"]))
+REPEATS = float(os.environ.get("PYCOMPRESS_BENCH_REPEATS", "1"))
 pytestmark = pytest.mark.filterwarnings("ignore:Sparse BSR tensor support is in beta")
 
 
@@ -103,7 +105,7 @@ def test_layer(benchmark, shape, batch, sparsity):
             "dense": lambda: F.conv2d(x, w, None, conv.stride, conv.padding),
             "bsr": lambda: _im2col_bsr(x, bsr, conv),
         }
-        t = interleaved(fns, rounds=30 if batch == 1 else 12)
+        t = interleaved(fns, rounds=round((30 if batch == 1 else 12) * REPEATS))
         benchmark.pedantic(fns["kernel"], rounds=5, warmup_rounds=1)
     flops = 2 * cout * cin * k * k * hw * hw * batch
     ROWS.append(dict(shape=name, batch=batch, sparsity=sparsity, density=kernel.density,
@@ -132,7 +134,7 @@ def test_resnet_end_to_end(benchmark):
         for batch in (1, 8):
             x = torch.randn(batch, 3, 56, 56)
             torch.testing.assert_close(sparse(x), masked(x), atol=1e-3, rtol=1e-3)
-            t = interleaved({"dense": lambda: masked(x), "sparse": lambda: sparse(x)}, rounds=15)
+            t = interleaved({"dense": lambda: masked(x), "sparse": lambda: sparse(x)}, rounds=round(15 * REPEATS))
             print(f"{batch:>5} {t['dense'][0] * 1e3:9.2f} {t['sparse'][0] * 1e3:10.2f} "
                   f"{t['dense'][0] / t['sparse'][0]:7.2f}x")
             assert t["sparse"][0] > 0
