@@ -72,8 +72,7 @@ struct Source {
   int64_t n_img;         // source images (N)
   int64_t img_q;         // q positions per source image (rows of wq)
   int64_t wq;            // q-row width
-  int64_t ow;            // valid lanes at the start of each q-row
-  int64_t img_p;         // output pixels per source image
+  int64_t ow;            // valid lanes at the start of each q-row (output width)
   std::vector<int64_t> off;  // per k: offset of column row k inside an image
   int64_t max_off;
 };
@@ -119,8 +118,8 @@ void block_row(const Source& src, const float* x, const int64_t* off, int64_t g,
   constexpr int64_t SW = NV * kW;
   const int64_t ohow = e.ohow, cout = e.cout;
   const int64_t qend = std::min(q0 + SW, src.img_q);
-  const bool contiguous = src.wq == src.ow && qend - q0 == SW &&
-                          (g * src.img_p + q0) / ohow == (g * src.img_p + q0 + SW - 1) / ohow;
+  const bool contiguous = src.wq == src.ow && qend - q0 == SW;  // 1x1: q is the pixel
+  float* out_g = e.out + g * cout * ohow;
   for (int64_t i0 = 0; i0 < w.bo; i0 += MR) {
     const int64_t co0 = r * w.bo + i0;
     const int64_t rows = std::min<int64_t>(MR, cout - co0);
@@ -137,13 +136,12 @@ void block_row(const Source& src, const float* x, const int64_t* off, int64_t g,
       }
     }
     if (contiguous) {
-      const int64_t gp = g * src.img_p + q0;
-      float* o = e.out + (gp / ohow) * cout * ohow + co0 * ohow + gp % ohow;
+      float* o = out_g + co0 * ohow + q0;
       for (int64_t i = 0; i < rows; ++i)
         for (int j = 0; j < NV; ++j) acc[i][j].store(o + i * ohow + j * kW);
       continue;
     }
-    // Scatter the valid runs of q (inside a q-row, inside one image).
+    // Scatter the valid run of each q-row.
     alignas(64) float tmp[MR][SW];
     for (int i = 0; i < MR; ++i)
       for (int j = 0; j < NV; ++j) acc[i][j].store(&tmp[i][j * kW]);
@@ -153,10 +151,8 @@ void block_row(const Source& src, const float* x, const int64_t* off, int64_t g,
         q = (row + 1) * src.wq;
         continue;
       }
-      const int64_t gp = g * src.img_p + row * src.ow + c;
-      const int64_t pix = gp % ohow;
-      const int64_t len = std::min({src.ow - c, qend - q, ohow - pix});
-      float* o = e.out + (gp / ohow) * cout * ohow + co0 * ohow + pix;
+      const int64_t len = std::min(src.ow - c, qend - q);
+      float* o = out_g + co0 * ohow + row * src.ow + c;
       for (int64_t i = 0; i < rows; ++i) copy_n(o + i * ohow, &tmp[i][q - q0], len);
       q += len;
     }
@@ -309,7 +305,7 @@ at::Tensor block_sparse_conv2d_cpu(const at::Tensor& input_in, const at::Tensor&
   const bool direct = kh == 1 && kw == 1 && sh == 1 && sw == 1 && ph == 0 && pw == 0;
   if (direct) {
     src.data = x, src.len = input.numel(), src.img_stride = C * H * W, src.n_img = N;
-    src.img_q = H * W, src.wq = W, src.ow = W, src.img_p = H * W;
+    src.img_q = H * W, src.wq = W, src.ow = W;
     for (int64_t c = 0; c < C; ++c) off[c] = c * H * W;
   } else {
     // Zero-padded input split into sh*sw phase planes: phase (a, b) holds the
@@ -359,7 +355,7 @@ at::Tensor block_sparse_conv2d_cpu(const at::Tensor& input_in, const at::Tensor&
     if (zero_borders) std::fill(buf + N * C * P * plane, buf + len, 0.f);
     src_geometry = geometry;
     src.data = buf, src.len = len, src.img_stride = C * P * plane, src.n_img = N;
-    src.img_q = OH * Wq, src.wq = Wq, src.ow = OW, src.img_p = ohow;
+    src.img_q = OH * Wq, src.wq = Wq, src.ow = OW;
     for (int64_t c = 0; c < C; ++c)
       for (int64_t r = 0; r < kh; ++r)
         for (int64_t s = 0; s < kw; ++s)
