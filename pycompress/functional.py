@@ -304,3 +304,42 @@ def fused_linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Ten
         detach(teacher_bias), dense, values, indices, target, float(temperature), divergence, float(beta),
         float(alpha), bool(t2_scale), reduction, int(ignore_index), topk_tail, chunk_size or 0, compute_grad)
     return loss
+
+
+def block_sparse_conv2d(input: torch.Tensor, values: torch.Tensor, col_idx: torch.Tensor, row_ptr: torch.Tensor,
+                        bias: Optional[torch.Tensor], kernel_size, out_channels: int, stride=1, padding=0,
+                        dilation=1, relu: bool = False) -> torch.Tensor:
+    r"""2-D convolution with a block-sparse (BSR) weight; only nonzero blocks are multiplied.
+
+    The weight is the GEMM view ``W`` (out_channels, in_channels * kh * kw) in BSR form
+    (see :class:`pycompress.nn.BlockSparseConv2d`). groups = 1.
+
+    .. math::
+        \mathrm{out} = \mathrm{act}(\mathrm{conv2d}(\mathrm{input}, W) + \mathrm{bias}),
+        \qquad \mathrm{act} = \mathrm{ReLU} \text{ if relu else identity}
+
+    Args:
+        input (Tensor[N, C, H, W]): float32 (bf16/fp16 are computed in fp32 and cast back).
+        values (Tensor[nnzb, bk, bo]): the nonzero blocks, each stored k-major.
+        col_idx (LongTensor[nnzb]): block column of each block.
+        row_ptr (LongTensor[R + 1]): CSR-style offsets of each block row's blocks.
+        bias (Tensor[out_channels], optional): added before the activation.
+        kernel_size, stride, padding, dilation (int or (int, int)): as in ``F.conv2d``.
+        out_channels (int): rows of ``W``; ``R * bo`` may exceed it by less than ``bo``.
+        relu (bool): fuse a ReLU into the store.
+
+    Returns:
+        Tensor[N, out_channels, OH, OW] in the input's dtype.
+    """
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"input must be a Tensor, got {type(input).__name__}")
+    if input.dim() != 4:
+        raise ValueError(f"input must be 4-D (N, C, H, W), got shape {tuple(input.shape)}")
+    pair = torch.nn.modules.utils._pair
+    dtype = input.dtype
+    x = input if dtype == torch.float32 else input.float()
+    b = bias if bias is None or bias.dtype == torch.float32 else bias.float()
+    out = torch.ops.pycompress.block_sparse_conv2d(
+        x, values, col_idx, row_ptr, b, list(pair(kernel_size)), list(pair(stride)), list(pair(padding)),
+        list(pair(dilation)), int(out_channels), bool(relu))
+    return out if dtype == torch.float32 else out.to(dtype)

@@ -1,0 +1,107 @@
+"""``pycompress::block_sparse_conv2d``: fake kernel, autograd and the CUDA (Triton) backend.
+
+The CPU backend is C++ (csrc/cpu/block_sparse_kernel.cpp); the schema and the BSR
+layout are documented in csrc/block_sparse.cpp. Backward rebuilds the masked dense
+weight and uses torch's dense conv gradients, so training through the op is exact
+but not sparse-accelerated; the gradient of ``values`` is that of the kept blocks.
+Public entry points: :func:`pycompress.functional.block_sparse_conv2d`,
+:class:`pycompress.nn.BlockSparseConv2d` and :class:`pycompress.nn.BlockSparseLinear`.
+"""
+
+import torch
+
+from pycompress import _extension  # noqa: F401  (the schema must exist before registering on it)
+
+_OP = "pycompress::block_sparse_conv2d"
+
+
+def conv_out_size(size, kernel, stride, padding, dilation):
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+@torch.library.register_fake(_OP)
+def _block_sparse_conv2d_fake(input, values, col_idx, row_ptr, bias, kernel, stride, padding, dilation,
+                              out_channels, relu):
+    op = "pycompress::block_sparse_conv2d: "
+    torch._check(input.dim() == 4, lambda: f"{op}input must be 4-D (N, C, H, W), got {input.dim()}-D")
+    torch._check(values.dim() == 3, lambda: f"{op}values must be 3-D (nnzb, bk, bo), got {values.dim()}-D")
+    torch._check(input.dtype == torch.float32 and values.dtype == torch.float32,
+                 lambda: f"{op}input and values must be float32, got {input.dtype} and {values.dtype}")
+    torch._check(col_idx.dim() == 1 and col_idx.shape[0] == values.shape[0],
+                 lambda: f"{op}col_idx must be (nnzb,) = ({values.shape[0]},), got {tuple(col_idx.shape)}")
+    torch._check(row_ptr.dim() == 1 and row_ptr.shape[0] >= 2, lambda: f"{op}row_ptr must be 1-D with >= 2 entries")
+    bk, bo = values.shape[1], values.shape[2]
+    rows = row_ptr.shape[0] - 1
+    k = input.shape[1] * kernel[0] * kernel[1]
+    torch._check(k % bk == 0, lambda: f"{op}block width bk={bk} must divide in_channels*kh*kw = {k}")
+    torch._check((rows - 1) * bo < out_channels <= rows * bo,
+                 lambda: f"{op}out_channels={out_channels} does not match {rows} block rows of bo={bo}")
+    if bias is not None:
+        torch._check(bias.shape == (out_channels,), lambda: f"{op}bias must be ({out_channels},)")
+    oh = conv_out_size(input.shape[2], kernel[0], stride[0], padding[0], dilation[0])
+    ow = conv_out_size(input.shape[3], kernel[1], stride[1], padding[1], dilation[1])
+    torch._check(oh >= 1 and ow >= 1, lambda: f"{op}input {tuple(input.shape)} is smaller than the dilated kernel")
+    return input.new_empty(input.shape[0], out_channels, oh, ow)
+
+
+def block_rows(row_ptr: torch.Tensor) -> torch.Tensor:
+    """The block row of each stored block, (nnzb,) int64."""
+    rows = torch.arange(row_ptr.numel() - 1, device=row_ptr.device)
+    return torch.repeat_interleave(rows, row_ptr.diff())
+
+
+def bsr_to_dense(values, col_idx, row_ptr, out_channels, k):
+    """Dense (out_channels, k) GEMM-view weight of a BSR weight; differentiable in ``values``."""
+    _, bk, bo = values.shape
+    rows = row_ptr.numel() - 1
+    dense = values.new_zeros(rows, k // bk, bk, bo)
+    dense = dense.index_put((block_rows(row_ptr), col_idx), values)
+    return dense.permute(0, 3, 1, 2).reshape(rows * bo, k)[:out_channels]
+
+
+def dense_to_blocks(weight2d, bk, bo, row_idx, col_idx):
+    """Gathers the (bk, bo) blocks at (row_idx, col_idx) of a dense (out, k) matrix into (nnzb, bk, bo)."""
+    out, k = weight2d.shape
+    rows = -(-out // bo)
+    padded = weight2d.new_zeros(rows * bo, k)
+    padded[:out] = weight2d
+    blocks = padded.reshape(rows, bo, k // bk, bk).permute(0, 2, 3, 1)
+    return blocks[row_idx, col_idx]
+
+
+def _setup_context(ctx, inputs, output):
+    input, values, col_idx, row_ptr, bias, kernel, stride, padding, dilation, out_channels, relu = inputs
+    ctx.save_for_backward(input, values, col_idx, row_ptr, output if relu else None)
+    ctx.conv = (list(kernel), list(stride), list(padding), list(dilation), out_channels)
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, grad_out):
+    input, values, col_idx, row_ptr, output = ctx.saved_tensors
+    kernel, stride, padding, dilation, out_channels = ctx.conv
+    if output is not None:  # fused ReLU
+        grad_out = grad_out * (output > 0)
+    k = input.shape[1] * kernel[0] * kernel[1]
+    weight = bsr_to_dense(values, col_idx, row_ptr, out_channels, k).reshape(
+        out_channels, input.shape[1], kernel[0], kernel[1])
+    grad_input = grad_values = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        grad_input = torch.nn.grad.conv2d_input(input.shape, weight, grad_out, stride, padding, dilation)
+    if ctx.needs_input_grad[1]:
+        grad_w = torch.nn.grad.conv2d_weight(input, weight.shape, grad_out, stride, padding, dilation)
+        grad_values = dense_to_blocks(grad_w.reshape(out_channels, k), values.shape[1], values.shape[2],
+                                      block_rows(row_ptr), col_idx)
+    if ctx.has_bias and ctx.needs_input_grad[4]:
+        grad_bias = grad_out.sum((0, 2, 3))
+    return grad_input, grad_values, None, None, grad_bias, None, None, None, None, None, None
+
+
+torch.library.register_autograd(_OP, _backward, setup_context=_setup_context)
+
+
+@torch.library.register_kernel(_OP, "cuda")
+def _block_sparse_conv2d_cuda(*args):
+    # Triton is imported on first GPU use only: CPU users never pay for it.
+    from pycompress.kernels.block_sparse import block_sparse_conv2d_triton
+
+    return block_sparse_conv2d_triton(*args)

@@ -1,0 +1,1 @@
+from pycompress.prune.block_sparse import block_sparsify

@@ -1,0 +1,323 @@
+"""Tests of the block-sparse conv op, its modules and block_sparsify.
+
+Reference: F.conv2d / F.linear with the dense weight multiplied by the expanded
+block mask, built here independently of pycompress's own BSR helpers.
+"""
+
+import copy
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import pycompress
+from pycompress.models.nets import ResNetStyle
+from pycompress.nn import BlockSparseConv2d, BlockSparseLinear
+from pycompress.prune import block_sparsify
+
+OP = torch.ops.pycompress.block_sparse_conv2d
+TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.bfloat16: dict(atol=5e-2, rtol=5e-2)}
+
+
+def masked_weight(weight: torch.Tensor, block_mask: torch.Tensor, bo: int, bk: int) -> torch.Tensor:
+    """The dense weight with pruned (bo x bk) blocks of its (out, k) GEMM view set to zero."""
+    out = weight.shape[0]
+    full = block_mask.repeat_interleave(bo, 0).repeat_interleave(bk, 1)[:out]
+    return (weight.reshape(out, -1) * full).reshape(weight.shape)
+
+
+def ref_conv(x, conv: nn.Conv2d, block_mask, bo, bk, relu=False):
+    w = masked_weight(conv.weight, block_mask, bo, bk)
+    y = F.conv2d(x, w, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+    return torch.relu(y) if relu else y
+
+
+# (N, Cin, Cout, H, W, kernel, stride, padding, dilation, block_size): covers the
+# source layouts (1x1 direct, stride-1 padded, strided phase planes), odd sizes,
+# Cout not a multiple of bo, and every micro-kernel row count (8, 4, 2, 1).
+CONV_CASES = [
+    (1, 16, 24, 7, 9, 3, 1, 1, 1, (8, 8)),
+    (8, 16, 16, 5, 5, 3, 1, 1, 1, (8, 8)),
+    (2, 12, 20, 9, 7, 3, 2, 1, 1, (4, 4)),
+    (3, 8, 13, 11, 10, 3, 1, 2, 2, (8, 3)),
+    (8, 32, 16, 6, 6, 1, 1, 0, 1, (16, 8)),
+    (1, 9, 10, 13, 5, 1, 2, 0, 1, (2, 1)),
+    (2, 5, 7, 8, 11, (3, 1), (1, 2), (1, 0), (2, 1), (1, 5)),
+    (1, 24, 40, 17, 17, 5, 1, 2, 1, (8, 4)),
+    (2, 8, 12, 13, 12, 3, 3, 2, 2, (4, 8)),
+    (8, 16, 8, 9, 9, 1, 2, 0, 1, (8, 8)),
+]
+SPARSITIES = [0.0, 0.5, 0.9, 1.0]
+
+
+def _make_conv(case, seed=0):
+    n, cin, cout, h, w, k, s, p, d, bs = case
+    torch.manual_seed(seed)
+    conv = nn.Conv2d(cin, cout, k, s, p, d)
+    x = torch.randn(n, cin, h, w)
+    return conv, x, bs
+
+
+@pytest.mark.parametrize("sparsity", SPARSITIES)
+@pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: "x".join(map(str, c[:5])) + f"-k{c[5]}s{c[6]}p{c[7]}d{c[8]}")
+def test_conv_matches_masked_dense(case, sparsity):
+    conv, x, (bo, bk) = _make_conv(case)
+    m = BlockSparseConv2d.from_dense(conv, sparsity, block_size=(bo, bk), dense_threshold=1.0)
+    assert m.dense_reason() is None
+    mask = m.block_mask()
+    assert m.density == pytest.approx(mask.double().mean().item())
+    x1 = x.clone().requires_grad_(True)
+    x2 = x.clone().requires_grad_(True)
+    y = m(x1)
+    y_ref = ref_conv(x2, conv, mask, bo, bk)
+    torch.testing.assert_close(y, y_ref, **TOL[torch.float32])
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_ref.backward(g)
+    torch.testing.assert_close(x1.grad, x2.grad, **TOL[torch.float32])
+    if sparsity == 1.0:  # no block left: the bias alone
+        assert m.values.shape[0] == 0
+        torch.testing.assert_close(y, conv.bias.detach().view(1, -1, 1, 1).expand_as(y))
+
+
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+def test_conv_bias_relu_and_weight_grads(bias, relu):
+    torch.manual_seed(1)
+    conv = nn.Conv2d(16, 12, 3, 1, 1, bias=bias)
+    x = torch.randn(2, 16, 6, 5)
+    m = BlockSparseConv2d.from_dense(conv, 0.5, block_size=(4, 4), relu=relu)
+    mask = m.block_mask()
+    y = m(x)
+    y_ref = ref_conv(x, conv, mask, 4, 4, relu)
+    torch.testing.assert_close(y, y_ref, **TOL[torch.float32])
+    y.square().sum().backward()
+    dense = m.to_dense()
+    yd = dense(x)
+    (torch.relu(yd) if relu else yd).square().sum().backward()
+    # Kept blocks get the dense weight's gradient; pruned blocks have no parameter.
+    full = mask.repeat_interleave(4, 0).repeat_interleave(4, 1)[:12].reshape(dense.weight.shape)
+    torch.testing.assert_close(_values_grad_to_dense(m), dense.weight.grad * full, **TOL[torch.float32])
+    if bias:
+        torch.testing.assert_close(m.bias.grad, dense.bias.grad, **TOL[torch.float32])
+
+
+def _values_grad_to_dense(m):
+    from pycompress.ops.block_sparse import bsr_to_dense
+
+    out, k = m._gemm_shape
+    return bsr_to_dense(m.values.grad, m.col_idx, m.row_ptr, out, k).reshape(m.to_dense().weight.shape)
+
+
+def test_conv_bfloat16_input_is_computed_in_fp32():
+    conv, x, _ = _make_conv(CONV_CASES[0])
+    m = BlockSparseConv2d.from_dense(conv, 0.5)
+    y = m(x.bfloat16())
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), ref_conv(x.bfloat16().float(), conv, m.block_mask(), *m.block_size),
+                               **TOL[torch.bfloat16])
+
+
+def test_explicit_block_mask_is_kept_exactly():
+    torch.manual_seed(2)
+    conv = nn.Conv2d(8, 16, 3, padding=1)
+    mask = torch.rand(2, 9) < 0.3  # (16 / 8 block rows, 72 / 8 block columns)
+    m = BlockSparseConv2d.from_dense(conv, block_size=(8, 8), block_mask=mask)
+    assert torch.equal(m.block_mask(), mask)
+
+
+def test_pruning_drops_the_lowest_norm_blocks():
+    conv = nn.Conv2d(1, 4, 1, bias=False)  # GEMM view (4, 1); bo=1 -> 4 blocks
+    with torch.no_grad():
+        conv.weight.copy_(torch.tensor([3.0, -1.0, 4.0, 0.5]).view(4, 1, 1, 1))
+    m = BlockSparseConv2d.from_dense(conv, 0.5, block_size=(1, 1), dense_threshold=1.0)
+    assert m.block_mask().flatten().tolist() == [True, False, True, False]
+
+
+def test_to_dense_round_trip_is_exact():
+    conv, x, bs = _make_conv(CONV_CASES[3])
+    m = BlockSparseConv2d.from_dense(conv, 0.5, block_size=bs)
+    dense = m.to_dense()
+    assert torch.equal(dense.weight, masked_weight(conv.weight.detach(), m.block_mask(), *bs))
+    assert torch.equal(dense.bias, conv.bias)
+    assert (dense.stride, dense.padding, dense.dilation, dense.groups) == \
+        (conv.stride, conv.padding, conv.dilation, conv.groups)
+    again = BlockSparseConv2d.from_dense(dense, block_size=bs, block_mask=m.block_mask())
+    assert torch.equal(again.values, m.values) and torch.equal(again.col_idx, m.col_idx)
+    assert torch.equal(again.row_ptr, m.row_ptr)
+
+
+def test_state_dict_round_trip():
+    conv, x, bs = _make_conv(CONV_CASES[2])
+    m = BlockSparseConv2d.from_dense(conv, 0.9, block_size=bs)
+    buf = io.BytesIO()
+    torch.save(m.state_dict(), buf)
+    buf.seek(0)
+    sd = torch.load(buf)
+    assert {"values", "col_idx", "row_ptr", "bias"} <= set(sd)
+    fresh = BlockSparseConv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                              conv.dilation, block_size=bs)
+    fresh.load_state_dict(sd)
+    assert torch.equal(fresh(x), m(x))
+    assert fresh.density == m.density
+
+
+def test_dense_fallback_is_reported_and_correct():
+    conv, x, bs = _make_conv(CONV_CASES[0])
+    m = BlockSparseConv2d.from_dense(conv, 0.25, block_size=bs, dense_threshold=0.5)
+    assert f"kernel=dense fallback (density {m.density:.3f} > dense_threshold 0.5)" in repr(m)
+    torch.testing.assert_close(m(x), ref_conv(x, conv, m.block_mask(), *bs), **TOL[torch.float32])
+    sparse = BlockSparseConv2d.from_dense(conv, 0.75, block_size=bs, dense_threshold=0.5)
+    assert "kernel=block-sparse" in repr(sparse)
+
+
+def test_grouped_conv_falls_back_to_dense():
+    torch.manual_seed(3)
+    conv = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+    x = torch.randn(2, 8, 5, 5)
+    m = BlockSparseConv2d.from_dense(conv, 0.5, block_size=(1, 1))
+    assert "groups=8" in repr(m)
+    torch.testing.assert_close(m(x), ref_conv(x, conv, m.block_mask(), 1, 1), **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 1.0])
+def test_linear_matches_masked_dense(sparsity):
+    torch.manual_seed(4)
+    lin = nn.Linear(48, 37)
+    x = torch.randn(3, 5, 48, requires_grad=True)
+    m = BlockSparseLinear.from_dense(lin, sparsity, block_size=(8, 4), dense_threshold=1.0)
+    w = masked_weight(lin.weight, m.block_mask(), 8, 4)
+    y = m(x)
+    y_ref = F.linear(x, w, lin.bias)
+    torch.testing.assert_close(y, y_ref, **TOL[torch.float32])
+    g = torch.randn_like(y)
+    (gx,) = torch.autograd.grad(y, x, g)
+    (gx_ref,) = torch.autograd.grad(y_ref, x, g)
+    torch.testing.assert_close(gx, gx_ref, **TOL[torch.float32])
+    assert torch.equal(m.to_dense().weight, w.detach())
+
+
+def test_opcheck():
+    torch.manual_seed(5)
+    conv = nn.Conv2d(8, 12, 3, 1, 1)
+    m = BlockSparseConv2d.from_dense(conv, 0.5, block_size=(4, 8))
+    x = torch.randn(2, 8, 5, 6, requires_grad=True)
+    args = (x, m.values.detach().requires_grad_(True), m.col_idx, m.row_ptr, m.bias.detach().requires_grad_(True),
+            [3, 3], [1, 1], [1, 1], [1, 1], 12, True)
+    torch.library.opcheck(OP.default, args)
+
+
+# ---- input checks: one test each ----
+
+def test_non_4d_input_is_rejected():
+    m = BlockSparseConv2d.from_dense(nn.Conv2d(8, 8, 3), 0.5)
+    with pytest.raises(ValueError, match="4-D"):
+        m(torch.randn(8, 5, 5))
+    with pytest.raises(ValueError, match="4-D"):
+        OP(torch.randn(8, 5, 5), m.values, m.col_idx, m.row_ptr, None, [3, 3], [1, 1], [0, 0], [1, 1], 8, False)
+
+
+def test_wrong_input_channels_is_rejected():
+    m = BlockSparseConv2d.from_dense(nn.Conv2d(8, 8, 3), 0.5)
+    with pytest.raises(ValueError, match="expects 8 input channels, got 4"):
+        m(torch.randn(1, 4, 5, 5))
+    with pytest.raises(ValueError, match="must divide in_channels"):  # the op: bk=8 vs 3*3*3
+        OP(torch.randn(1, 3, 5, 5), m.values, m.col_idx, m.row_ptr, None, [3, 3], [1, 1], [0, 0], [1, 1], 8, False)
+
+
+def test_block_width_must_divide_the_gemm_columns():
+    with pytest.raises(ValueError, match="bk=4 must divide the GEMM view's 27 columns"):
+        BlockSparseConv2d.from_dense(nn.Conv2d(3, 8, 3), 0.5, block_size=(8, 4))
+
+
+def test_bad_block_size_type_is_rejected():
+    with pytest.raises(TypeError, match="pair of ints"):
+        BlockSparseConv2d.from_dense(nn.Conv2d(8, 8, 3), 0.5, block_size=8)
+
+
+def test_block_mask_shape_is_checked():
+    with pytest.raises(ValueError, match=r"shape \(1, 9\)"):
+        BlockSparseConv2d.from_dense(nn.Conv2d(8, 8, 3), block_size=(8, 8), block_mask=torch.ones(2, 9, dtype=bool))
+
+
+def test_sparsity_range_is_checked():
+    with pytest.raises(ValueError, match="sparsity"):
+        BlockSparseConv2d.from_dense(nn.Conv2d(8, 8, 3), 1.5)
+
+
+def test_op_rejects_inconsistent_bsr():
+    m = BlockSparseConv2d.from_dense(nn.Conv2d(8, 16, 3), 0.5, block_size=(8, 8))
+    x = torch.randn(1, 8, 5, 5)
+    conv = ([3, 3], [1, 1], [0, 0], [1, 1])
+    with pytest.raises(ValueError, match="out_channels=32 does not match 2 block rows"):
+        OP(x, m.values, m.col_idx, m.row_ptr, None, *conv, 32, False)
+    bad_cols = m.col_idx.clone()
+    bad_cols[0] = 9
+    with pytest.raises(ValueError, match=r"col_idx\[0\] = 9 is outside"):
+        OP(x, m.values, bad_cols, m.row_ptr, None, *conv, 16, False)
+    with pytest.raises(ValueError, match="row_ptr must start at 0 and end at nnzb"):
+        OP(x, m.values, m.col_idx, m.row_ptr + 1, None, *conv, 16, False)
+    with pytest.raises(TypeError, match="input must be float32"):
+        OP(x.double(), m.values, m.col_idx, m.row_ptr, None, *conv, 16, False)
+
+
+def test_linear_wrong_features_is_rejected():
+    m = BlockSparseLinear.from_dense(nn.Linear(16, 8), 0.5)
+    with pytest.raises(ValueError, match=r"\(\*, 16\)"):
+        m(torch.randn(4, 15))
+
+
+# ---- whole models ----
+
+def test_block_sparsify_resnet_matches_its_masked_dense_self():
+    torch.manual_seed(6)
+    model = ResNetStyle(width=16, in_channels=3).eval()
+    x = torch.randn(2, 3, 16, 16)
+    report = block_sparsify(model, 0.75, exclude="fc", example_input=x)
+    names = [r.name for r in report.layers]
+    assert "fc" not in names and "stages.0.conv1" in names
+    assert isinstance(model.stages[0].conv1, BlockSparseConv2d)
+    assert all(abs(r.density - 0.25) < 0.05 for r in report.layers if r.kernel == "block-sparse")
+    assert 0.6 < report.flops_saved / report.dense_flops < 0.8
+    assert "total:" in str(report)
+    dense = copy.deepcopy(model)
+    for name, mod in list(dense.named_modules()):
+        if isinstance(mod, BlockSparseConv2d):
+            parent, _, child = name.rpartition(".")
+            setattr(dense.get_submodule(parent) if parent else dense, child, mod.to_dense())
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), dense(x), **TOL[torch.float32])
+
+
+def test_block_sparsify_include_and_skips():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3, groups=8), nn.Conv2d(8, 16, 1), nn.Flatten(),
+                          nn.Linear(16, 4))
+    report = block_sparsify(model, 0.25, block_size=(8, 4), include=["0", "1", "2"])
+    kinds = {r.name: r.kernel for r in report.layers}
+    assert kinds["0"].startswith("skipped") and "bk=4" in kinds["0"]
+    assert kinds["1"] == "skipped (groups=8)"
+    assert kinds["2"] == "dense fallback (density 0.750 > dense_threshold 0.5)"
+    assert "4" not in kinds and isinstance(model[4], nn.Linear)
+
+
+# ---- Triton kernel, under TRITON_INTERPRET=1 without a GPU ----
+
+@pytest.mark.triton
+@pytest.mark.parametrize("case", [
+    (2, 6, 5, 7, 6, 3, 1, 1, 1, (4, 2), 0.5, True),
+    (1, 8, 16, 5, 5, 3, 2, 0, 1, (8, 8), 0.0, False),
+    (2, 4, 7, 6, 7, 3, 1, 2, 2, (2, 3), 1.0, True),
+])
+def test_triton_kernel_matches_masked_dense(case, device):
+    from pycompress.kernels.block_sparse import block_sparse_conv2d_triton
+
+    n, cin, cout, h, w, k, s, p, d, (bo, bk), sparsity, relu = case
+    torch.manual_seed(7)
+    conv = nn.Conv2d(cin, cout, k, s, p, d).to(device)
+    x = torch.randn(n, cin, h, w, device=device)
+    m = BlockSparseConv2d.from_dense(conv, sparsity, block_size=(bo, bk), dense_threshold=1.0)
+    y = block_sparse_conv2d_triton(x, m.values.detach(), m.col_idx, m.row_ptr, m.bias.detach(), [k, k], [s, s],
+                                   [p, p], [d, d], cout, relu, block_p=16, input_precision="ieee")
+    torch.testing.assert_close(y, ref_conv(x, conv, m.block_mask(), bo, bk, relu).detach(), **TOL[torch.float32])
