@@ -1,0 +1,355 @@
+"""The shared training loop: fine-tuning after pruning, and every distillation strategy.
+
+One :class:`Trainer` runs a plain loop with a pluggable *step function*
+``step_fn(model, batch) -> loss``. Cross-entropy on ``(x, y)`` is the default;
+a distillation strategy plugs in a closure that also runs a (frozen) teacher::
+
+    def kd_step(model, batch):
+        x, y = batch
+        with torch.no_grad():
+            t = teacher(x)
+        return kd_loss(model(x), t, y, temperature=4.0, alpha=0.5)
+
+    Trainer(student, train_set, step_fn=kd_step, eval_data=val_set, epochs=5).fit()
+
+What it guarantees
+------------------
+- **Determinism.** ``seed`` seeds torch, numpy and Python's ``random`` at the
+  start. The data order of epoch e is a permutation drawn from a private
+  generator seeded with ``seed + e``, so it does not depend on how much global
+  randomness the model consumed (dropout, noise).
+- **Atomic checkpoints** (``checkpoint_path``): written to ``<path>.tmp`` then
+  ``os.replace``-d, so an interruption never leaves a truncated file. They hold
+  the model, optimizer, scheduler and grad-scaler states, the torch / numpy /
+  Python RNG states, and the position (epoch, batch within the epoch, optimizer
+  step). They are written at optimizer-step boundaries only (every
+  ``checkpoint_every`` steps, at each epoch end, and when ``max_steps`` stops
+  the run), so no half-accumulated gradient is ever lost.
+- **Resume is bit-identical on CPU**: ``fit(resume=True)`` restores all of the
+  above and skips the batches already consumed in the current epoch, giving the
+  same parameters as an uninterrupted run.
+- **Gradient accumulation** (``grad_accum``): the loss of each micro-batch is
+  divided by ``grad_accum``; one optimizer step per ``grad_accum`` micro-batches
+  (the last, shorter group of an epoch also steps).
+- **Mixed precision** (``amp_dtype``): ``torch.autocast`` around the step
+  function. Off by default. ``torch.bfloat16`` works on CPU and CUDA;
+  ``torch.float16`` only on CUDA, with a ``GradScaler``.
+- **Evaluation** after every epoch with ``eval_fn(model, eval_data)`` (default:
+  accuracy and mean cross-entropy), logged to ``history`` and the progress bar.
+
+Distributed training (later)
+----------------------------
+The loop is written so ``DistributedDataParallel`` under ``torchrun`` can be
+added without restructuring: every rank-dependent decision goes through
+:attr:`Trainer.is_main` (progress bar, logging, checkpoint writes) and the data
+order is produced in exactly one place, :meth:`Trainer.epoch_batches`, which is
+where a rank's shard (``batches[rank::world_size]``) would be taken.
+"""
+
+import math
+import os
+import random
+from typing import Callable, Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data._utils.collate import default_collate
+
+__all__ = ["Trainer", "fit", "evaluate_classifier", "seed_everything", "cross_entropy_step", "atomic_save"]
+
+
+def cross_entropy_step(model: nn.Module, batch) -> torch.Tensor:
+    """The default step function: ``F.cross_entropy(model(x), y)`` on a batch ``(x, y)``."""
+    return F.cross_entropy(model(batch[0]), batch[1])
+
+
+def seed_everything(seed: int):
+    """Seeds torch (CPU and CUDA), numpy and Python's ``random``."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    random.seed(seed)
+
+
+def atomic_save(obj, path: str):
+    """``torch.save`` to ``path + '.tmp'``, then ``os.replace``: readers never see a partial file."""
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _collate(dataset: Dataset, idx: List[int]):
+    if isinstance(dataset, TensorDataset):  # fast path: one gather per tensor
+        i = torch.as_tensor(idx)
+        return tuple(t[i] for t in dataset.tensors)
+    return default_collate([dataset[i] for i in idx])
+
+
+def _to(batch, device):
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_to(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: _to(v, device) for k, v in batch.items()}
+    return batch
+
+
+@torch.no_grad()
+def evaluate_classifier(model: nn.Module, data: Dataset, batch_size: int = 256) -> Dict[str, float]:
+    """Top-1 accuracy (fraction) and mean cross-entropy of ``model`` on ``(x, y)`` data, in eval mode."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    correct, loss, n = 0, 0.0, 0
+    try:
+        for start in range(0, len(data), batch_size):
+            x, y = _to(_collate(data, list(range(start, min(start + batch_size, len(data))))), device)
+            out = model(x)
+            loss += float(F.cross_entropy(out, y, reduction="sum"))
+            correct += int((out.argmax(1) == y).sum())
+            n += len(y)
+    finally:
+        model.train(was_training)
+    return {"accuracy": correct / max(n, 1), "loss": loss / max(n, 1)}
+
+
+class Trainer:
+    """A deterministic, resumable training loop with a pluggable loss.
+
+    Args:
+        model (nn.Module): trained in place.
+        train_data (Dataset): indexable data; batches are collated from its items.
+        step_fn (callable): ``step_fn(model, batch) -> scalar loss``; default
+            :func:`cross_entropy_step`.
+        eval_data (Dataset, optional): evaluated after every epoch.
+        eval_fn (callable): ``eval_fn(model, eval_data) -> dict``; default
+            :func:`evaluate_classifier`.
+        epochs (int): number of passes over ``train_data``.
+        max_steps (int, optional): stop after this many optimizer steps in total
+            (e.g. Molchanov's "a few minibatches" of fine-tuning).
+        batch_size (int): micro-batch size.
+        optimizer (callable, optional): ``optimizer(params) -> Optimizer``; default
+            SGD with ``lr``, ``momentum``, ``weight_decay``.
+        scheduler (callable, optional): ``scheduler(optimizer) -> LRScheduler``,
+            stepped after every optimizer step.
+        grad_accum (int): micro-batches per optimizer step.
+        amp_dtype (torch.dtype, optional): autocast dtype; None disables it.
+        clip_grad_norm (float, optional): max gradient norm.
+        device (str | torch.device): where to train.
+        seed (int): seeds all RNGs and the data order.
+        drop_last (bool): drop the last incomplete batch of each epoch.
+        checkpoint_path (str, optional): where to write checkpoints.
+        checkpoint_every (int, optional): also checkpoint every this many steps.
+        progress (bool): show a tqdm bar (on the main rank only).
+
+    Example:
+        >>> t = Trainer(model, train_set, eval_data=val_set, epochs=3, lr=0.05,
+        ...             checkpoint_path="ckpt.pt", checkpoint_every=50)
+        >>> history = t.fit(resume=True)   # picks up ckpt.pt if it exists
+    """
+
+    def __init__(self, model: nn.Module, train_data: Dataset, *, step_fn: Optional[Callable] = None,
+                 eval_data: Optional[Dataset] = None, eval_fn: Optional[Callable] = None, epochs: int = 1,
+                 max_steps: Optional[int] = None, batch_size: int = 32, optimizer: Optional[Callable] = None,
+                 lr: float = 0.01, momentum: float = 0.9, weight_decay: float = 0.0,
+                 scheduler: Optional[Callable] = None, grad_accum: int = 1, amp_dtype: Optional[torch.dtype] = None,
+                 clip_grad_norm: Optional[float] = None, device="cpu", seed: int = 0, drop_last: bool = False,
+                 checkpoint_path: Optional[str] = None, checkpoint_every: Optional[int] = None,
+                 progress: bool = True):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if not hasattr(train_data, "__len__") or not hasattr(train_data, "__getitem__"):
+            raise TypeError(f"train_data must be an indexable Dataset, got {type(train_data).__name__}")
+        if len(train_data) == 0:
+            raise ValueError("train_data is empty")
+        for name, v in (("epochs", epochs), ("batch_size", batch_size), ("grad_accum", grad_accum)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        for name, v in (("max_steps", max_steps), ("checkpoint_every", checkpoint_every)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"{name} must be None or an int >= 1, got {v!r}")
+        if not isinstance(lr, (int, float)) or lr <= 0:
+            raise ValueError(f"lr must be a float > 0, got {lr!r}")
+        if amp_dtype not in (None, torch.bfloat16, torch.float16):
+            raise ValueError(f"amp_dtype must be None, torch.bfloat16 or torch.float16, got {amp_dtype!r}")
+        self.device = torch.device(device)
+        if amp_dtype == torch.float16 and self.device.type != "cuda":
+            raise ValueError("amp_dtype=torch.float16 needs a CUDA device; use torch.bfloat16 on CPU")
+        if checkpoint_every is not None and checkpoint_path is None:
+            raise ValueError("checkpoint_every needs checkpoint_path")
+        self.model = model.to(self.device)
+        self.train_data, self.eval_data = train_data, eval_data
+        self.step_fn = step_fn or cross_entropy_step
+        self.eval_fn = eval_fn or evaluate_classifier
+        self.epochs, self.max_steps, self.batch_size = epochs, max_steps, batch_size
+        self.grad_accum, self.amp_dtype, self.clip_grad_norm = grad_accum, amp_dtype, clip_grad_norm
+        self.seed, self.drop_last = seed, drop_last
+        self.checkpoint_path, self.checkpoint_every, self.progress = checkpoint_path, checkpoint_every, progress
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = (optimizer(params) if optimizer is not None else
+                          torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay))
+        self.scheduler = scheduler(self.optimizer) if scheduler is not None else None
+        self.scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+        # position: `batch` micro-batches of epoch `epoch` are done; `step` optimizer steps in total
+        self.epoch, self.batch, self.step = 0, 0, 0
+        self.history: List[dict] = []
+
+    # ------------------------------------------------------------------ ranks
+    @property
+    def is_main(self) -> bool:
+        """True on the process that logs and writes checkpoints (rank 0, or no process group)."""
+        dist = torch.distributed
+        return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+    def epoch_batches(self, epoch: int) -> List[List[int]]:
+        """The micro-batches (lists of dataset indices) of ``epoch``: the one place data order is decided."""
+        g = torch.Generator().manual_seed(self.seed + epoch)
+        perm = torch.randperm(len(self.train_data), generator=g).tolist()
+        end = len(perm) - len(perm) % self.batch_size if self.drop_last else len(perm)
+        return [perm[i:i + self.batch_size] for i in range(0, end, self.batch_size)]
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        np_state = np.random.get_state()
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "rng": {"torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                    # numpy's state as tensors and ints so torch.load(weights_only=True) accepts it
+                    "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *map(int, np_state[2:4]),
+                              float(np_state[4])],
+                    "python": random.getstate()},
+            "position": {"epoch": self.epoch, "batch": self.batch, "step": self.step},
+            "config": {"seed": self.seed, "batch_size": self.batch_size, "grad_accum": self.grad_accum},
+            "history": self.history,
+        }
+
+    def load_state_dict(self, state: dict):
+        cfg = {"seed": self.seed, "batch_size": self.batch_size, "grad_accum": self.grad_accum}
+        if state["config"] != cfg:
+            raise ValueError(f"checkpoint was written with {state['config']}, this trainer has {cfg}; resuming "
+                             "would not reproduce the run")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state["scheduler"] is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state["scaler"] is not None:
+            self.scaler.load_state_dict(state["scaler"])
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        n = rng["numpy"]
+        np.random.set_state((n[0], n[1].numpy().astype(np.uint32), n[2], n[3], n[4]))
+        py = rng["python"]
+        random.setstate((py[0], tuple(py[1]), py[2]))
+        self.epoch, self.batch, self.step = (state["position"][k] for k in ("epoch", "batch", "step"))
+        self.history = list(state["history"])
+
+    def save_checkpoint(self, path: Optional[str] = None):
+        """Writes the full training state atomically (main rank only)."""
+        path = path or self.checkpoint_path
+        if path is not None and self.is_main:
+            atomic_save(self.state_dict(), path)
+
+    def load_checkpoint(self, path: Optional[str] = None):
+        path = path or self.checkpoint_path
+        self.load_state_dict(torch.load(path, map_location=self.device, weights_only=True))
+
+    # ------------------------------------------------------------------ loop
+    def _done(self) -> bool:
+        return self.epoch >= self.epochs or (self.max_steps is not None and self.step >= self.max_steps)
+
+    def evaluate(self) -> Dict[str, float]:
+        """Runs ``eval_fn`` on ``eval_data`` (empty dict without eval data)."""
+        return self.eval_fn(self.model, self.eval_data) if self.eval_data is not None else {}
+
+    def fit(self, resume: bool = False) -> List[dict]:
+        """Trains until ``epochs`` or ``max_steps``; returns the per-epoch history.
+
+        Args:
+            resume (bool): continue from ``checkpoint_path`` if that file exists;
+                otherwise start fresh.
+        """
+        if resume and self.checkpoint_path and os.path.exists(self.checkpoint_path):
+            self.load_checkpoint()
+        elif self.step == 0 and self.batch == 0 and self.epoch == 0:
+            seed_everything(self.seed)
+        from tqdm.auto import tqdm
+
+        per_epoch = math.ceil(len(self.epoch_batches(0)) / self.grad_accum)
+        total = per_epoch * self.epochs
+        if self.max_steps is not None:
+            total = min(total, self.max_steps)
+        bar = tqdm(total=total, initial=min(self.step, total), disable=not (self.progress and self.is_main),
+                   desc="train", leave=False)
+        autocast = (torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype is not None
+                    else _NullContext())
+        self.model.train()
+        try:
+            while not self._done():
+                batches = self.epoch_batches(self.epoch)
+                while self.batch < len(batches) and not self._done():
+                    # one optimizer step over up to grad_accum micro-batches
+                    group = batches[self.batch:self.batch + self.grad_accum]
+                    for idx in group:
+                        batch = _to(_collate(self.train_data, idx), self.device)
+                        with autocast:
+                            loss = self.step_fn(self.model, batch) / len(group)
+                        if not torch.isfinite(loss):
+                            raise FloatingPointError(f"loss is {float(loss)} at step {self.step}")
+                        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+                    self._optimizer_step()
+                    self.batch += len(group)
+                    self.step += 1
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{float(loss.detach()) * len(group):.4f}")
+                    if self.checkpoint_every and self.step % self.checkpoint_every == 0:
+                        self.save_checkpoint()
+                if self.batch >= len(batches):
+                    self.epoch, self.batch = self.epoch + 1, 0
+                    record = {"epoch": self.epoch, "step": self.step, **self.evaluate()}
+                    self.history.append(record)
+                    if self.is_main and self.progress:
+                        bar.write(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+                                           for k, v in record.items()))
+                    self.save_checkpoint()
+            self.save_checkpoint()
+        finally:
+            bar.close()
+        return self.history
+
+    def _optimizer_step(self):
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if self.clip_grad_norm is not None:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad_norm)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scheduler is not None:
+            self.scheduler.step()
+
+
+class _NullContext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def fit(model: nn.Module, train_data: Dataset, resume: bool = False, **kwargs) -> List[dict]:
+    """Functional form: ``Trainer(model, train_data, **kwargs).fit(resume)``."""
+    return Trainer(model, train_data, **kwargs).fit(resume=resume)
