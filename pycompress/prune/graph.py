@@ -411,6 +411,12 @@ class DependencyGraph:
         in_shape = tuple(_meta(node.args[0]).shape)
         out_shape = tuple(meta.shape)
         a = x.axis
+        if node.target in ("view", "reshape", torch.reshape):
+            # a literal size on the channel dim (``x.view(n, 512)``) would be wrong once channels go
+            shape = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) \
+                else node.args[1:]
+            if a < len(shape) and isinstance(shape[a], int) and shape[a] != -1:
+                self._lock(x.atoms, f"size {shape[a]} is hard-coded in node '{node.name}'")
         if out_shape == in_shape:
             return x
         if out_shape[:a + 1] == in_shape[:a + 1] and math.prod(out_shape[a + 1:]) == math.prod(in_shape[a + 1:]):
@@ -443,19 +449,28 @@ class DependencyGraph:
         return chans[0]
 
     def _split(self, node):
+        """Pieces along the channel axis. ``chunk`` into equal pieces couples the pieces position
+        by position, so every piece loses the same channels and ``chunk(n)`` still splits at the
+        right place after pruning. ``split``/``tensor_split`` carry literal sizes in the model's
+        code, which pruning cannot rewrite: their channels are locked (never pruned)."""
         x = self._input_chan(node)
-        default_dim = 0 if node.target in (torch.split, torch.chunk, torch.tensor_split, "split", "chunk",
-                                           "tensor_split") else 0
-        dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", default_dim)
+        dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
         outs = node.meta.get("tensor_meta")
         if not isinstance(outs, (tuple, list)):
             self._refuse(node, "split output shapes unknown")
         ndim = len(outs[0].shape)
         if dim % ndim != x.axis:
             return tuple(x for _ in outs)
+        sizes = [o.shape[x.axis] for o in outs]
+        is_chunk = node.target in (torch.chunk, "chunk")
+        if is_chunk and len(set(sizes)) == 1:
+            for piece in range(1, len(sizes)):
+                for i in range(sizes[0]):
+                    self._union(x.atoms[i], x.atoms[piece * sizes[0] + i])
+        else:
+            self._lock(x.atoms, f"split sizes are hard-coded in node '{node.name}'")
         pieces, start = [], 0
-        for o in outs:
-            n = o.shape[x.axis]
+        for n in sizes:
             pieces.append(_Chan(x.axis, x.atoms[start:start + n]))
             start += n
         return tuple(pieces)
