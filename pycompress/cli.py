@@ -9,6 +9,7 @@ import sys
 # name -> (module, one-line help)
 SUBCOMMANDS = {
     "demo": ("pycompress.demo", "run the KD demo on the embedded digits data"),
+    "prune": ("pycompress.prune.cli", "structural pruning -> fine-tuning, with a params/FLOPs/latency/accuracy report"),
 }
 
 

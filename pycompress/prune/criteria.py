@@ -11,14 +11,13 @@ and raise if no gradient reached the layers they score: a Taylor criterion never
 silently returns zeros.
 """
 
-import math
 from typing import Callable, Dict, Iterable, List, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pycompress.prune.graph import DependencyGraph, Group, Member
+from pycompress.prune.graph import DependencyGraph, Group
 
 __all__ = ["Criterion", "L1", "L2", "BNScale", "Taylor", "TaylorWeight", "Singh", "Random", "CRITERIA",
            "get_criterion", "cross_entropy_step"]

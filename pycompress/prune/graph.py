@@ -35,7 +35,6 @@ computes when every pruned channel of every intermediate tensor is set to zero
 (:func:`masked_forward`).
 """
 
-import copy
 import math
 import operator
 from dataclasses import dataclass

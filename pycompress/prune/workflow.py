@@ -10,10 +10,9 @@ import time
 from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from pycompress.prune.criteria import Criterion, Singh, get_criterion
+from pycompress.prune.criteria import Singh, get_criterion
 from pycompress.prune.graph import DependencyGraph, _as_tuple, count_params_flops
 from pycompress.prune.schedule import group_key, plan_removal, select_units
 from pycompress.train import Trainer, cross_entropy_step, evaluate_classifier
@@ -343,7 +342,7 @@ def _stage(model, example_inputs, test_data) -> dict:
 
 
 def run_experiment(model: nn.Module, example_inputs, train_data, val_data, test_data, *, dense_epochs: int = 0,
-                   finetune_epochs: int = 0, lr: float = 0.05, finetune_lr: float = 0.01, batch_size: int = 32,
+                   finetune_epochs: int = 0, dense_lr: float = 0.05, finetune_lr: float = 0.01, batch_size: int = 32,
                    seed: int = 0, checkpoint_dir: Optional[str] = None, resume: bool = False,
                    model_factory: Optional[Callable[[], nn.Module]] = None, latency_batch_sizes=(1, 32),
                    log: Optional[Callable[[str], None]] = None, progress: bool = False, **prune_kwargs) -> dict:
@@ -369,7 +368,7 @@ def run_experiment(model: nn.Module, example_inputs, train_data, val_data, test_
     ck = (lambda name: os.path.join(checkpoint_dir, name)) if checkpoint_dir else (lambda name: None)
     torch.manual_seed(seed)
     if dense_epochs:
-        Trainer(model, train_data, eval_data=val_data, epochs=dense_epochs, batch_size=batch_size, lr=lr,
+        Trainer(model, train_data, eval_data=val_data, epochs=dense_epochs, batch_size=batch_size, lr=dense_lr,
                 weight_decay=1e-4, seed=seed, checkpoint_path=ck("dense.pt"), progress=progress,
                 scheduler=lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(
                     opt, dense_epochs * math.ceil(len(train_data) / batch_size))).fit(resume=resume)
@@ -405,8 +404,8 @@ def run_experiment(model: nn.Module, example_inputs, train_data, val_data, test_
         stage.update({k: v for k, v in latency[key].items()})
     config = {k: (v if isinstance(v, (int, float, str, bool, type(None), list, dict)) else repr(v))
               for k, v in prune_kwargs.items()}
-    config.update(dense_epochs=dense_epochs, finetune_epochs=finetune_epochs, lr=lr, finetune_lr=finetune_lr,
-                  batch_size=batch_size, seed=seed)
+    config.update(dense_epochs=dense_epochs, finetune_epochs=finetune_epochs, dense_lr=dense_lr,
+                  finetune_lr=finetune_lr, batch_size=batch_size, seed=seed)
     return {"config": config, "dense": dense, "pruned": after, "fine_tuned": tuned, "history": history,
             "prune_seconds": prune_seconds, "model": final}
 
