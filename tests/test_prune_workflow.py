@@ -223,3 +223,16 @@ def test_cli_is_registered_and_refuses_missing_target():
         main(["--dense-epochs", "0"])
     with pytest.raises(ValueError, match="import path"):
         main(["--model", "nomodule", "--target-params", "0.5"])
+
+
+def test_units_per_step_removes_a_few_maps_per_iteration_until_the_target(digits):
+    model = _tiny_vgg()
+    x = digits.train[0][0].unsqueeze(0)
+    history = []
+    small = prune(model, x, "taylor", target_flops=0.6, units_per_step=2, train_data=digits.train,
+                  score_batches=1, fine_tune_steps=1, history=history)
+    assert all(h["removed_units"] <= 2 for h in history) and len(history) > 1
+    assert history[-1]["target_reached"] and not any(h["target_reached"] for h in history[:-1])
+    assert count_params_flops(small, x)[1] <= 0.6 * count_params_flops(model, x)[1]
+    with pytest.raises(ValueError, match="units_per_step"):
+        prune(model, x, "l1", channel_ratio=0.5, units_per_step=2)

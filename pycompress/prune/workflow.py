@@ -56,6 +56,7 @@ def _fine_tune(model, train_data, steps, *, batch_size, lr, momentum, weight_dec
 
 def prune(model: nn.Module, example_inputs, criterion="taylor", *, target_params: Optional[float] = None,
           target_flops: Optional[float] = None, channel_ratio: Optional[float] = None, steps: int = 1,
+          units_per_step: Optional[int] = None,
           per_layer: bool = False, ignored_layers: Iterable = (), round_to: int = 1, max_layer_ratio: float = 0.9,
           train_data=None, val_data=None, loss_fn: Optional[Callable] = None, batch_size: int = 32,
           score_batches: int = 8, fine_tune_steps: int = 0, lr: float = 0.01, momentum: float = 0.9,
@@ -86,6 +87,10 @@ def prune(model: nn.Module, example_inputs, criterion="taylor", *, target_params
         channel_ratio (float): instead of a target, remove this fraction of every
             prunable group's channels (per-layer, one shot per step).
         steps (int): pruning iterations (see above).
+        units_per_step (int, optional): the paper's form of the iterative schedule:
+            remove this many lowest-ranked units per iteration (the paper: one
+            feature map), fine-tune, re-score, until the target is reached
+            (``steps`` is then ignored).
         per_layer (bool): rank within each group instead of globally.
         ignored_layers (iterable of nn.Module | str): layers never pruned.
         round_to (int): each group keeps a multiple of this many channels.
@@ -131,6 +136,11 @@ def prune(model: nn.Module, example_inputs, criterion="taylor", *, target_params
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:
             raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
     _check_fraction("max_layer_ratio", max_layer_ratio)
+    if units_per_step is not None:
+        if isinstance(units_per_step, bool) or not isinstance(units_per_step, int) or units_per_step < 1:
+            raise ValueError(f"units_per_step must be None or an int >= 1, got {units_per_step!r}")
+        if channel_ratio is not None:
+            raise ValueError("units_per_step needs target_params or target_flops, not channel_ratio")
     if isinstance(criterion, str) and criterion == "singh":
         crit = Singh(rho=(singh or {}).get("rho", 0.9))
     else:
@@ -158,7 +168,9 @@ def prune(model: nn.Module, example_inputs, criterion="taylor", *, target_params
         return _singh_schedule(model, example_inputs, crit, ignored, train_data, val_data, loss_fn,
                                target_params, target_flops, dense_params, dense_flops, caps, tune,
                                fine_tune_steps, seed, dict(singh or {}), history, log)
-    for step in range(1, steps + 1):
+    step = 0
+    while units_per_step is not None or step < steps:
+        step += 1
         graph = DependencyGraph(model, example_inputs, ignored) if step > 1 else graph
         data = (_score_batches(train_data, batch_size, score_batches, seed + step) if crit.needs_data else None)
         scores = crit.scores(graph, data, loss_fn)
@@ -171,10 +183,15 @@ def prune(model: nn.Module, example_inputs, criterion="taylor", *, target_params
                 units += select_units(graph, {gi: scores[gi]}, max(0, n), **caps)
             reached = True
         else:
-            frac = (target_params or target_flops) ** (step / steps)
+            frac = (target_params or target_flops) ** (1 if units_per_step else step / steps)
             units, reached = plan_removal(
                 graph, scores, target_params=None if target_params is None else int(frac * dense_params),
                 target_flops=None if target_flops is None else int(frac * dense_flops), **caps)
+            if units_per_step is not None and len(units) > units_per_step:
+                units, reached = select_units(graph, scores, units_per_step, **caps), False
+        if not units and not (reached and units_per_step is None):
+            log(f"prune step {step}: nothing left to remove under the caps; stopping short of the target")
+            break
         graph.remove(units)
         params, flops = count_params_flops(model, example_inputs)
         record = {"step": step, "removed_units": len(units), "params": params, "flops": flops,
@@ -182,8 +199,11 @@ def prune(model: nn.Module, example_inputs, criterion="taylor", *, target_params
         if fine_tune_steps:
             _fine_tune(model, train_data, fine_tune_steps, seed=seed + step, **tune)
         history.append(record)
-        log(f"prune step {step}/{steps}: -{len(units)} channels, params {params} ({dense_params / params:.2f}x), "
-            f"FLOPs {flops} ({dense_flops / flops:.2f}x){'' if reached else ' (caps stop short of the target)'}")
+        log(f"prune step {step}{'' if units_per_step else f'/{steps}'}: -{len(units)} channels, params {params} "
+            f"({dense_params / params:.2f}x), FLOPs {flops} ({dense_flops / flops:.2f}x)"
+            f"{'' if reached or units_per_step else ' (caps stop short of the target)'}")
+        if units_per_step is not None and reached:
+            break
     return model
 
 
