@@ -46,6 +46,8 @@ def configure(parser: argparse.ArgumentParser):
     t.add_argument("--target-flops", type=float, help="keep this fraction of the FLOPs (MACs)")
     t.add_argument("--channel-ratio", type=float, help="remove this fraction of every layer's channels")
     g.add_argument("--steps", type=int, default=1, help="iterative pruning steps (1 = one-shot)")
+    g.add_argument("--units-per-step", type=int, help="instead of --steps: remove this many channels per "
+                                                         "iteration until the target (Molchanov)")
     g.add_argument("--per-layer", action="store_true", help="rank within each layer instead of globally")
     g.add_argument("--ignore", action="append", default=[], metavar="MODULE", help="module name never pruned")
     g.add_argument("--round-to", type=int, default=1, help="keep a multiple of this many channels per layer")
@@ -109,7 +111,8 @@ def run(args) -> int:
         checkpoint_dir=args.checkpoint_dir, resume=args.resume, progress=args.progress,
         model_factory=lambda: (torch.manual_seed(args.seed), factory())[1],
         criterion=criterion, target_params=args.target_params, target_flops=args.target_flops,
-        channel_ratio=args.channel_ratio, steps=args.steps, per_layer=args.per_layer, ignored_layers=args.ignore,
+        channel_ratio=args.channel_ratio, steps=args.steps, units_per_step=args.units_per_step,
+        per_layer=args.per_layer, ignored_layers=args.ignore,
         round_to=args.round_to, max_layer_ratio=args.max_layer_ratio, score_batches=args.score_batches,
         fine_tune_steps=args.fine_tune_steps, lr=args.finetune_lr,
         **({"singh": singh} if args.criterion == "singh" else {}))

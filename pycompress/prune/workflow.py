@@ -198,6 +198,8 @@ def prune(model: nn.Module, example_inputs, criterion="taylor", *, target_params
                   "target_reached": reached}
         if fine_tune_steps:
             _fine_tune(model, train_data, fine_tune_steps, seed=seed + step, **tune)
+        if val_data is not None:
+            record["val_accuracy"] = evaluate_classifier(model, val_data)["accuracy"]
         history.append(record)
         log(f"prune step {step}{'' if units_per_step else f'/{steps}'}: -{len(units)} channels, params {params} "
             f"({dense_params / params:.2f}x), FLOPs {flops} ({dense_flops / flops:.2f}x)"
@@ -312,10 +314,11 @@ def _singh_schedule(model, example_inputs, crit: Singh, ignored, train_data, val
             params, flops = count_params_flops(model, example_inputs)
             history.append({"step": step, "round": rnd + 1, "layers": [k[0] for k in layer_set],
                             "threshold_multiplier": a, "flagged": n_flagged, "removed_units": len(units),
-                            "params": params, "flops": flops})
+                            "params": params, "flops": flops,
+                            "val_accuracy": evaluate_classifier(model, val_data)["accuracy"]})
             log(f"singh round {rnd + 1} phase {step}: threshold {a} x mean|w|, {n_flagged} flagged, "
                 f"-{len(units)} channels, params {params} ({dense_params / params:.2f}x), "
-                f"FLOPs {flops} ({dense_flops / flops:.2f}x)")
+                f"FLOPs {flops} ({dense_flops / flops:.2f}x), val accuracy {history[-1]['val_accuracy']:.4f}")
             if (params, flops)[which] <= target:
                 return model
         if removed_this_round == 0:
