@@ -15,7 +15,7 @@ import subprocess
 
 import torch
 
-from pycompress.models import ResNetStyle, VGGStyle
+from pycompress.models import ResNetStyle
 from pycompress.prune import compare_latency, count_params_flops, prune
 
 
@@ -37,8 +37,6 @@ def main(argv=None):
         ("ResNetStyle(width=64) 32x32", lambda: ResNetStyle(width=64), (1, 32, 32), 0.5, 1),
         ("ResNetStyle(width=64) 32x32", lambda: ResNetStyle(width=64), (1, 32, 32), 0.45, 1),
         ("ResNetStyle(width=64) 32x32", lambda: ResNetStyle(width=64), (1, 32, 32), 0.45, 16),
-        ("VGGStyle(64,128,256) 32x32", lambda: VGGStyle(widths=(64, 128, 256), hidden=256, input_size=32),
-         (1, 32, 32), 0.5, 1),
     ]
     rows, commit = [], _commit()
     for name, build, shape, ratio, round_to in cases:
