@@ -61,6 +61,12 @@ def test_pruned_equals_masked_original(name, criterion):
         out = model(x)
     assert torch.allclose(out, reference, rtol=0, atol=1e-10)
     assert count_params_flops(model, x) == predicted  # analytic cost == measured cost
+    buffer = io.BytesIO()  # and it saves and reloads (weights only) into a fresh model of its class
+    torch.save(model.state_dict(), buffer)
+    buffer.seek(0)
+    reloaded = load_pruned_state_dict(TINY[name]().double(), torch.load(buffer, weights_only=True)).eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(x), out)
 
 
 def test_singh_pruned_equals_masked_original():
