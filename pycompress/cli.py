@@ -11,6 +11,7 @@ SUBCOMMANDS = {
     "demo": ("pycompress.demo", "run the KD demo on the embedded digits data"),
     "distill": ("pycompress.distill.cli", "distil a teacher into a student with one or more strategies"),
     "train-teacher": ("pycompress.distill.teacher_cli", "train a teacher for distillation and save its state_dict"),
+    "prune": ("pycompress.prune.cli", "structural pruning -> fine-tuning, with a params/FLOPs/latency/accuracy report"),
 }
 
 

@@ -1,1 +1,21 @@
+"""Structural pruning: remove whole channels and get a physically smaller model.
+
+- :class:`DependencyGraph` traces a model (torch.fx) and groups coupled channels
+  (conv -> BN -> next conv, residual adds, concat/split offsets, depthwise convs,
+  flatten -> Linear); :meth:`DependencyGraph.remove` rewrites the modules.
+- Criteria (:mod:`pycompress.prune.criteria`): l1, l2, bn_scale, taylor
+  (Molchanov 2017, activation-based), taylor_weight, singh (Singh 2019), random.
+- :func:`block_sparsify`: converts Conv2d/Linear layers to block-sparse ones (BSR kernels).
+- :func:`prune`: one-shot, iterative (Molchanov) or phased (Singh) schedules to a
+  parameter / FLOPs target; :func:`run_experiment` adds training, fine-tuning and
+  the params / FLOPs / latency / accuracy report.
+"""
+
 from pycompress.prune.block_sparse import block_sparsify
+from pycompress.prune.criteria import (CRITERIA, BNScale, Criterion, L1, L2, Random, Singh, Taylor, TaylorWeight,
+                                       get_criterion)
+from pycompress.prune.graph import (DependencyGraph, Group, Member, count_params_flops, load_pruned_state_dict,
+                                    masked_forward)
+from pycompress.prune.schedule import plan_removal, select_units
+from pycompress.prune.workflow import (choose_threshold, compare_latency, format_report, induce_sparsity,
+                                       measure_latency, prune, run_experiment)

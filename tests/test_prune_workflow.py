@@ -1,0 +1,238 @@
+"""The shared Trainer (resume equivalence, accumulation, checkpoints), the prune schedules,
+the experiment runner and the ``pycompress prune`` command, on tiny models."""
+
+import json
+import os
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from pycompress.data import digits_splits
+from pycompress.models import MobileNetStyle, VGGStyle
+from pycompress.prune import compare_latency, count_params_flops, format_report, prune, run_experiment
+from pycompress.train import Trainer, atomic_save, fit
+
+
+def small_splits():
+    """A 320 / 128 / 128 subset of the digits splits: enough to train a few steps, fast on 2 cores."""
+    full = digits_splits()
+    return tuple(TensorDataset(*(t[:n] for t in part.tensors)) for part, n in zip(full, (320, 128, 128)))
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return digits_splits()._make(small_splits())
+
+
+def _tiny_vgg():
+    torch.manual_seed(0)
+    return VGGStyle(widths=(8, 8), hidden=16, input_size=8)
+
+
+def _params(model):
+    return [p.detach().clone() for p in model.state_dict().values()]
+
+
+# ------------------------------------------------------------------ Trainer
+class _Interrupt(Exception):
+    pass
+
+
+def test_resume_after_interruption_is_bit_identical(digits, tmp_path):
+    """Train 3 epochs uninterrupted; train again but crash inside step 4 (checkpoints every
+    2 steps, so steps 3-4 are redone) and resume: every tensor must be equal."""
+    kw = dict(epochs=3, batch_size=64, lr=0.05, grad_accum=2, seed=5, progress=False,
+              scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, 3, 0.5))
+    a = _tiny_vgg()
+    nn.Module.add_module(a, "drop", nn.Dropout(0.3))  # exercises the saved torch RNG through dropout
+
+    def step_a(model, batch):
+        return nn.functional.cross_entropy(model.drop(model(batch[0])), batch[1])
+
+    Trainer(a, digits.train, step_fn=step_a, **kw).fit()
+
+    b = _tiny_vgg()
+    nn.Module.add_module(b, "drop", nn.Dropout(0.3))
+    calls = {"n": 0}
+
+    def crashing(model, batch):
+        calls["n"] += 1
+        if calls["n"] == 8:  # inside optimizer step 4 (5 batches of 64 per epoch, 2 per step)
+            raise _Interrupt
+        return step_a(model, batch)
+
+    path = str(tmp_path / "ck.pt")
+    with pytest.raises(_Interrupt):
+        Trainer(b, digits.train, step_fn=crashing, checkpoint_path=path, checkpoint_every=2, **kw).fit()
+    assert not os.path.exists(path + ".tmp")
+    c = _tiny_vgg()
+    nn.Module.add_module(c, "drop", nn.Dropout(0.3))
+    t = Trainer(c, digits.train, step_fn=step_a, checkpoint_path=path, checkpoint_every=2, **kw)
+    t.fit(resume=True)
+    assert t.step == 3 * 3  # 3 steps per epoch (the last one holds a single batch)
+    assert all(torch.equal(x, y) for x, y in zip(_params(a), _params(c)))
+
+
+def test_max_steps_then_resume_equals_one_run(digits, tmp_path):
+    kw = dict(epochs=2, batch_size=64, lr=0.05, seed=1, progress=False)
+    a = _tiny_vgg()
+    fit(a, digits.train, **kw)
+    path = str(tmp_path / "ck.pt")
+    b = _tiny_vgg()
+    fit(b, digits.train, max_steps=7, checkpoint_path=path, **kw)
+    c = _tiny_vgg()
+    history = fit(c, digits.train, checkpoint_path=path, resume=True, eval_data=digits.val, **kw)
+    assert all(torch.equal(x, y) for x, y in zip(_params(a), _params(c)))
+    assert [h["epoch"] for h in history] == [1, 2] and "accuracy" in history[-1]
+
+
+def test_grad_accumulation_equals_a_big_batch():
+    torch.manual_seed(0)
+    data = TensorDataset(torch.randn(64, 5), torch.randint(0, 3, (64,)))
+    big, small = nn.Linear(5, 3), nn.Linear(5, 3)
+    small.load_state_dict(big.state_dict())
+    fit(big, data, batch_size=32, lr=0.1, seed=0, progress=False)
+    fit(small, data, batch_size=16, grad_accum=2, lr=0.1, seed=0, progress=False)
+    # same permutation, same two optimizer steps: equal up to summation order
+    assert all(torch.allclose(x, y, atol=1e-6) for x, y in zip(_params(big), _params(small)))
+
+
+def test_bf16_autocast_trains_on_cpu():
+    data = TensorDataset(torch.randn(32, 5), torch.randint(0, 3, (32,)))
+    model = nn.Linear(5, 3)
+    before = model.weight.detach().clone()
+    fit(model, data, batch_size=8, amp_dtype=torch.bfloat16, progress=False)
+    assert not torch.equal(before, model.weight)
+
+
+def test_checkpoint_config_mismatch_is_refused(tmp_path):
+    data = TensorDataset(torch.randn(16, 5), torch.randint(0, 3, (16,)))
+    path = str(tmp_path / "ck.pt")
+    fit(nn.Linear(5, 3), data, batch_size=8, checkpoint_path=path, progress=False)
+    with pytest.raises(ValueError, match="resuming would not reproduce"):
+        fit(nn.Linear(5, 3), data, batch_size=4, checkpoint_path=path, resume=True, progress=False)
+
+
+def test_atomic_save_leaves_no_temporary(tmp_path):
+    path = str(tmp_path / "sub" / "x.pt")
+    atomic_save({"a": torch.ones(2)}, path)
+    assert torch.load(path)["a"].sum() == 2 and os.listdir(tmp_path / "sub") == ["x.pt"]
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(epochs=0), "epochs"), (dict(batch_size=0), "batch_size"), (dict(grad_accum=0), "grad_accum"),
+    (dict(max_steps=0), "max_steps"), (dict(lr=0), "lr"), (dict(amp_dtype=torch.float32), "amp_dtype"),
+    (dict(amp_dtype=torch.float16), "CUDA"), (dict(checkpoint_every=3), "checkpoint_path"),
+])
+def test_bad_trainer_arguments(kwargs, match):
+    data = TensorDataset(torch.randn(4, 5), torch.randint(0, 3, (4,)))
+    with pytest.raises(ValueError, match=match):
+        Trainer(nn.Linear(5, 3), data, **kwargs)
+
+
+def test_bad_trainer_types():
+    with pytest.raises(TypeError, match="model"):
+        Trainer("net", TensorDataset(torch.randn(4, 5)))
+    with pytest.raises(TypeError, match="train_data"):
+        Trainer(nn.Linear(5, 3), 42)
+    with pytest.raises(ValueError, match="empty"):
+        Trainer(nn.Linear(5, 3), TensorDataset(torch.randn(0, 5)))
+
+
+# ------------------------------------------------------------------ schedules
+def test_iterative_taylor_reaches_the_target_and_fine_tunes(digits):
+    model = _tiny_vgg()
+    x = digits.train[0][0].unsqueeze(0)
+    history = []
+    small = prune(model, x, "taylor", target_params=0.4, steps=3, train_data=digits.train, score_batches=2,
+                  fine_tune_steps=3, history=history)
+    dense = count_params_flops(model, x)[0]
+    assert count_params_flops(small, x)[0] <= 0.4 * dense
+    assert [h["step"] for h in history] == [1, 2, 3]
+    assert history[0]["params"] > history[1]["params"] > history[2]["params"]  # geometric steps
+    assert all(h["target_reached"] for h in history)
+
+
+def test_singh_phases_induce_sparsity_then_prune(digits):
+    model = _tiny_vgg()
+    x = digits.train[0][0].unsqueeze(0)
+    history = []
+    small = prune(model, x, "singh", target_params=0.5, train_data=digits.train, val_data=digits.val,
+                  singh=dict(phases=2, l1=1e-2, sparsity_steps=5, rho=0.5, tolerance=0.05, rounds=1),
+                  history=history)
+    assert len(history) == 2 and all("threshold_multiplier" in h for h in history)
+    assert history[0]["layers"] != history[1]["layers"]  # front-to-back layer sets
+    assert count_params_flops(small, x)[0] < count_params_flops(model, x)[0]
+
+
+def test_singh_needs_validation_data(digits):
+    with pytest.raises(ValueError, match="val_data"):
+        prune(_tiny_vgg(), torch.rand(1, 1, 8, 8), "singh", target_params=0.5, train_data=digits.train)
+
+
+def test_run_experiment_reports_and_resumes_after_pruning(digits, tmp_path):
+    x = digits.train[0][0].unsqueeze(0)
+    kw = dict(dense_epochs=1, finetune_epochs=1, criterion="l1", target_params=0.5, checkpoint_dir=str(tmp_path),
+              log=lambda s: None, latency_batch_sizes=(1,), model_factory=_tiny_vgg)
+    first = run_experiment(_tiny_vgg(), x, digits.train, digits.val, digits.test, **kw)
+    assert set(tmp_path.iterdir()) >= {tmp_path / "dense.pt", tmp_path / "pruned.pt", tmp_path / "finetune.pt"}
+    for stage in ("dense", "pruned", "fine_tuned"):
+        assert {"params", "flops", "accuracy", "batch1_ms", "threads"} <= set(first[stage])
+    assert first["pruned"]["params"] <= 0.5 * first["dense"]["params"]
+    again = run_experiment(_tiny_vgg(), x, digits.train, digits.val, digits.test, resume=True, **kw)
+    assert again["fine_tuned"]["accuracy"] == first["fine_tuned"]["accuracy"]
+    assert all(torch.equal(p, q) for p, q in zip(_params(first["model"]), _params(again["model"])))
+    table = format_report(first)
+    assert "fine_tuned" in table and "x)" in table
+
+
+def test_compare_latency_reports_every_model_and_batch():
+    out = compare_latency({"a": nn.Linear(4, 4), "b": nn.Linear(4, 2)}, (4,), batch_sizes=(1, 3), repeats=2,
+                          warmup=1)
+    assert set(out) == {"a", "b"} and set(out["a"]) == {"threads", "batch1_ms", "batch3_ms"}
+    assert out["a"]["threads"] == torch.get_num_threads() and out["b"]["batch3_ms"] > 0
+
+
+# ------------------------------------------------------------------ CLI
+def test_cli_on_a_user_model_and_dataset_given_by_import_path(tmp_path, capsys):
+    from pycompress.prune.cli import main
+
+    out = tmp_path / "r.json"
+    save = tmp_path / "m.pt"
+    rc = main(["--model", "pycompress.models:MobileNetStyle", "--data", "test_prune_workflow:small_splits",
+               "--criterion", "bn_scale", "--target-flops", "0.6", "--dense-epochs", "1", "--finetune-epochs", "1",
+               "--out", str(out), "--save", str(save)])
+    assert rc == 0
+    report = json.loads(out.read_text())
+    assert report["fine_tuned"]["flops"] <= 0.6 * report["dense"]["flops"]
+    assert report["config"]["model"] == "pycompress.models:MobileNetStyle"
+    assert "fine_tuned" in capsys.readouterr().out
+    from pycompress.prune import load_pruned_state_dict
+    reloaded = load_pruned_state_dict(MobileNetStyle(), torch.load(save, weights_only=True))
+    assert count_params_flops(reloaded, torch.rand(1, 1, 8, 8))[0] == report["fine_tuned"]["params"]
+
+
+def test_cli_is_registered_and_refuses_missing_target():
+    from pycompress.cli import SUBCOMMANDS
+    from pycompress.prune.cli import main
+
+    assert SUBCOMMANDS["prune"][0] == "pycompress.prune.cli"
+    with pytest.raises(SystemExit, match="target"):
+        main(["--dense-epochs", "0"])
+    with pytest.raises(ValueError, match="import path"):
+        main(["--model", "nomodule", "--target-params", "0.5"])
+
+
+def test_units_per_step_removes_a_few_maps_per_iteration_until_the_target(digits):
+    model = _tiny_vgg()
+    x = digits.train[0][0].unsqueeze(0)
+    history = []
+    small = prune(model, x, "taylor", target_flops=0.6, units_per_step=2, train_data=digits.train,
+                  score_batches=1, fine_tune_steps=1, history=history)
+    assert all(h["removed_units"] <= 2 for h in history) and len(history) > 1
+    assert history[-1]["target_reached"] and not any(h["target_reached"] for h in history[:-1])
+    assert count_params_flops(small, x)[1] <= 0.6 * count_params_flops(model, x)[1]
+    with pytest.raises(ValueError, match="units_per_step"):
+        prune(model, x, "l1", channel_ratio=0.5, units_per_step=2)
