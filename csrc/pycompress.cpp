@@ -5,6 +5,8 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
+#include "cpu/hugepage_alloc.h"
+
 namespace pycompress {
 
 // Width in bits of at::vec::Vectorized<float> as compiled into this library:
@@ -14,8 +16,12 @@ int64_t cpu_vector_bits() {
   return static_cast<int64_t>(at::vec::Vectorized<float>::size()) * 32;
 }
 
+// Frees the idle output block that large CPU outputs are recycled through.
+void empty_cache() { BlockCache::get().clear(); }
+
 TORCH_LIBRARY(pycompress, m) {
   m.def("_cpu_vector_bits() -> int", &cpu_vector_bits);
+  m.def("_empty_cache() -> ()", &empty_cache);
 }
 
 }  // namespace pycompress

@@ -53,3 +53,9 @@ _assert_has_ops()
 def cpu_vector_bits() -> int:
     """Width of ``at::vec::Vectorized<float>`` compiled into ``_C`` (512 = AVX-512)."""
     return torch.ops.pycompress._cpu_vector_bits()
+
+
+def empty_cache() -> None:
+    """Returns to the system the one idle output block that large CPU outputs (the KD
+    loss's gradient, block-sparse conv outputs) are recycled through."""
+    torch.ops.pycompress._empty_cache()
