@@ -16,7 +16,8 @@ SUBCOMMANDS = {
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="pycompress", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="pycompress", description="Kernel-accelerated model compression: distillation, pruning, sparsity.")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (module, help_text) in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=help_text)
