@@ -12,10 +12,10 @@ def test_demo_runs_and_reports(tmp_path, capsys):
     assert main(["demo", "--epochs", "1", "--teacher-epochs", "1", "--seeds", "1", "--bench-rows", "16",
                  "--report", str(report)]) == 0
     out = capsys.readouterr().out
-    assert "with KDLoss" in out and "faster" in out
+    assert "student, kd" in out and "student, no distillation" in out and "faster" in out
     data = json.loads(report.read_text())
-    assert data["teacher"]["parameters"] > 10 * data["student"]["parameters"]
-    assert 0.0 <= data["student"]["with_kd"][0] <= 1.0
+    assert data["teacher"]["parameters"] > 10 * data["distillation"]["student"]["parameters"]
+    assert 0.0 <= data["distillation"]["runs"]["kd"]["mean"] <= 1.0
     assert data["kernel"]["pycompress_ms"] > 0
 
 
