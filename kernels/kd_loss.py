@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from pycompress.ops.kd_loss import reduction_scale
+
 FORWARD_KL, REVERSE_KL, JSD, MSE_LOGITS = 0, 1, 2, 3
 _DIVERGENCES = {"forward_kl": FORWARD_KL, "reverse_kl": REVERSE_KL, "jsd": JSD, "mse_logits": MSE_LOGITS}
 
@@ -204,16 +206,9 @@ def _launch_state(student, target, N, temperature, divergence, alpha, t2_scale, 
     T = 1.0 if mse else float(temperature)
     has_target = target is not None
     tgt = target.reshape(-1).to(torch.int64) if has_target else student.new_empty(0, dtype=torch.int64)
-    # 1 / the reduction's denominator as a device scalar, without a host sync (kd_loss's contract: 0 if no
-    # row is valid).
-    if reduction in ("none", "sum"):
-        gscale = torch.ones(1, dtype=torch.float32, device=student.device)
-    else:
-        n_valid = (tgt != ignore_index).sum() if has_target else torch.tensor(N, device=student.device)
-        denom = n_valid.to(torch.float64)
-        if reduction == "batchmean" and N:
-            denom = denom * ((student.shape[0] if student.dim() > 1 else 1) / N)
-        gscale = torch.where(denom > 0, 1.0 / denom.clamp_min(1e-300), 0.0).to(torch.float32).reshape(1)
+    gscale = reduction_scale(reduction, tgt if has_target else None, ignore_index, N,
+                             student.shape[0] if student.dim() > 1 else 1, student.device)
+    gscale = gscale.to(torch.float32).reshape(1)
     grad = torch.empty(student.shape, dtype=student.dtype, device=student.device) if compute_grad \
         else student.new_empty(0)
     return _Launch(T, alpha * (T * T if (t2_scale and not mse) else 1.0), has_target, tgt, gscale,

@@ -8,9 +8,10 @@ from pycompress import ops as _ops  # noqa: F401  (registers fake and autograd o
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "mse_logits")
 REDUCTIONS = ("none", "sum", "mean", "batchmean")
+TOPK_TAILS = ("bucket", "drop")
 
 
-def check_kd_hyperparameters(temperature, alpha, divergence, beta, reduction, teacher_noise=0.0):
+def check_kd_hyperparameters(temperature, alpha, divergence, beta, reduction, teacher_noise=0.0, topk_tail="bucket"):
     """Validates KD hyperparameters; raises ValueError or TypeError naming the argument."""
     for name, value in (("temperature", temperature), ("alpha", alpha), ("beta", beta),
                         ("teacher_noise", teacher_noise)):
@@ -28,12 +29,19 @@ def check_kd_hyperparameters(temperature, alpha, divergence, beta, reduction, te
         raise ValueError(f"divergence must be one of {', '.join(DIVERGENCES)}, got {divergence!r}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {', '.join(REDUCTIONS)}, got {reduction!r}")
+    if topk_tail not in TOPK_TAILS:
+        raise ValueError(f"topk_tail must be one of {', '.join(TOPK_TAILS)}, got {topk_tail!r}")
 
 
-TOPK_TAILS = ("bucket", "drop")
+def check_fused_linear_options(reduction, chunk_size):
+    """The fused linear loss's own limits, beyond :func:`check_kd_hyperparameters`."""
+    if reduction == "none":
+        raise ValueError("reduction='none' is not supported by the fused linear loss; use sum, mean or batchmean")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
 
 
-def _check_topk_teacher(teacher, rows_shape, V, device, topk_tail):
+def _check_topk_teacher(teacher, rows_shape, V, device):
     """Checks a sparse teacher ``(values, indices)`` for rows of shape ``rows_shape`` over
     ``V`` classes; returns it detached, with int64 indices."""
     if len(teacher) != 2:
@@ -54,8 +62,6 @@ def _check_topk_teacher(teacher, rows_shape, V, device, topk_tail):
         raise ValueError(f"k = {k} teacher entries per row must be in [1, V = {V}]")
     if values.device != device or indices.device != device:
         raise ValueError(f"topk_values and topk_indices must be on the student's device {device}")
-    if topk_tail not in TOPK_TAILS:
-        raise ValueError(f"topk_tail must be one of {', '.join(TOPK_TAILS)}, got {topk_tail!r}")
     # Index range and duplicates are checked by the kernel, row by row, with ValueErrors.
     return values.detach(), indices.to(torch.int64)
 
@@ -191,14 +197,14 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: 
         >>> loss = kd_loss(s, t, temperature=4.0)
         >>> loss.backward()
     """
-    check_kd_hyperparameters(temperature, alpha, divergence, beta, reduction, teacher_noise)
+    check_kd_hyperparameters(temperature, alpha, divergence, beta, reduction, teacher_noise, topk_tail)
     _check_kd_tensors(student_logits, target, alpha, ignore_index)
     compute_grad = torch.is_grad_enabled() and student_logits.requires_grad
     if isinstance(teacher_logits, (tuple, list)):
         if teacher_noise > 0:
             raise ValueError("teacher_noise perturbs dense teacher logits; it does not apply to a top-k teacher")
         values, indices = _check_topk_teacher(teacher_logits, student_logits.shape[:-1], student_logits.shape[-1],
-                                              student_logits.device, topk_tail)
+                                              student_logits.device)
         loss, _ = torch.ops.pycompress.kd_loss_topk(student_logits, values, indices, target, float(temperature),
                                                     divergence, float(beta), float(alpha), bool(t2_scale), reduction,
                                                     int(ignore_index), topk_tail, compute_grad)
@@ -251,9 +257,8 @@ def fused_linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Ten
     """
     from pycompress.ops.fused_linear_kd import fused_linear_kd_loss_op
 
-    check_kd_hyperparameters(temperature, alpha, divergence, beta, reduction)
-    if reduction == "none":
-        raise ValueError("reduction='none' is not supported by the fused linear loss; use sum, mean or batchmean")
+    check_kd_hyperparameters(temperature, alpha, divergence, beta, reduction, topk_tail=topk_tail)
+    check_fused_linear_options(reduction, chunk_size)
     _check_floating("student_hidden", student_hidden)
     _check_floating("student_weight", student_weight)
     if student_weight.dim() != 2 or student_hidden.dim() < 1 or student_hidden.shape[-1] != student_weight.shape[1]:
@@ -289,13 +294,11 @@ def fused_linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Ten
         if teacher_bias is not None and teacher_bias.shape != (V,):
             raise ValueError(f"teacher_bias must have shape ({V},), got {tuple(teacher_bias.shape)}")
     elif isinstance(teacher_logits, (tuple, list)):
-        values, indices = _check_topk_teacher(teacher_logits, rows, V, student_hidden.device, topk_tail)
+        values, indices = _check_topk_teacher(teacher_logits, rows, V, student_hidden.device)
     else:
         _check_dense_teacher(teacher_logits, rows, V, student_hidden.dtype, student_hidden.device)
         dense = teacher_logits.detach()
     _check_target(target, rows, V, student_hidden.device, alpha, ignore_index)
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
     compute_grad = torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in (student_hidden, student_weight, student_bias))
     detach = (lambda x: None if x is None else x.detach())

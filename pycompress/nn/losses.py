@@ -5,7 +5,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from pycompress.functional import TOPK_TAILS, check_kd_hyperparameters, fused_linear_kd_loss, kd_loss
+from pycompress.functional import check_fused_linear_options, check_kd_hyperparameters, fused_linear_kd_loss, kd_loss
 
 
 class KDLoss(nn.Module):
@@ -48,9 +48,7 @@ class KDLoss(nn.Module):
                  beta: float = 0.5, reduction: str = "batchmean", ignore_index: int = -100, t2_scale: bool = True,
                  teacher_noise: float = 0.0, generator: Optional[torch.Generator] = None, topk_tail: str = "bucket"):
         super().__init__()
-        check_kd_hyperparameters(temperature, alpha, divergence, beta, reduction, teacher_noise)
-        if topk_tail not in TOPK_TAILS:
-            raise ValueError(f"topk_tail must be one of {', '.join(TOPK_TAILS)}, got {topk_tail!r}")
+        check_kd_hyperparameters(temperature, alpha, divergence, beta, reduction, teacher_noise, topk_tail)
         self.topk_tail = topk_tail
         self.temperature = float(temperature)
         self.alpha = float(alpha)
@@ -112,14 +110,8 @@ class FusedLinearKDLoss(nn.Module):
                  beta: float = 0.5, reduction: str = "batchmean", ignore_index: int = -100, t2_scale: bool = True,
                  chunk_size: Optional[int] = None, topk_tail: str = "bucket"):
         super().__init__()
-        check_kd_hyperparameters(temperature, alpha, divergence, beta, reduction)
-        if reduction == "none":
-            raise ValueError("reduction='none' is not supported by FusedLinearKDLoss; use sum, mean or batchmean")
-        if topk_tail not in TOPK_TAILS:
-            raise ValueError(f"topk_tail must be one of {', '.join(TOPK_TAILS)}, got {topk_tail!r}")
-        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
-                                       or chunk_size < 1):
-            raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
+        check_kd_hyperparameters(temperature, alpha, divergence, beta, reduction, topk_tail=topk_tail)
+        check_fused_linear_options(reduction, chunk_size)
         self.temperature, self.alpha, self.divergence, self.beta = float(temperature), float(alpha), divergence, \
             float(beta)
         self.reduction, self.ignore_index, self.t2_scale = reduction, int(ignore_index), bool(t2_scale)

@@ -19,7 +19,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from pycompress.ops.kd_loss import _is_concrete_one  # also registers the per-chunk ops
+from pycompress.ops.kd_loss import _is_concrete_one, reduction_scale  # also registers the per-chunk ops
 
 _OP = "pycompress::fused_linear_kd_loss"
 CHUNK_BUDGET_BYTES = 128 << 20
@@ -32,18 +32,6 @@ def auto_chunk_size(n_rows: int, vocab: int, element_size: int) -> int:
     if rows >= 64:
         rows -= rows % 64
     return max(1, min(n_rows, rows))
-
-
-def _denominator(reduction: str, target: Optional[torch.Tensor], ignore_index: int, n_rows: int,
-                 batch: int, device) -> torch.Tensor:
-    """The reduction's denominator over all rows (kd_loss's contract); 0 when no row is valid."""
-    if reduction == "sum":
-        return torch.ones((), dtype=torch.float64, device=device)
-    n_valid = (target != ignore_index).sum() if target is not None else torch.tensor(n_rows, device=device)
-    n_valid = n_valid.to(torch.float64)
-    if reduction == "batchmean" and n_rows:
-        return n_valid * (batch / n_rows)
-    return n_valid
 
 
 def fused_linear_kd(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
@@ -98,8 +86,7 @@ def fused_linear_kd(student_hidden, student_weight, student_bias, teacher_hidden
             grad_w.addmm_(g.t().to(acc), h_s[start:end].to(acc))
             if student_bias is not None:
                 grad_b += g.sum(0, dtype=acc)
-    denom = _denominator(reduction, y, ignore_index, N, batch, h_s.device)
-    scale = torch.where(denom > 0, 1.0 / denom.clamp_min(1e-300), 0.0)
+    scale = reduction_scale(reduction, y, ignore_index, N, batch, h_s.device)
     loss = (total * scale).to(h_s.dtype)
     if compute_grad:
         grad_h.mul_(scale.to(grad_h.dtype))
