@@ -4,7 +4,7 @@ Run: python -m pytest bench/bench_block_sparse.py --benchmark-enable -q -s
 ResNet-50 layer shapes, fp32, batch 1 and 8, block sparsity 50/75/90/95 %, blocks
 of the default size. Every variant uses the same masked weights (the baseline
 weight is built by tests/test_block_sparse.py's reference). Times are the
-minimum over interleaved repeats (A B C A B C ...) in one process: the machine
+minimum over interleaved repeats (A B C, B C A, C A B, ...) in one process: the machine
 is shared, and interleaving keeps the ratios fair when its load changes.
 """
 
@@ -49,17 +49,22 @@ def interleaved(fns, rounds, warmup=2):
     Each variant is called twice in a row and only the second call is timed:
     every variant then starts from its own warm caches and reused allocations,
     instead of inheriting whatever the previous variant left (a cold start
-    favoured whichever ran second in a round by up to 2x at batch 8).
+    favoured whichever ran second in a round by up to 2x at batch 8). The order
+    rotates every round, because one warm-up call is not always enough: after
+    a variant that streams more than L3 holds, the next one measured 0.75 ms
+    where it measures 0.52 ms after itself (1x1 1024->256 at batch 8), so a
+    fixed order taxes whichever variant follows the im2col baseline.
     """
     for f in fns.values():
         for _ in range(warmup):
             f()
+    names = list(fns)
     times = {k: [] for k in fns}
-    for _ in range(rounds):
-        for k, f in fns.items():
-            f()
+    for i in range(rounds):
+        for k in names[i % len(names):] + names[:i % len(names)]:
+            fns[k]()
             t = time.perf_counter()
-            f()
+            fns[k]()
             times[k].append(time.perf_counter() - t)
     return {k: (min(v), statistics.median(v)) for k, v in times.items()}
 

@@ -37,6 +37,9 @@ def ref_conv(x, conv: nn.Conv2d, block_mask, bo, bk, relu=False):
 # (N, Cin, Cout, H, W, kernel, stride, padding, dilation, block_size): covers the
 # source layouts (1x1 direct, stride-1 padded, strided phase planes), odd sizes,
 # Cout not a multiple of bo, and every micro-kernel row count (8, 4, 2, 1).
+# 1x1 direct mode ends each image's last strip at its last pixel (the strip
+# overlaps the one before it): 7x9 and 10x11 have ragged tails, 6x8 exactly one
+# 8 x 3 strip, and 6x6 is smaller than a strip (padded copy instead).
 CONV_CASES = [
     (1, 16, 24, 7, 9, 3, 1, 1, 1, (8, 8)),
     (8, 16, 16, 5, 5, 3, 1, 1, 1, (8, 8)),
@@ -48,6 +51,9 @@ CONV_CASES = [
     (1, 24, 40, 17, 17, 5, 1, 2, 1, (8, 4)),
     (2, 8, 12, 13, 12, 3, 3, 2, 2, (4, 8)),
     (8, 16, 8, 9, 9, 1, 2, 0, 1, (8, 8)),
+    (3, 16, 16, 7, 9, 1, 1, 0, 1, (8, 8)),
+    (2, 8, 12, 10, 11, 1, 1, 0, 1, (4, 8)),
+    (2, 16, 8, 6, 8, 1, 1, 0, 1, (8, 4)),
 ]
 SPARSITIES = [0.0, 0.5, 0.9, 1.0]
 

@@ -4,7 +4,9 @@
 // in PyTorch's weight order, p an output pixel. W is BSR with (bo x bk) blocks;
 // only nonzero blocks are multiplied. Column row k of col is read from a
 // "source" buffer at a per-k offset, so one micro-kernel serves two layouts:
-//   direct   1x1, stride 1, no padding: the NCHW input itself (q = pixel);
+//   direct   1x1, stride 1, no padding, at least one strip per image: the
+//            NCHW input itself (q = pixel); an image's last strip is moved
+//            back to end at its last pixel, so nothing past the input is read;
 //   phases   otherwise: the input copied once into zero-padded planes, split
 //            into sh*sw phase planes of (Hq, Wq) when strided. With
 //            q = oh * Wq + ow, tap (r, s) of channel c is the contiguous run
@@ -13,8 +15,9 @@
 //            with ow >= OW are computed and dropped (Wq/OW extra work).
 // Micro-kernel: a tile of MR = 4 output channels x NV = 6 vectors of q (16 fp32
 // lanes each with AVX-512; 8 x 3 for 1x1) kept in 24 accumulator registers; every nonzero
-// weight is broadcast and FMA'd against the NV input vectors. The last strip of
-// an image uses only the vectors it needs. Values are stored k-major
+// weight is broadcast and FMA'd against the NV input vectors, in one flat loop
+// over the block row's nonzero k. The last strip of an image uses only the
+// vectors it needs. Values are stored k-major
 // inside a block so the MR broadcasts of one k are contiguous. Tiles (image,
 // q strip, block row) are split over threads with at::parallel_for; bias and
 // ReLU are fused into the store.
@@ -67,31 +70,33 @@ inline void copy_n(float* dst, const float* src, int64_t n) {
 // Where the column rows come from and how q maps to output pixels.
 struct Source {
   const float* data;
-  int64_t len;           // readable elements from data
   int64_t img_stride;    // elements between source images
   int64_t n_img;         // source images (N)
   int64_t img_q;         // q positions per source image (rows of wq)
   int64_t wq;            // q-row width
   int64_t ow;            // valid lanes at the start of each q-row (output width)
   std::vector<int64_t> off;  // per k: offset of column row k inside an image
-  int64_t max_off;
+  // The caller's own input (1x1 direct mode): nothing past an image's last q
+  // may be read, so the last strip of an image ends there instead of starting
+  // at a strip boundary (it overlaps the previous strip and stores only its
+  // new lanes). Padded copies end in slack instead.
+  bool exact_end = false;
 };
 
-// acc[i][j] += sum over the blocks [b0, b1) of w[k][i] * x[off[k] + j*kW ...].
+// acc[i][j] += sum over `steps` nonzero k of w[k][i] * x[koff[k] + j*kW ...]:
+// one flat loop over the block row's nonzero columns, so the accumulators stay
+// in registers (a loop over blocks around a loop over k made GCC spill them at
+// every block boundary).
 template <int MR, int NV>
-inline void accumulate(Vec (&acc)[MR][NV], const float* x, const int64_t* off, const float* vals,
-                       const int64_t* cols, int64_t b0, int64_t b1, int64_t bk, int64_t bo) {
-  for (int64_t b = b0; b < b1; ++b) {
-    const float* w = vals + b * bk * bo;
-    const int64_t* o = off + cols[b] * bk;
-    for (int64_t kk = 0; kk < bk; ++kk, w += bo) {
-      const float* xk = x + o[kk];
-      Vec xv[NV];
-      for (int j = 0; j < NV; ++j) xv[j] = Vec::loadu(xk + j * kW);
-      for (int i = 0; i < MR; ++i) {
-        const Vec wi(w[i]);
-        for (int j = 0; j < NV; ++j) acc[i][j] = at::vec::fmadd(wi, xv[j], acc[i][j]);
-      }
+inline void accumulate(Vec (&acc)[MR][NV], const float* x, const int64_t* koff, const float* w, int64_t steps,
+                       int64_t bo) {
+  for (int64_t s = 0; s < steps; ++s, w += bo) {
+    const float* xk = x + koff[s];
+    Vec xv[NV];
+    for (int j = 0; j < NV; ++j) xv[j] = Vec::loadu(xk + j * kW);
+    for (int i = 0; i < MR; ++i) {
+      const Vec wi(w[i]);
+      for (int j = 0; j < NV; ++j) acc[i][j] = at::vec::fmadd(wi, xv[j], acc[i][j]);
     }
   }
 }
@@ -103,6 +108,16 @@ struct Bsr {
   int64_t R, bk, bo;
 };
 
+// The column row of every nonzero k step (block b, row kk of it: step b*bk + kk),
+// as offsets from a strip's first q: src_off[k] mapped through the blocks'
+// column indices.
+std::vector<int64_t> step_offsets(const Bsr& w, const std::vector<int64_t>& src_off) {
+  std::vector<int64_t> steps(w.rptr[w.R] * w.bk);
+  for (int64_t b = 0; b < w.rptr[w.R]; ++b)
+    for (int64_t kk = 0; kk < w.bk; ++kk) steps[b * w.bk + kk] = src_off[w.cols[b] * w.bk + kk];
+  return steps;
+}
+
 struct Epilogue {
   const float* bias;
   bool relu;
@@ -110,15 +125,16 @@ struct Epilogue {
   float* out;
 };
 
-// Output rows of block row r for the q strip [q0, q0 + NV*kW) of source image g;
-// x points at the strip's first q, off[k] locates column row k from there.
+// Output rows of block row r for the q strip [q0, q0 + NV*kW) of source image g,
+// stored from q = qs >= q0 on; x points at the strip's first q, koff[s]
+// locates nonzero step s's column row from there.
 template <int MR, int NV>
-void block_row(const Source& src, const float* x, const int64_t* off, int64_t g, int64_t q0, int64_t r,
+void block_row(const Source& src, const float* x, const int64_t* koff, int64_t g, int64_t q0, int64_t qs, int64_t r,
                const Bsr& w, const Epilogue& e) {
   constexpr int64_t SW = NV * kW;
   const int64_t ohow = e.ohow, cout = e.cout;
   const int64_t qend = std::min(q0 + SW, src.img_q);
-  const bool contiguous = src.wq == src.ow && qend - q0 == SW;  // 1x1: q is the pixel
+  const bool contiguous = src.wq == src.ow && qs == q0 && qend - q0 == SW;  // 1x1: q is the pixel
   float* out_g = e.out + g * cout * ohow;
   for (int64_t i0 = 0; i0 < w.bo; i0 += MR) {
     const int64_t co0 = r * w.bo + i0;
@@ -127,7 +143,8 @@ void block_row(const Source& src, const float* x, const int64_t* off, int64_t g,
     Vec acc[MR][NV];
     for (int i = 0; i < MR; ++i)
       for (int j = 0; j < NV; ++j) acc[i][j] = Vec(0.f);
-    accumulate<MR, NV>(acc, x, off, w.vals + i0, w.cols, w.rptr[r], w.rptr[r + 1], w.bk, w.bo);
+    const int64_t s0 = w.rptr[r] * w.bk;
+    accumulate<MR, NV>(acc, x, koff + s0, w.vals + s0 * w.bo + i0, w.rptr[r + 1] * w.bk - s0, w.bo);
     for (int i = 0; i < MR; ++i) {
       const Vec b(e.bias && i < rows ? e.bias[co0 + i] : 0.f);
       for (int j = 0; j < NV; ++j) {
@@ -145,7 +162,7 @@ void block_row(const Source& src, const float* x, const int64_t* off, int64_t g,
     alignas(64) float tmp[MR][SW];
     for (int i = 0; i < MR; ++i)
       for (int j = 0; j < NV; ++j) acc[i][j].store(&tmp[i][j * kW]);
-    for (int64_t q = q0; q < qend;) {
+    for (int64_t q = qs; q < qend;) {
       const int64_t row = q / src.wq, c = q % src.wq;
       if (c >= src.ow) {
         q = (row + 1) * src.wq;
@@ -161,20 +178,20 @@ void block_row(const Source& src, const float* x, const int64_t* off, int64_t g,
 
 // block_row with nv <= NV vectors (the narrower last strip of an image).
 template <int MR, int NV>
-void block_row_n(int nv, const Source& src, const float* x, const int64_t* off, int64_t g, int64_t q0, int64_t r,
-                 const Bsr& w, const Epilogue& e) {
+void block_row_n(int nv, const Source& src, const float* x, const int64_t* koff, int64_t g, int64_t q0, int64_t qs,
+                 int64_t r, const Bsr& w, const Epilogue& e) {
   if constexpr (NV > 1) {
-    if (nv < NV) return block_row_n<MR, NV - 1>(nv, src, x, off, g, q0, r, w, e);
+    if (nv < NV) return block_row_n<MR, NV - 1>(nv, src, x, koff, g, q0, qs, r, w, e);
   }
-  block_row<MR, NV>(src, x, off, g, q0, r, w, e);
+  block_row<MR, NV>(src, x, koff, g, q0, qs, r, w, e);
 }
 
 // Strips of NV vectors of q; the last strip of each image only as many vectors
-// as it needs, so at most kW - 1 lanes per image are computed for nothing.
+// as it needs, so at most kW - 1 lanes per image are computed for nothing (or
+// recomputed, where the last strip is moved back to end at the image's end).
 template <int MR, int NV>
 void conv_tiles(const Source& src, const Bsr& w, const Epilogue& e) {
   constexpr int64_t SW = NV * kW;
-  const int64_t K = static_cast<int64_t>(src.off.size());
   const int64_t strips = (src.img_q + SW - 1) / SW;
   const int tail_nv = static_cast<int>((src.img_q - (strips - 1) * SW + kW - 1) / kW);
   const int64_t ntiles = src.n_img * strips * w.R;
@@ -198,38 +215,17 @@ void conv_tiles(const Source& src, const Bsr& w, const Epilogue& e) {
       while (i < nthreads && acc * nthreads >= total * i) split[i++] = t + 1;
     }
   }
+  const std::vector<int64_t> steps = step_offsets(w, src.off);
   at::parallel_for(0, nthreads, 1, [&](int64_t first, int64_t last) {
-    thread_local std::vector<float> pack_buf;
-    thread_local std::vector<int64_t> pack_off;
-    const float* packed = nullptr;  // the strip now in pack_buf (consecutive tiles share it)
     for (int64_t t = split[first]; t < split[last]; ++t) {
       const int64_t r = t % w.R;
       const int64_t strip = (t / w.R) % strips;
       const int64_t g = t / (w.R * strips);
       const int nv = strip == strips - 1 ? tail_nv : NV;
-      const int64_t q0 = strip * SW;
+      const int64_t qs = strip * SW;
+      const int64_t q0 = src.exact_end && strip == strips - 1 ? src.img_q - nv * kW : qs;
       const float* x = src.data + g * src.img_stride + q0;
-      const int64_t* off = src.off.data();
-      if (g * src.img_stride + src.max_off + q0 + nv * kW > src.len) {
-        // Only the last strip of a caller-owned buffer (1x1 direct mode): its
-        // readable lanes go into a zero-padded (K, SW) block, once per thread.
-        float* p = scratch(pack_buf, K * SW);
-        if (packed != x) {
-          if (static_cast<int64_t>(pack_off.size()) != K) {
-            pack_off.resize(K);
-            for (int64_t k = 0; k < K; ++k) pack_off[k] = k * SW;
-          }
-          for (int64_t k = 0; k < K; ++k) {
-            const int64_t n = std::clamp<int64_t>(src.len - (x - src.data) - off[k], 0, nv * kW);
-            std::memcpy(p + k * SW, x + off[k], n * sizeof(float));
-            std::fill(p + k * SW + n, p + k * SW + nv * kW, 0.f);
-          }
-          packed = x;
-        }
-        x = p;
-        off = pack_off.data();
-      }
-      block_row_n<MR, NV>(nv, src, x, off, g, q0, r, w, e);
+      block_row_n<MR, NV>(nv, src, x, steps.data(), g, q0, qs, r, w, e);
     }
   });
 }
@@ -302,10 +298,18 @@ at::Tensor block_sparse_conv2d_cpu(const at::Tensor& input_in, const at::Tensor&
   off.resize(K);
   thread_local std::vector<float> src_buf;                 // the padded phase planes
   thread_local std::array<int64_t, 13> src_geometry{};     // of the copy now in src_buf
-  const bool direct = kh == 1 && kw == 1 && sh == 1 && sw == 1 && ph == 0 && pw == 0;
+  // 1x1 convs read the input in place, with 8 x 3 tiles when the block rows
+  // allow: each k is a different channel plane, so no cache line is shared
+  // between k steps and L2 bandwidth binds; 8 rows halve the input loads per
+  // FMA (measured 180 vs 150 GFLOP/s at 50 %, 1 thread). Images smaller than
+  // one strip go through the padded copy, whose slack the strip may run into.
+  const bool pointwise = kh == 1 && kw == 1 && sh == 1 && sw == 1 && ph == 0 && pw == 0;
+  const bool tall_tiles = pointwise && bo % 8 == 0;
+  const bool direct = pointwise && H * W >= (tall_tiles ? 3 : kNV) * kW;
   if (direct) {
-    src.data = x, src.len = input.numel(), src.img_stride = C * H * W, src.n_img = N;
+    src.data = x, src.img_stride = C * H * W, src.n_img = N;
     src.img_q = H * W, src.wq = W, src.ow = W;
+    src.exact_end = true;
     for (int64_t c = 0; c < C; ++c) off[c] = c * H * W;
   } else {
     // Zero-padded input split into sh*sw phase planes: phase (a, b) holds the
@@ -354,7 +358,7 @@ at::Tensor block_sparse_conv2d_cpu(const at::Tensor& input_in, const at::Tensor&
     });
     if (zero_borders) std::fill(buf + N * C * P * plane, buf + len, 0.f);
     src_geometry = geometry;
-    src.data = buf, src.len = len, src.img_stride = C * P * plane, src.n_img = N;
+    src.data = buf, src.img_stride = C * P * plane, src.n_img = N;
     src.img_q = OH * Wq, src.wq = Wq, src.ow = OW;
     for (int64_t c = 0; c < C; ++c)
       for (int64_t r = 0; r < kh; ++r)
@@ -362,14 +366,10 @@ at::Tensor block_sparse_conv2d_cpu(const at::Tensor& input_in, const at::Tensor&
           off[(c * kh + r) * kw + s] = (c * P + ((r * dh) % sh) * sw + (s * dw) % sw) * plane +
                                        (r * dh) / sh * Wq + (s * dw) / sw;
   }
-  src.max_off = *std::max_element(off.begin(), off.end());
 
   const Bsr w{values.const_data_ptr<float>(), cols, rptr, R, bk, bo};
   const Epilogue e{bias, relu, out_channels, ohow, out.data_ptr<float>()};
-  if (direct && bo % 8 == 0) {
-    // 1x1: each k is a different channel plane, so no cache line is shared
-    // between k steps and L2 bandwidth binds; 8 rows halve the input loads
-    // per FMA (measured 180 vs 150 GFLOP/s at 50 %, 1 thread).
+  if (tall_tiles) {
     conv_tiles<8, 3>(src, w, e);
   } else if (bo % 4 == 0) {
     conv_tiles<4, kNV>(src, w, e);
