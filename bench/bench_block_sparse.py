@@ -4,12 +4,13 @@ Run: python -m pytest bench/bench_block_sparse.py --benchmark-enable -q -s
 ResNet-50 layer shapes, fp32, batch 1 and 8, block sparsity 50/75/90/95 %, blocks
 of the default size. Every variant uses the same masked weights (the baseline
 weight is built by tests/test_block_sparse.py's reference). Times are the
-minimum over interleaved repeats (A B C, B C A, C A B, ...) in one process: the machine
+minimum over interleaved repeats (A B C, C A B, B C A, ... shuffled) in one process: the machine
 is shared, and interleaving keeps the ratios fair when its load changes.
 """
 
 import os
 import platform
+import random
 import statistics
 import subprocess
 import time
@@ -50,18 +51,20 @@ def interleaved(fns, rounds, warmup=2):
     every variant then starts from its own warm caches and reused allocations,
     instead of inheriting whatever the previous variant left (a cold start
     favoured whichever ran second in a round by up to 2x at batch 8). The order
-    rotates every round, because one warm-up call is not always enough: after
-    a variant that streams more than L3 holds, the next one measured 0.75 ms
-    where it measures 0.52 ms after itself (1x1 1024->256 at batch 8), so a
-    fixed order taxes whichever variant follows the im2col baseline.
+    is shuffled every round (seeded), because one warm-up call is not always
+    enough: after the im2col baseline, the 1x1 1024->256 kernel at batch 8
+    measured 0.75-0.8 ms where it measures 0.52 ms after itself, so a fixed
+    (or merely rotated) order taxes whichever variant follows that baseline.
     """
     for f in fns.values():
         for _ in range(warmup):
             f()
+    order = random.Random(0)
     names = list(fns)
     times = {k: [] for k in fns}
-    for i in range(rounds):
-        for k in names[i % len(names):] + names[:i % len(names)]:
+    for _ in range(rounds):
+        order.shuffle(names)
+        for k in names:
             fns[k]()
             t = time.perf_counter()
             fns[k]()
