@@ -8,6 +8,7 @@ minimum over interleaved repeats (A B C, C A B, B C A, ... shuffled) in one proc
 is shared, and interleaving keeps the ratios fair when its load changes.
 """
 
+import copy
 import os
 import platform
 import random
@@ -121,31 +122,45 @@ def test_layer(benchmark, shape, batch, sparsity):
     assert t["kernel"][0] > 0
 
 
-def test_resnet_end_to_end(benchmark):
-    """ResNetStyle(width=64) at 56x56, every conv and the head block-sparsified at 90 %, vs its dense self."""
-    torch.manual_seed(0)
-    dense = ResNetStyle(width=64, in_channels=3).eval()
-    sparse = ResNetStyle(width=64, in_channels=3).eval()
-    sparse.load_state_dict(dense.state_dict())
-    report = block_sparsify(sparse, 0.9, example_input=torch.randn(1, 3, 56, 56))
-    # The dense twin gets the same pruned weights, so both compute the same function.
-    masked = ResNetStyle(width=64, in_channels=3).eval()
-    masked.load_state_dict(dense.state_dict())
-    for name, mod in sparse.named_modules():
+def _masked_dense_twin(model):
+    """The same function with dense layers: each block-sparse layer becomes its masked dense weight."""
+    twin = copy.deepcopy(model)
+    for name, mod in list(twin.named_modules()):
         if isinstance(mod, (BlockSparseConv2d, BlockSparseLinear)):
+            dense = mod.to_dense()
+            if getattr(mod, "relu", False):
+                dense = nn.Sequential(dense, nn.ReLU())
             parent, _, child = name.rpartition(".")
-            setattr(masked.get_submodule(parent) if parent else masked, child, mod.to_dense())
-    print("\n" + str(report))
+            setattr(twin.get_submodule(parent) if parent else twin, child, dense)
+    return twin
+
+
+def test_resnet_end_to_end(benchmark):
+    """ResNetStyle(width=64) at 56x56, every conv and the head block-sparsified at 90 %, vs its dense self.
+
+    Two deployments: BatchNorm kept as a separate op, and BatchNorm folded into the
+    convs (with the stem's ReLU fused) before sparsifying. Each sparse model is timed
+    against its masked dense twin, which computes the same function with the same
+    layers (folded too, in the second case).
+    """
     print(f"\nResNetStyle(width=64) 56x56 end to end, 90 % block sparsity, {torch.get_num_threads()} threads")
-    print(f"{'batch':>5} {'dense ms':>9} {'sparse ms':>10} {'speedup':>8}")
+    print(f"{'BN':<7} {'batch':>5} {'dense ms':>9} {'sparse ms':>10} {'speedup':>8}")
+    for fold_bn in (False, True):
+        torch.manual_seed(0)
+        sparse = ResNetStyle(width=64, in_channels=3).eval()
+        report = block_sparsify(sparse, 0.9, example_input=torch.randn(1, 3, 56, 56), fold_bn=fold_bn)
+        if fold_bn:
+            print("\n" + str(report))
+        masked = _masked_dense_twin(sparse)
+        with torch.no_grad():
+            for batch in (1, 8):
+                x = torch.randn(batch, 3, 56, 56)
+                torch.testing.assert_close(sparse(x), masked(x), atol=1e-3, rtol=1e-3)
+                t = interleaved({"dense": lambda: masked(x), "sparse": lambda: sparse(x)}, rounds=round(15 * REPEATS))
+                print(f"{'folded' if fold_bn else 'kept':<7} {batch:>5} {t['dense'][0] * 1e3:9.2f} "
+                      f"{t['sparse'][0] * 1e3:10.2f} {t['dense'][0] / t['sparse'][0]:7.2f}x")
+                assert t["sparse"][0] > 0
     with torch.no_grad():
-        for batch in (1, 8):
-            x = torch.randn(batch, 3, 56, 56)
-            torch.testing.assert_close(sparse(x), masked(x), atol=1e-3, rtol=1e-3)
-            t = interleaved({"dense": lambda: masked(x), "sparse": lambda: sparse(x)}, rounds=round(15 * REPEATS))
-            print(f"{batch:>5} {t['dense'][0] * 1e3:9.2f} {t['sparse'][0] * 1e3:10.2f} "
-                  f"{t['dense'][0] / t['sparse'][0]:7.2f}x")
-            assert t["sparse"][0] > 0
         benchmark.pedantic(lambda: sparse(x), rounds=5, warmup_rounds=1)
 
 

@@ -15,7 +15,7 @@ from torch import nn
 import pycompress
 from pycompress.models.nets import ResNetStyle
 from pycompress.nn import BlockSparseConv2d, BlockSparseLinear
-from pycompress.prune import block_sparsify
+from pycompress.prune import block_sparsify, fold_batchnorm
 
 OP = torch.ops.pycompress.block_sparse_conv2d
 TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.bfloat16: dict(atol=5e-2, rtol=5e-2)}
@@ -277,6 +277,18 @@ def test_linear_wrong_features_is_rejected():
 
 # ---- whole models ----
 
+def _masked_dense_twin(model: nn.Module) -> nn.Module:
+    """A copy with each block-sparse layer replaced by its masked dense weight (+ its fused ReLU)."""
+    twin = copy.deepcopy(model)
+    for name, mod in list(twin.named_modules()):
+        if isinstance(mod, BlockSparseConv2d):
+            dense = mod.to_dense()
+            parent, _, child = name.rpartition(".")
+            setattr(twin.get_submodule(parent) if parent else twin, child,
+                    nn.Sequential(dense, nn.ReLU()) if mod.relu else dense)
+    return twin
+
+
 def test_block_sparsify_resnet_matches_its_masked_dense_self():
     torch.manual_seed(6)
     model = ResNetStyle(width=16, in_channels=3).eval()
@@ -288,13 +300,8 @@ def test_block_sparsify_resnet_matches_its_masked_dense_self():
     assert all(abs(r.density - 0.25) < 0.05 for r in report.layers if r.kernel == "block-sparse")
     assert 0.6 < report.flops_saved / report.dense_flops < 0.8
     assert "total:" in str(report)
-    dense = copy.deepcopy(model)
-    for name, mod in list(dense.named_modules()):
-        if isinstance(mod, BlockSparseConv2d):
-            parent, _, child = name.rpartition(".")
-            setattr(dense.get_submodule(parent) if parent else dense, child, mod.to_dense())
     with torch.no_grad():
-        torch.testing.assert_close(model(x), dense(x), **TOL[torch.float32])
+        torch.testing.assert_close(model(x), _masked_dense_twin(model)(x), **TOL[torch.float32])
 
 
 def test_block_sparsify_include_and_skips():
@@ -306,6 +313,95 @@ def test_block_sparsify_include_and_skips():
     assert kinds["1"] == "skipped (groups=8)"
     assert kinds["2"] == "dense fallback (density 0.750 > dense_threshold 0.5)"
     assert "4" not in kinds and isinstance(model[4], nn.Linear)
+
+
+def _trained_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Gives every BatchNorm non-trivial running statistics and affine parameters, then eval()."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                n = m.num_features
+                m.running_mean.copy_(torch.randn(n, generator=g) * 0.3)
+                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+                m.weight.copy_(torch.randn(n, generator=g))
+                m.bias.copy_(torch.randn(n, generator=g) * 0.2)
+    return model.eval()
+
+
+def test_fold_batchnorm_keeps_the_function_and_finds_the_single_use_relu():
+    torch.manual_seed(7)
+    model = _trained_bn(ResNetStyle(width=8, in_channels=3))
+    x = torch.randn(2, 3, 12, 12)
+    with torch.no_grad():
+        ref = model(x)
+    folded = fold_batchnorm(model)
+    by_conv = {f.conv: f for f in folded}
+    # Every conv of the net is followed by its own BN; only the stem's ReLU is a module.
+    assert set(by_conv) == {n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    assert by_conv["stem.0"].relu == "stem.2" and by_conv["stages.0.conv1"].relu is None
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_fold_batchnorm_leaves_shared_and_branching_modules_alone():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 1), nn.Conv2d(4, 4, 1)
+            self.bn_a, self.bn_b, self.shared = nn.BatchNorm2d(4), nn.BatchNorm2d(4), nn.BatchNorm2d(4)
+            self.relu = nn.ReLU()
+
+        def forward(self, x):
+            a = self.a(x)  # used by its BN and by the sum: not foldable
+            y = self.relu(self.bn_a(a)) + a
+            y = self.relu(self.bn_b(self.b(y)))  # foldable, but the ReLU module is shared
+            return self.shared(self.c(y)) + self.shared(y)  # a BN called twice: not foldable
+
+    model = _trained_bn(Net())
+    x = torch.randn(2, 4, 6, 6)
+    with torch.no_grad():
+        ref = model(x)
+    folded = fold_batchnorm(model)
+    assert [(f.conv, f.bn, f.relu) for f in folded] == [("b", "bn_b", None)]
+    assert isinstance(model.bn_a, nn.BatchNorm2d) and isinstance(model.shared, nn.BatchNorm2d)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_fold_batchnorm_rejects_training_mode_and_untraceable_models():
+    with pytest.raises(ValueError, match="eval"):
+        fold_batchnorm(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
+
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            return self.conv(x) if x.sum() > 0 else x
+
+    with pytest.raises(ValueError, match="traceable"):
+        fold_batchnorm(Branchy().eval())
+    with pytest.raises(ValueError, match="eval"):
+        block_sparsify(ResNetStyle(width=8, in_channels=3), 0.5, fold_bn=True)
+
+
+def test_block_sparsify_with_folded_bn_matches_the_folded_masked_dense_model():
+    torch.manual_seed(8)
+    model = _trained_bn(ResNetStyle(width=16, in_channels=3))
+    x = torch.randn(2, 3, 16, 16)
+    report = block_sparsify(model, 0.75, exclude="fc", fold_bn=True, example_input=x)
+    fused = {r.name: r.fused for r in report.layers}
+    assert fused["stem.0"] == "bn+relu" and fused["stages.0.conv1"] == "bn"
+    assert "bn+relu" in str(report)
+    assert isinstance(model.stem[2], nn.Identity) and isinstance(model.stages[0].bn1, nn.Identity)
+    assert model.stem[0].relu and not model.stages[0].conv1.relu
+    # The blocks were ranked on the folded weights, and the sparse kernel computes
+    # exactly the masked folded convs (bias and ReLU fused into its store).
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), _masked_dense_twin(model)(x), **TOL[torch.float32])
 
 
 # ---- Triton kernel, under TRITON_INTERPRET=1 without a GPU ----

@@ -5,13 +5,14 @@
   flatten -> Linear); :meth:`DependencyGraph.remove` rewrites the modules.
 - Criteria (:mod:`pycompress.prune.criteria`): l1, l2, bn_scale, taylor
   (Molchanov 2017, activation-based), taylor_weight, singh (Singh 2019), random.
-- :func:`block_sparsify`: converts Conv2d/Linear layers to block-sparse ones (BSR kernels).
+- :func:`block_sparsify`: converts Conv2d/Linear layers to block-sparse ones (BSR kernels);
+  :func:`fold_batchnorm` folds BatchNorm into the convs before, for inference.
 - :func:`prune`: one-shot, iterative (Molchanov) or phased (Singh) schedules to a
   parameter / FLOPs target; :func:`run_experiment` adds training, fine-tuning and
   the params / FLOPs / latency / accuracy report.
 """
 
-from pycompress.prune.block_sparse import block_sparsify
+from pycompress.prune.block_sparse import FoldedBatchNorm, block_sparsify, fold_batchnorm
 from pycompress.prune.criteria import (CRITERIA, BNScale, Criterion, L1, L2, Random, Singh, Taylor, TaylorWeight,
                                        get_criterion)
 from pycompress.prune.graph import (DependencyGraph, Group, Member, count_params_flops, load_pruned_state_dict,

@@ -1,11 +1,14 @@
-"""Whole-model conversion to block-sparse layers (:func:`block_sparsify`)."""
+"""Whole-model conversion to block-sparse layers (:func:`block_sparsify`), and BatchNorm
+folding for inference (:func:`fold_batchnorm`)."""
 
 import fnmatch
+from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Sequence, Union
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from pycompress.nn.block_sparse import DEFAULT_DENSE_THRESHOLD, BlockSparseConv2d, BlockSparseLinear
 
@@ -22,6 +25,7 @@ class LayerReport:
     kernel: str             # "block-sparse", "dense fallback (...)" or "skipped (...)"
     dense_flops: Optional[int] = None   # per forward of example_input, when given
     sparse_flops: Optional[int] = None  # nonzero-block FLOPs actually computed
+    fused: str = ""         # "bn", "bn+relu" or "" (see fold_bn)
 
     @property
     def flops_saved(self) -> Optional[int]:
@@ -46,13 +50,13 @@ class BlockSparsifyReport:
 
     def __str__(self) -> str:
         lines = [f"{'layer':<28} {'kind':<7} {'gemm (out, k)':<14} {'block':<8} {'density':>7} "
-                 f"{'GFLOP dense':>11} {'saved':>6}  kernel"]
+                 f"{'GFLOP dense':>11} {'saved':>6} {'fused':<7}  kernel"]
         for r in self.layers:
             fl = f"{r.dense_flops / 1e9:11.3f}" if r.dense_flops is not None else f"{'-':>11}"
             saved = f"{r.flops_saved / r.dense_flops:6.1%}" if r.dense_flops else f"{'-':>6}"
             block = "x".join(map(str, r.block_size)) if r.block_size else "-"
             lines.append(f"{r.name:<28} {r.kind:<7} {str(r.gemm_shape):<14} {block:<8} {r.density:7.3f} "
-                         f"{fl} {saved}  {r.kernel}")
+                         f"{fl} {saved} {r.fused or '-':<7}  {r.kernel}")
         if self.dense_flops:
             lines.append(f"total: {self.dense_flops / 1e9:.3f} GFLOP dense, {self.flops_saved / 1e9:.3f} saved "
                          f"({self.flops_saved / self.dense_flops:.1%})")
@@ -66,9 +70,80 @@ def _matches(selector: Selector, name: str, module: nn.Module) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+@dataclass
+class FoldedBatchNorm:
+    conv: str
+    bn: str
+    relu: Optional[str] = None  # the nn.ReLU module that alone consumes the BN's output
+
+
+def fold_batchnorm(model: nn.Module, convs: Optional[Sequence[str]] = None) -> List[FoldedBatchNorm]:
+    """Folds every BatchNorm2d that directly follows a Conv2d into that conv, in place.
+
+    For inference: the conv's weight and bias absorb the BN's running statistics and
+    affine parameters (``torch.nn.utils.fusion.fuse_conv_bn_eval``) and the BN
+    becomes ``nn.Identity``, so the model computes the same function with one op
+    fewer per pair. A pair is folded only when the conv's output feeds that BN alone
+    and each module is called once (shared modules are left alone), and the BN
+    tracks running statistics. The model must be in eval mode and torch.fx-traceable.
+
+    Args:
+        model (nn.Module): modified in place.
+        convs (sequence of str, optional): qualified names of the convs that may
+            absorb a BN; default every Conv2d.
+
+    Returns:
+        list of FoldedBatchNorm: the folded pairs, each with the single-use ``nn.ReLU``
+        module that consumes the BN's output, if any (left in place here;
+        :func:`block_sparsify` fuses it into the sparse kernel).
+    """
+    if model.training:
+        raise ValueError("fold_batchnorm folds eval-mode statistics: call model.eval() first")
+    try:
+        graph = torch.fx.symbolic_trace(model).graph
+    except Exception as exc:  # fx raises many types for untraceable code
+        raise ValueError(f"fold_batchnorm needs a torch.fx-traceable model; tracing failed with "
+                         f"{type(exc).__name__}: {exc}") from exc
+    modules = dict(model.named_modules())
+    calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
+    allowed = None if convs is None else set(convs)
+
+    def single_module_user(node, kind):
+        """The node's only user, when it is the only call of a module of type ``kind``."""
+        if len(node.users) != 1:
+            return None
+        user = next(iter(node.users))
+        ok = (user.op == "call_module" and isinstance(modules.get(user.target), kind) and calls[user.target] == 1
+              and user.args[:1] == (node,))
+        return user if ok else None
+
+    folded = []
+    for node in graph.nodes:
+        if node.op != "call_module" or not isinstance(modules[node.target], nn.Conv2d) or calls[node.target] != 1:
+            continue
+        if allowed is not None and node.target not in allowed:
+            continue
+        bn_node = single_module_user(node, nn.BatchNorm2d)
+        if bn_node is None:
+            continue
+        conv, bn = modules[node.target], modules[bn_node.target]
+        if bn.running_mean is None or bn.num_features != conv.out_channels:
+            continue
+        relu_node = single_module_user(bn_node, nn.ReLU)
+        _set_submodule(model, node.target, fuse_conv_bn_eval(conv, bn))
+        _set_submodule(model, bn_node.target, nn.Identity())
+        folded.append(FoldedBatchNorm(node.target, bn_node.target, relu_node.target if relu_node else None))
+    return folded
+
+
 def block_sparsify(model: nn.Module, sparsity: float = 0.9, block_size=None, include: Selector = None,
                    exclude: Selector = None, dense_threshold: float = DEFAULT_DENSE_THRESHOLD,
-                   example_input: Optional[torch.Tensor] = None) -> BlockSparsifyReport:
+                   example_input: Optional[torch.Tensor] = None, fold_bn: bool = False) -> BlockSparsifyReport:
     """Replaces ``model``'s Conv2d and Linear layers, in place, by block-sparse ones.
 
     Each layer is pruned to ``sparsity`` by block L2 norm (see
@@ -87,6 +162,11 @@ def block_sparsify(model: nn.Module, sparsity: float = 0.9, block_size=None, inc
         dense_threshold (float): passed to the new modules.
         example_input (Tensor, optional): run once through the dense model to count
             each layer's FLOPs (the report's dense and saved FLOPs).
+        fold_bn (bool): for inference (eval mode): first fold each BatchNorm2d that
+            follows a converted conv into it (:func:`fold_batchnorm`), so blocks are
+            ranked on the weights that are actually applied, and fuse a single-use
+            ``nn.ReLU`` after it into the sparse kernel's store. Folded BNs and fused
+            ReLUs become ``nn.Identity``; functional ``torch.relu`` calls stay.
 
     Returns:
         BlockSparsifyReport: per-layer density, kernel and FLOPs; ``str()`` is a table.
@@ -100,6 +180,11 @@ def block_sparsify(model: nn.Module, sparsity: float = 0.9, block_size=None, inc
     candidates = [(n, m) for n, m in model.named_modules()
                   if isinstance(m, (nn.Conv2d, nn.Linear)) and (include is None or _matches(include, n, m))
                   and not (exclude is not None and _matches(exclude, n, m))]
+    fused: Dict[str, FoldedBatchNorm] = {}
+    if fold_bn:
+        names = [n for n, m in candidates if isinstance(m, nn.Conv2d)]
+        fused = {f.conv: f for f in fold_batchnorm(model, names)}
+        candidates = [(n, model.get_submodule(n)) for n, _ in candidates]
     flops = {}
     if example_input is not None:
         hooks = [m.register_forward_hook(
@@ -131,16 +216,19 @@ def block_sparsify(model: nn.Module, sparsity: float = 0.9, block_size=None, inc
         if new is not None and new.density == 1.0 and sparsity > 0:
             skip, new = "too few blocks to prune", None
         kind = "conv2d" if conv else "linear"
+        fold = fused.get(name)
         if new is None:
             report.layers.append(LayerReport(name, kind, gemm, None, 1.0, f"skipped ({skip})",
-                                             flops.get(name), flops.get(name)))
+                                             flops.get(name), flops.get(name), "bn" if fold else ""))
             continue
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+        _set_submodule(model, name, new)
+        if fold is not None and fold.relu is not None:
+            new.relu = True
+            _set_submodule(model, fold.relu, nn.Identity())
         reason = new.dense_reason()
         dense = flops.get(name)
         sparse = None if dense is None else (dense if reason else round(dense * new.density))
         report.layers.append(LayerReport(name, kind, gemm, new.block_size, new.density,
                                          "block-sparse" if reason is None else f"dense fallback ({reason})",
-                                         dense, sparse))
+                                         dense, sparse, "" if fold is None else "bn+relu" if fold.relu else "bn"))
     return report
