@@ -304,6 +304,23 @@ def test_block_sparsify_resnet_matches_its_masked_dense_self():
         torch.testing.assert_close(model(x), _masked_dense_twin(model)(x), **TOL[torch.float32])
 
 
+def test_block_sparsified_model_compiles_and_exports():
+    """Deployment paths: torch.compile(fullgraph=True) traces the op through its fake
+    kernel, and torch.export keeps it as one pycompress::block_sparse_conv2d node."""
+    torch.manual_seed(9)
+    model = _trained_bn(ResNetStyle(width=8, in_channels=3))
+    block_sparsify(model, 0.75, fold_bn=True)
+    x = torch.randn(2, 3, 12, 12)
+    with torch.no_grad():
+        ref = model(x)
+        torch.testing.assert_close(torch.compile(model, backend="aot_eager", fullgraph=True)(x), ref)
+    exported = torch.export.export(model, (x,))
+    targets = [str(n.target) for n in exported.graph.nodes if n.op == "call_function"]
+    sparse_layers = sum(isinstance(m, (BlockSparseConv2d, BlockSparseLinear)) for m in model.modules())
+    assert targets.count("pycompress.block_sparse_conv2d.default") == sparse_layers == 16  # 15 convs + fc
+    torch.testing.assert_close(exported.module()(x), ref)
+
+
 def test_block_sparsify_include_and_skips():
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3, groups=8), nn.Conv2d(8, 16, 1), nn.Flatten(),
                           nn.Linear(16, 4))
