@@ -309,6 +309,10 @@ def fused_linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Ten
     return loss
 
 
+# Input dtypes the op takes natively (fp32 accumulation, output in the input's dtype).
+_BLOCK_SPARSE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
 def block_sparse_conv2d(input: torch.Tensor, values: torch.Tensor, col_idx: torch.Tensor, row_ptr: torch.Tensor,
                         bias: Optional[torch.Tensor], kernel_size, out_channels: int, stride=1, padding=0,
                         dilation=1, relu: bool = False) -> torch.Tensor:
@@ -322,7 +326,8 @@ def block_sparse_conv2d(input: torch.Tensor, values: torch.Tensor, col_idx: torc
         \qquad \mathrm{act} = \mathrm{ReLU} \text{ if relu else identity}
 
     Args:
-        input (Tensor[N, C, H, W]): float32 (bf16/fp16 are computed in fp32 and cast back).
+        input (Tensor[N, C, H, W]): float32, bfloat16 or float16, accumulated in fp32 and
+            returned in the input's dtype (other dtypes go through float32).
         values (Tensor[nnzb, bk, bo]): the nonzero blocks, each stored k-major.
         col_idx (LongTensor[nnzb]): block column of each block.
         row_ptr (LongTensor[R + 1]): CSR-style offsets of each block row's blocks.
@@ -340,9 +345,9 @@ def block_sparse_conv2d(input: torch.Tensor, values: torch.Tensor, col_idx: torc
         raise ValueError(f"input must be 4-D (N, C, H, W), got shape {tuple(input.shape)}")
     pair = torch.nn.modules.utils._pair
     dtype = input.dtype
-    x = input if dtype == torch.float32 else input.float()
+    x = input if dtype in _BLOCK_SPARSE_DTYPES else input.float()
     b = bias if bias is None or bias.dtype == torch.float32 else bias.float()
     out = torch.ops.pycompress.block_sparse_conv2d(
         x, values, col_idx, row_ptr, b, list(pair(kernel_size)), list(pair(stride)), list(pair(padding)),
         list(pair(dilation)), int(out_channels), bool(relu))
-    return out if dtype == torch.float32 else out.to(dtype)
+    return out if out.dtype == dtype else out.to(dtype)

@@ -117,13 +117,25 @@ def _values_grad_to_dense(m):
     return bsr_to_dense(m.values.grad, m.col_idx, m.row_ptr, out, k).reshape(m.to_dense().weight.shape)
 
 
-def test_conv_bfloat16_input_is_computed_in_fp32():
-    conv, x, _ = _make_conv(CONV_CASES[0])
-    m = BlockSparseConv2d.from_dense(conv, 0.5)
-    y = m(x.bfloat16())
-    assert y.dtype == torch.bfloat16
-    torch.testing.assert_close(y.float(), ref_conv(x.bfloat16().float(), conv, m.block_mask(), *m.block_size),
-                               **TOL[torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", [CONV_CASES[0], CONV_CASES[2], CONV_CASES[4], CONV_CASES[10]],
+                         ids=["3x3", "strided", "1x1-small", "1x1"])
+def test_conv_half_precision_input_accumulates_in_fp32(case, dtype):
+    """bf16/fp16 in and out, fp32 inside: the result is the fp32 conv of the widened
+    input, rounded once (so within one rounding of the output dtype)."""
+    conv, x, (bo, bk) = _make_conv(case)
+    m = BlockSparseConv2d.from_dense(conv, 0.5, block_size=(bo, bk), dense_threshold=1.0, relu=True)
+    xh = x.to(dtype).requires_grad_(True)
+    y = m(xh)
+    assert y.dtype == dtype
+    ref = ref_conv(xh.detach().float(), conv, m.block_mask(), bo, bk, relu=True)
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(y.float(), ref, atol=1e-5, rtol=eps)
+    y.float().sum().backward()
+    x32 = xh.detach().float().requires_grad_(True)
+    ref_conv(x32, conv, m.block_mask(), bo, bk, relu=True).sum().backward()
+    assert xh.grad.dtype == dtype
+    torch.testing.assert_close(xh.grad.float(), x32.grad, atol=1e-5, rtol=eps)
 
 
 def test_explicit_block_mask_is_kept_exactly():
@@ -205,11 +217,12 @@ def test_linear_matches_masked_dense(sparsity):
     assert torch.equal(m.to_dense().weight, w.detach())
 
 
-def test_opcheck():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opcheck(dtype):
     torch.manual_seed(5)
     conv = nn.Conv2d(8, 12, 3, 1, 1)
     m = BlockSparseConv2d.from_dense(conv, 0.5, block_size=(4, 8))
-    x = torch.randn(2, 8, 5, 6, requires_grad=True)
+    x = torch.randn(2, 8, 5, 6, dtype=dtype, requires_grad=True)
     args = (x, m.values.detach().requires_grad_(True), m.col_idx, m.row_ptr, m.bias.detach().requires_grad_(True),
             [3, 3], [1, 1], [1, 1], [1, 1], 12, True)
     torch.library.opcheck(OP.default, args)

@@ -26,16 +26,19 @@
 // Scratch buffers are cached per thread and reused, so the hot path takes no
 // fresh page faults; the output comes from the huge-page allocator.
 // Numerics: fp32 FMA accumulation in block order; no reassociation across
-// calls, so results do not depend on the thread count.
+// calls, so results do not depend on the thread count. bf16/fp16 inputs are
+// widened to fp32 in the padded copy (so they never take the direct path) and
+// the result is rounded once, in the store, to the input's dtype.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/functional_bfloat16.h>
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <array>
-#include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/hugepage_alloc.h"
@@ -59,12 +62,31 @@ float* scratch(std::vector<float>& buf, int64_t n) {
   return buf.data();
 }
 
-// dst[0:n] = src[0:n] with (masked) vector moves: the rows copied here are
-// 7-60 floats, where a memcpy call costs more than the copy.
-inline void copy_n(float* dst, const float* src, int64_t n) {
-  int64_t i = 0;
-  for (; i + kW <= n; i += kW) Vec::loadu(src + i).store(dst + i);
-  if (i < n) Vec::loadu(src + i, n - i).store(dst + i, n - i);
+// dst[0:n] = src[0:n], widening bf16/fp16 to fp32 or rounding fp32 to them
+// where the types differ, with (masked) vector moves: the rows copied here are
+// 7-60 elements, where a memcpy call (or at::vec::convert's scalar tail)
+// costs more than the copy.
+template <typename D, typename S>
+inline void copy_n(D* dst, const S* src, int64_t n) {
+  if constexpr (std::is_same_v<D, S>) {
+    int64_t i = 0;
+    for (; i + kW <= n; i += kW) Vec::loadu(src + i).store(dst + i);
+    if (i < n) Vec::loadu(src + i, n - i).store(dst + i, n - i);
+  } else if constexpr (std::is_same_v<D, float>) {  // widen: 2 fp32 vectors per reduced vector
+    for (int64_t i = 0; i < n; i += 2 * kW) {
+      const int64_t m = std::min<int64_t>(n - i, 2 * kW);
+      auto [lo, hi] = at::vec::convert_to_float<S>(at::vec::Vectorized<S>::loadu(src + i, m));
+      lo.store(dst + i, std::min<int64_t>(m, kW));
+      if (m > kW) hi.store(dst + i + kW, m - kW);
+    }
+  } else {  // round to the reduced type
+    for (int64_t i = 0; i < n; i += 2 * kW) {
+      const int64_t m = std::min<int64_t>(n - i, 2 * kW);
+      const Vec lo = Vec::loadu(src + i, std::min<int64_t>(m, kW));
+      const Vec hi = m > kW ? Vec::loadu(src + i + kW, m - kW) : Vec(0.f);
+      at::vec::convert_from_float<D>(lo, hi).store(dst + i, m);
+    }
+  }
 }
 
 // Where the column rows come from and how q maps to output pixels.
@@ -122,7 +144,17 @@ struct Epilogue {
   const float* bias;
   bool relu;
   int64_t cout, ohow;
-  float* out;
+  void* out;                // (N, cout, OH, OW) of out_type
+  at::ScalarType out_type;  // float, bfloat16 or half: the input's dtype
+
+  // out[offset : offset + n] = src[0:n] (fp32), rounded to the output dtype.
+  void store(int64_t offset, const float* src, int64_t n) const {
+    switch (out_type) {
+      case at::kBFloat16: return copy_n(static_cast<at::BFloat16*>(out) + offset, src, n);
+      case at::kHalf: return copy_n(static_cast<at::Half*>(out) + offset, src, n);
+      default: return copy_n(static_cast<float*>(out) + offset, src, n);
+    }
+  }
 };
 
 // Output rows of block row r for the q strip [q0, q0 + NV*kW) of source image g,
@@ -134,8 +166,9 @@ void block_row(const Source& src, const float* x, const int64_t* koff, int64_t g
   constexpr int64_t SW = NV * kW;
   const int64_t ohow = e.ohow, cout = e.cout;
   const int64_t qend = std::min(q0 + SW, src.img_q);
-  const bool contiguous = src.wq == src.ow && qs == q0 && qend - q0 == SW;  // 1x1: q is the pixel
-  float* out_g = e.out + g * cout * ohow;
+  // 1x1 fp32: q is the pixel, so whole vectors go straight to the output.
+  const bool contiguous = e.out_type == at::kFloat && src.wq == src.ow && qs == q0 && qend - q0 == SW;
+  const int64_t out_g = g * cout * ohow;
   for (int64_t i0 = 0; i0 < w.bo; i0 += MR) {
     const int64_t co0 = r * w.bo + i0;
     const int64_t rows = std::min<int64_t>(MR, cout - co0);
@@ -153,7 +186,7 @@ void block_row(const Source& src, const float* x, const int64_t* koff, int64_t g
       }
     }
     if (contiguous) {
-      float* o = out_g + co0 * ohow + q0;
+      float* o = static_cast<float*>(e.out) + out_g + co0 * ohow + q0;
       for (int64_t i = 0; i < rows; ++i)
         for (int j = 0; j < NV; ++j) acc[i][j].store(o + i * ohow + j * kW);
       continue;
@@ -169,8 +202,8 @@ void block_row(const Source& src, const float* x, const int64_t* koff, int64_t g
         continue;
       }
       const int64_t len = std::min(src.ow - c, qend - q);
-      float* o = out_g + co0 * ohow + row * src.ow + c;
-      for (int64_t i = 0; i < rows; ++i) copy_n(o + i * ohow, &tmp[i][q - q0], len);
+      const int64_t o = out_g + co0 * ohow + row * src.ow + c;
+      for (int64_t i = 0; i < rows; ++i) e.store(o + i * ohow, &tmp[i][q - q0], len);
       q += len;
     }
   }
@@ -230,13 +263,53 @@ void conv_tiles(const Source& src, const Bsr& w, const Epilogue& e) {
   });
 }
 
+// The zero-padded phase planes of every (image, channel) plane of x, as fp32:
+// phase (a, b) of plane nc holds padded pixels (i*sh + a, j*sw + b) at
+// buf[(nc*sh*sw + a*sw + b) * Hq*Wq + i*Wq + j]. Only the phases some tap
+// reads are written; the zero borders only when zero_borders (they survive in
+// a reused buffer).
+template <typename T>
+void copy_to_phase_planes(const T* x, float* buf, int64_t NC, int64_t H, int64_t W, int64_t ph, int64_t pw,
+                          int64_t sh, int64_t sw, int64_t Hq, int64_t Wq, const std::vector<char>& used,
+                          bool zero_borders) {
+  const int64_t plane = Hq * Wq, P = sh * sw;
+  at::parallel_for(0, NC, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t nc = begin; nc < end; ++nc) {
+      const T* src_plane = x + nc * H * W;
+      for (int64_t pa = 0; pa < sh; ++pa) {
+        for (int64_t pb = 0; pb < sw; ++pb) {
+          if (!used[pa * sw + pb]) continue;
+          float* d = buf + (nc * P + pa * sw + pb) * plane;
+          if (zero_borders) std::fill(d, d + plane, 0.f);
+          // Columns j with an input pixel: pw <= j*sw + pb < pw + W.
+          const int64_t j0 = std::max<int64_t>(0, (pw - pb + sw - 1) / sw);
+          const int64_t j1 = std::min<int64_t>(Wq, (pw + W - pb + sw - 1) / sw);
+          for (int64_t i = 0; i < Hq; ++i) {
+            const int64_t h = i * sh + pa - ph;
+            if (h < 0 || h >= H || j1 <= j0) continue;
+            const T* srow = src_plane + h * W + (j0 * sw + pb - pw);
+            float* drow = d + i * Wq + j0;
+            if (sw == 1) {
+              copy_n(drow, srow, j1 - j0);
+            } else {
+              for (int64_t j = 0; j < j1 - j0; ++j) drow[j] = static_cast<float>(srow[j * sw]);
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
 at::Tensor block_sparse_conv2d_cpu(const at::Tensor& input_in, const at::Tensor& values_in, const at::Tensor& col_idx_in,
                                    const at::Tensor& row_ptr_in, const std::optional<at::Tensor>& bias_in,
                                    at::IntArrayRef kernel, at::IntArrayRef stride, at::IntArrayRef padding,
                                    at::IntArrayRef dilation, int64_t out_channels, bool relu) {
   constexpr const char* op = "pycompress::block_sparse_conv2d: ";
   TORCH_CHECK_VALUE(input_in.dim() == 4, op, "input must be 4-D (N, C, H, W), got ", input_in.dim(), "-D");
-  TORCH_CHECK_TYPE(input_in.scalar_type() == at::kFloat, op, "input must be float32, got ", input_in.scalar_type());
+  const at::ScalarType dtype = input_in.scalar_type();
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, op,
+                   "input must be float32, bfloat16 or float16, got ", dtype);
   TORCH_CHECK_VALUE(values_in.dim() == 3, op, "values must be 3-D (nnzb, bk, bo), got ", values_in.dim(), "-D");
   TORCH_CHECK_TYPE(values_in.scalar_type() == at::kFloat, op, "values must be float32, got ", values_in.scalar_type());
   TORCH_CHECK_TYPE(col_idx_in.scalar_type() == at::kLong && row_ptr_in.scalar_type() == at::kLong, op,
@@ -291,8 +364,6 @@ at::Tensor block_sparse_conv2d_cpu(const at::Tensor& input_in, const at::Tensor&
   const int64_t ohow = OH * OW;
   at::Tensor out = empty_hugepage({N, out_channels, OH, OW}, input.options());
   if (out.numel() == 0) return out;
-  const float* x = input.const_data_ptr<float>();
-
   Source src;
   std::vector<int64_t>& off = src.off;
   off.resize(K);
@@ -305,9 +376,9 @@ at::Tensor block_sparse_conv2d_cpu(const at::Tensor& input_in, const at::Tensor&
   // one strip go through the padded copy, whose slack the strip may run into.
   const bool pointwise = kh == 1 && kw == 1 && sh == 1 && sw == 1 && ph == 0 && pw == 0;
   const bool tall_tiles = pointwise && bo % 8 == 0;
-  const bool direct = pointwise && H * W >= (tall_tiles ? 3 : kNV) * kW;
+  const bool direct = pointwise && dtype == at::kFloat && H * W >= (tall_tiles ? 3 : kNV) * kW;
   if (direct) {
-    src.data = x, src.img_stride = C * H * W, src.n_img = N;
+    src.data = input.const_data_ptr<float>(), src.img_stride = C * H * W, src.n_img = N;
     src.img_q = H * W, src.wq = W, src.ow = W;
     src.exact_end = true;
     for (int64_t c = 0; c < C; ++c) off[c] = c * H * W;
@@ -330,32 +401,19 @@ at::Tensor block_sparse_conv2d_cpu(const at::Tensor& input_in, const at::Tensor&
     const std::array<int64_t, 13> geometry{N, C, H, W, ph, pw, sh, sw, kh, kw, dh, dw,
                                            reinterpret_cast<int64_t>(buf)};
     const bool zero_borders = geometry != src_geometry;
-    at::parallel_for(0, N * C, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t nc = begin; nc < end; ++nc) {
-        const float* src_plane = x + nc * H * W;
-        for (int64_t pa = 0; pa < sh; ++pa) {
-          for (int64_t pb = 0; pb < sw; ++pb) {
-            if (!used[pa * sw + pb]) continue;
-            float* d = buf + (nc * P + pa * sw + pb) * plane;
-            if (zero_borders) std::fill(d, d + plane, 0.f);
-            // Columns j with an input pixel: pw <= j*sw + pb < pw + W.
-            const int64_t j0 = std::max<int64_t>(0, (pw - pb + sw - 1) / sw);
-            const int64_t j1 = std::min<int64_t>(Wq, (pw + W - pb + sw - 1) / sw);
-            for (int64_t i = 0; i < Hq; ++i) {
-              const int64_t h = i * sh + pa - ph;
-              if (h < 0 || h >= H || j1 <= j0) continue;
-              const float* srow = src_plane + h * W + (j0 * sw + pb - pw);
-              float* drow = d + i * Wq + j0;
-              if (sw == 1) {
-                copy_n(drow, srow, j1 - j0);
-              } else {
-                for (int64_t j = 0; j < j1 - j0; ++j) drow[j] = srow[j * sw];
-              }
-            }
-          }
-        }
-      }
-    });
+    switch (input.scalar_type()) {
+      case at::kBFloat16:
+        copy_to_phase_planes(input.const_data_ptr<at::BFloat16>(), buf, N * C, H, W, ph, pw, sh, sw, Hq, Wq, used,
+                             zero_borders);
+        break;
+      case at::kHalf:
+        copy_to_phase_planes(input.const_data_ptr<at::Half>(), buf, N * C, H, W, ph, pw, sh, sw, Hq, Wq, used,
+                             zero_borders);
+        break;
+      default:
+        copy_to_phase_planes(input.const_data_ptr<float>(), buf, N * C, H, W, ph, pw, sh, sw, Hq, Wq, used,
+                             zero_borders);
+    }
     if (zero_borders) std::fill(buf + N * C * P * plane, buf + len, 0.f);
     src_geometry = geometry;
     src.data = buf, src.img_stride = C * P * plane, src.n_img = N;
@@ -368,7 +426,7 @@ at::Tensor block_sparse_conv2d_cpu(const at::Tensor& input_in, const at::Tensor&
   }
 
   const Bsr w{values.const_data_ptr<float>(), cols, rptr, R, bk, bo};
-  const Epilogue e{bias, relu, out_channels, ohow, out.data_ptr<float>()};
+  const Epilogue e{bias, relu, out_channels, ohow, out.data_ptr(), dtype};
   if (tall_tiles) {
     conv_tiles<8, 3>(src, w, e);
   } else if (bo % 4 == 0) {

@@ -25,8 +25,9 @@ def _block_sparse_conv2d_fake(input, values, col_idx, row_ptr, bias, kernel, str
     op = "pycompress::block_sparse_conv2d: "
     torch._check(input.dim() == 4, lambda: f"{op}input must be 4-D (N, C, H, W), got {input.dim()}-D")
     torch._check(values.dim() == 3, lambda: f"{op}values must be 3-D (nnzb, bk, bo), got {values.dim()}-D")
-    torch._check(input.dtype == torch.float32 and values.dtype == torch.float32,
-                 lambda: f"{op}input and values must be float32, got {input.dtype} and {values.dtype}")
+    torch._check(input.dtype in (torch.float32, torch.bfloat16, torch.float16),
+                 lambda: f"{op}input must be float32, bfloat16 or float16, got {input.dtype}")
+    torch._check(values.dtype == torch.float32, lambda: f"{op}values must be float32, got {values.dtype}")
     torch._check(col_idx.dim() == 1 and col_idx.shape[0] == values.shape[0],
                  lambda: f"{op}col_idx must be (nnzb,) = ({values.shape[0]},), got {tuple(col_idx.shape)}")
     torch._check(row_ptr.dim() == 1 and row_ptr.shape[0] >= 2, lambda: f"{op}row_ptr must be 1-D with >= 2 entries")
@@ -81,12 +82,14 @@ def _backward(ctx, grad_out):
     kernel, stride, padding, dilation, out_channels = ctx.conv
     if output is not None:  # fused ReLU
         grad_out = grad_out * (output > 0)
+    # fp32 like the forward's accumulation; grad_input goes back to the input's dtype.
+    in_dtype, input, grad_out = input.dtype, input.float(), grad_out.float()
     k = input.shape[1] * kernel[0] * kernel[1]
     weight = bsr_to_dense(values, col_idx, row_ptr, out_channels, k).reshape(
         out_channels, input.shape[1], kernel[0], kernel[1])
     grad_input = grad_values = grad_bias = None
     if ctx.needs_input_grad[0]:
-        grad_input = torch.nn.grad.conv2d_input(input.shape, weight, grad_out, stride, padding, dilation)
+        grad_input = torch.nn.grad.conv2d_input(input.shape, weight, grad_out, stride, padding, dilation).to(in_dtype)
     if ctx.needs_input_grad[1]:
         grad_w = torch.nn.grad.conv2d_weight(input, weight.shape, grad_out, stride, padding, dilation)
         grad_values = dense_to_blocks(grad_w.reshape(out_channels, k), values.shape[1], values.shape[2],
