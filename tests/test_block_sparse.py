@@ -40,6 +40,7 @@ def ref_conv(x, conv: nn.Conv2d, block_mask, bo, bk, relu=False):
 # 1x1 direct mode ends each image's last strip at its last pixel (the strip
 # overlaps the one before it): 7x9 and 10x11 have ragged tails, 6x8 exactly one
 # 8 x 3 strip, and 6x6 is smaller than a strip (padded copy instead).
+# (Copies without column padding move each plane as one run.)
 CONV_CASES = [
     (1, 16, 24, 7, 9, 3, 1, 1, 1, (8, 8)),
     (8, 16, 16, 5, 5, 3, 1, 1, 1, (8, 8)),
@@ -54,6 +55,7 @@ CONV_CASES = [
     (3, 16, 16, 7, 9, 1, 1, 0, 1, (8, 8)),
     (2, 8, 12, 10, 11, 1, 1, 0, 1, (4, 8)),
     (2, 16, 8, 6, 8, 1, 1, 0, 1, (8, 4)),
+    (2, 6, 8, 9, 10, (3, 1), 1, (1, 0), 1, (4, 3)),  # rows padded, columns not: whole-plane copy
 ]
 SPARSITIES = [0.0, 0.5, 0.9, 1.0]
 

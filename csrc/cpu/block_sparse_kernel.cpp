@@ -201,7 +201,8 @@ void block_row(const Source& src, const float* x, const int64_t* koff, int64_t g
         q = (row + 1) * src.wq;
         continue;
       }
-      const int64_t len = std::min(src.ow - c, qend - q);
+      // Without dropped lanes (wq == ow) the q-rows are contiguous in the output too.
+      const int64_t len = src.wq == src.ow ? qend - q : std::min(src.ow - c, qend - q);
       const int64_t o = out_g + co0 * ohow + row * src.ow + c;
       for (int64_t i = 0; i < rows; ++i) e.store(o + i * ohow, &tmp[i][q - q0], len);
       q += len;
@@ -276,6 +277,15 @@ void copy_to_phase_planes(const T* x, float* buf, int64_t NC, int64_t H, int64_t
   at::parallel_for(0, NC, 1, [&](int64_t begin, int64_t end) {
     for (int64_t nc = begin; nc < end; ++nc) {
       const T* src_plane = x + nc * H * W;
+      if (sh == 1 && sw == 1 && pw == 0) {  // no column padding: the plane's rows are one run
+        float* d = buf + nc * plane;
+        if (zero_borders) {
+          std::fill(d, d + ph * Wq, 0.f);
+          std::fill(d + (ph + H) * Wq, d + plane, 0.f);
+        }
+        copy_n(d + ph * Wq, src_plane, H * W);
+        continue;
+      }
       for (int64_t pa = 0; pa < sh; ++pa) {
         for (int64_t pb = 0; pb < sw; ++pb) {
           if (!used[pa * sw + pb]) continue;
