@@ -10,10 +10,8 @@ is shared, and interleaving keeps the ratios fair when its load changes.
 
 import copy
 import os
-import platform
 import random
 import statistics
-import subprocess
 import time
 
 import pytest
@@ -21,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pycompress._extension import cpu_vector_bits
+from bench.common import commit, machine, write_rows
 from pycompress.models.nets import ResNetStyle
 from pycompress.nn import BlockSparseConv2d, BlockSparseLinear
 from pycompress.prune import block_sparsify
@@ -73,14 +71,6 @@ def interleaved(fns, rounds, warmup=2):
     return {k: (min(v), statistics.median(v)) for k, v in times.items()}
 
 
-def _commit():
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def _im2col_bsr(x, bsr, conv):
     """The baseline: F.unfold, then torch's BSR (MKL) sparse @ dense matmul."""
     n = x.shape[0]
@@ -123,6 +113,7 @@ def test_layer(benchmark, shape, batch, sparsity):
 
 
 BF16_ROWS = []
+RESNET_ROWS = []
 
 
 @pytest.mark.parametrize("batch", BATCHES, ids=lambda b: f"b{b}")
@@ -185,6 +176,9 @@ def test_resnet_end_to_end(benchmark):
                 t = interleaved({"dense": lambda: masked(x), "sparse": lambda: sparse(x)}, rounds=round(15 * REPEATS))
                 print(f"{'folded' if fold_bn else 'kept':<7} {batch:>5} {t['dense'][0] * 1e3:9.2f} "
                       f"{t['sparse'][0] * 1e3:10.2f} {t['dense'][0] / t['sparse'][0]:7.2f}x")
+                RESNET_ROWS.append(dict(model="ResNetStyle(width=64) 56x56", sparsity=0.9, batch=batch,
+                                        bn="folded" if fold_bn else "kept", dense_s=t["dense"][0],
+                                        sparse_s=t["sparse"][0], ratio=t["dense"][0] / t["sparse"][0]))
                 assert t["sparse"][0] > 0
     with torch.no_grad():
         benchmark.pedantic(lambda: sparse(x), rounds=5, warmup_rounds=1)
@@ -194,8 +188,7 @@ def test_resnet_end_to_end(benchmark):
 def _print_table():
     yield
     if ROWS:
-        print(f"\nblock_sparse_conv2d fp32, {torch.get_num_threads()} threads, {platform.processor() or 'cpu'}, "
-              f"at::vec {cpu_vector_bits()} bits, commit {_commit()}; min of interleaved repeats")
+        print(f"\nblock_sparse_conv2d fp32, {machine()}, commit {commit()}; min of interleaved repeats")
         print("ours = the sparse kernel; module = BlockSparseConv2d with its default dense fallback; "
               "GFLOP/s: ours of the nonzero work, dense of all")
         head = (f"{'shape':<20} {'N':>2} {'sp':>4} {'ours ms':>8} {'module':>7} {'dense ms':>9} {'bsr ms':>8} "
@@ -210,9 +203,13 @@ def _print_table():
                   f"{r['bsr'] / r['kernel']:6.2f} {flops * r['density'] / r['kernel'] / 1e9:9.0f} "
                   f"{flops / r['dense'] / 1e9:6.0f}")
         print("* module ran the dense fallback")
+        print("written to", write_rows("block_sparse_float32", ROWS))
     if BF16_ROWS:
         print(f"\nbf16 input and output, 90 % block sparsity, {torch.get_num_threads()} threads")
         print(f"{'shape':<20} {'N':>2} {'ours ms':>8} {'dense bf16':>10} {'x dense':>8} {'ours fp32':>9}")
         for r in BF16_ROWS:
             print(f"{r['shape']:<20} {r['batch']:>2} {r['bf16'] * 1e3:8.3f} {r['dense bf16'] * 1e3:10.3f} "
                   f"{r['dense bf16'] / r['bf16']:8.2f} {r['fp32'] * 1e3:9.3f}")
+        print("written to", write_rows("block_sparse_bfloat16", BF16_ROWS))
+    if RESNET_ROWS:
+        print("written to", write_rows("block_sparse_resnet", RESNET_ROWS))

@@ -70,10 +70,21 @@ print(rss_bytes("VmHWM:") - base)
     return int(run_python(script))
 
 
+def _cpu_model() -> str:
+    """'AMD EPYC (family 25, model 17)' from /proc/cpuinfo: ratios against oneDNN differ by CPU generation."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = dict(line.split(":", 1) for line in f.read().split("\n\n")[0].splitlines() if ":" in line)
+        info = {k.strip(): v.strip() for k, v in info.items()}
+        return f"{info['model name']} (family {info['cpu family']}, model {info['model']})"
+    except (OSError, KeyError):
+        return platform.processor() or platform.machine()
+
+
 def machine() -> str:
     from pycompress._extension import cpu_vector_bits
 
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus, {torch.get_num_threads()} threads, " \
+    return f"{_cpu_model()}, {os.cpu_count()} cpus, {torch.get_num_threads()} threads, " \
            f"at::vec {cpu_vector_bits()}-bit, torch {torch.__version__}"
 
 
