@@ -167,6 +167,31 @@ def test_singh_phases_induce_sparsity_then_prune(digits):
     assert count_params_flops(small, x)[0] < count_params_flops(model, x)[0]
 
 
+def test_singh_phase_without_a_safe_threshold_prunes_nothing_and_goes_on(digits, monkeypatch):
+    """When every threshold costs more than the tolerance (choose_threshold returns 0),
+    no weight is zeroed: that phase removes nothing and the schedule continues,
+    instead of the criterion stopping the run with 'no weight is zero'."""
+    import pycompress.prune.workflow as wf
+
+    real = wf.choose_threshold
+    calls = []
+
+    def first_phase_finds_none(model, weights, val_data, **kw):
+        calls.append(1)
+        return 0.0 if len(calls) == 1 else real(model, weights, val_data, **kw)
+
+    monkeypatch.setattr(wf, "choose_threshold", first_phase_finds_none)
+    model = _tiny_vgg()
+    x = digits.train[0][0].unsqueeze(0)
+    history = []
+    small = prune(model, x, "singh", target_params=0.5, train_data=digits.train, val_data=digits.val,
+                  singh=dict(phases=2, l1=1e-2, sparsity_steps=5, rho=0.5, tolerance=0.05, rounds=1),
+                  history=history)
+    assert [(h["threshold_multiplier"], h["flagged"], h["removed_units"]) for h in history[:1]] == [(0.0, 0, 0)]
+    assert len(history) == 2 and history[1]["removed_units"] > 0
+    assert count_params_flops(small, x)[0] < count_params_flops(model, x)[0]
+
+
 def test_singh_needs_validation_data(digits):
     with pytest.raises(ValueError, match="val_data"):
         prune(_tiny_vgg(), torch.rand(1, 1, 8, 8), "singh", target_params=0.5, train_data=digits.train)

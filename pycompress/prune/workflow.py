@@ -261,6 +261,28 @@ def choose_threshold(model: nn.Module, weights: Sequence[nn.Parameter], val_data
     return best
 
 
+def _singh_flagged_units(graph, crit: Singh, layer_set, which: int, target: int, caps):
+    """The units of ``layer_set``'s groups that Singh flags as mostly zero, at most as many
+    as the target needs; returns (units, number flagged)."""
+    scores = crit.scores(graph)
+    gis = {gi for gi, g in enumerate(graph.groups) if group_key(g) in layer_set and gi in scores}
+    flagged = crit.unimportant({gi: scores[gi] for gi in gis})
+    # only flagged units may go: the others get an infinite score and are filtered out
+    masked = {}
+    for gi in gis:
+        s = torch.full_like(scores[gi], math.inf)
+        s[flagged[gi]] = scores[gi][flagged[gi]]
+        masked[gi] = s
+    n_flagged = sum(len(v) for v in flagged.values())
+    units = select_units(graph, masked, n_flagged, **caps)
+    if graph.cost(units)[which] < target:  # do not overshoot: fewest flagged units meeting the target
+        units, _ = plan_removal(graph, masked, **{("target_params" if which == 0 else "target_flops"): target},
+                                **caps)
+        units = [u for u in units if any(u == graph.groups[gi].units[p] for gi in gis
+                                         for p in flagged[gi].tolist())]
+    return units, n_flagged
+
+
 def _singh_schedule(model, example_inputs, crit: Singh, ignored, train_data, val_data, loss_fn, target_params,
                     target_flops, dense_params, dense_flops, caps, tune, fine_tune_steps, seed, opts, history, log):
     if train_data is None or val_data is None:
@@ -290,22 +312,9 @@ def _singh_schedule(model, example_inputs, crit: Singh, ignored, train_data, val
             induce_sparsity(model, weights, train_data, l1=l1, steps=sparsity_steps, batch_size=tune["batch_size"],
                             lr=s_lr, seed=seed + step, loss_fn=loss_fn)
             a = choose_threshold(model, weights, val_data, tolerance=tol)
-            scores = crit.scores(graph)
-            gis = {gi for gi, g in enumerate(graph.groups) if group_key(g) in layer_set and gi in scores}
-            flagged = crit.unimportant({gi: scores[gi] for gi in gis})
-            # only flagged units may go: the others get an infinite score and are filtered out
-            masked = {}
-            for gi in gis:
-                s = torch.full_like(scores[gi], math.inf)
-                s[flagged[gi]] = scores[gi][flagged[gi]]
-                masked[gi] = s
-            n_flagged = sum(len(v) for v in flagged.values())
-            units = select_units(graph, masked, n_flagged, **caps)
-            if graph.cost(units)[which] < target:  # do not overshoot: fewest flagged units meeting the target
-                units, _ = plan_removal(graph, masked, **{("target_params" if which == 0 else "target_flops"):
-                                                          target}, **caps)
-                units = [u for u in units if any(u == graph.groups[gi].units[p] for gi in gis
-                                                 for p in flagged[gi].tolist())]
+            units, n_flagged = [], 0
+            if a > 0:  # a = 0: every threshold cost accuracy, so this phase zeroes and prunes nothing
+                units, n_flagged = _singh_flagged_units(graph, crit, layer_set, which, target, caps)
             if units:
                 graph.remove(units)
             removed_this_round += len(units)
