@@ -12,6 +12,8 @@ SUBCOMMANDS = {
     "distill": ("pycompress.distill.cli", "distil a teacher into a student with one or more strategies"),
     "train-teacher": ("pycompress.distill.teacher_cli", "train a teacher for distillation and save its state_dict"),
     "prune": ("pycompress.prune.cli", "structural pruning -> fine-tuning, with a params/FLOPs/latency/accuracy report"),
+    "block-sparsify": ("pycompress.prune.block_sparse_cli",
+                       "block-sparse layers at several sparsities: latency vs dense, FLOPs and accuracy"),
 }
 
 

@@ -455,3 +455,64 @@ def test_triton_kernel_matches_masked_dense(case, device):
     y = block_sparse_conv2d_triton(x, m.values.detach(), m.col_idx, m.row_ptr, m.bias.detach(), [k, k], [s, s],
                                    [p, p], [d, d], cout, relu, block_p=16, input_precision="ieee")
     torch.testing.assert_close(y, ref_conv(x, conv, m.block_mask(), bo, bk, relu).detach(), **TOL[torch.float32])
+
+
+# ---- BatchNorm folding into block-sparse layers, and the block-sparsify CLI ----
+
+def test_fold_batchnorm_into_block_sparse_layers_scales_the_kept_blocks():
+    torch.manual_seed(10)
+    model = _trained_bn(ResNetStyle(width=16))
+    block_sparsify(model, 0.6)
+    x = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        ref = model(x)
+        masks = {n: m.block_mask().clone() for n, m in model.named_modules() if isinstance(m, BlockSparseConv2d)}
+        folded = fold_batchnorm(model)
+        assert len(folded) == 15 and {f.relu for f in folded} == {None, "stem.2"}
+        assert model.stem[0].relu and isinstance(model.stem[2], nn.Identity)
+        for n, m in model.named_modules():
+            if isinstance(m, BlockSparseConv2d):
+                assert torch.equal(m.block_mask(), masks[n])  # pruned blocks stay pruned
+        torch.testing.assert_close(model(x), ref, atol=1e-5, rtol=1e-5)
+        assert fold_batchnorm(model) == []  # nothing left to fold
+
+
+def test_block_sparsify_cli_reports_accuracy_latency_and_flops(tmp_path):
+    from pycompress.cli import main
+
+    out = tmp_path / "report.json"
+    assert main(["block-sparsify", "--model", "resnet", "--model-kwargs", '{"width": 8}', "--sparsity", "0.5,0.9",
+                 "--exclude", "fc", "--dense-epochs", "1", "--finetune-epochs", "1", "--fold-bn",
+                 "--batch-sizes", "1,4", "--repeats", "2", "--out", str(out)]) == 0
+    import json
+
+    report = json.loads(out.read_text())
+    rows = {r["model"]: r for r in report["rows"]}
+    assert list(rows) == ["dense", "0.5 sparse", "0.9 sparse"]
+    assert rows["0.9 sparse"]["density"] < rows["0.5 sparse"]["density"] < 1.0
+    assert 0.8 < rows["0.9 sparse"]["flops_saved"] < 0.95
+    for r in rows.values():
+        assert 0.0 <= r["accuracy"] <= 1.0 and r["batch1_ms"] > 0 and r["batch4_ms"] > 0
+    assert rows["0.9 sparse"]["speedup_batch4"] > 0
+    assert all(layer["name"] != "fc" for layer in rows["0.5 sparse"]["layers"])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--sparsity", "0.5,1.5"], "must be in \\[0, 1\\]"),
+    (["--data", "none"], "needs --input-shape"),
+    (["--data", "none", "--input-shape", "1,8,8", "--finetune-epochs", "1"], "training needs --data"),
+    (["--block-size", "8"], "bo,bk"),
+])
+def test_block_sparsify_cli_rejects_bad_options(argv, message):
+    from pycompress.prune.block_sparse_cli import main
+
+    with pytest.raises(SystemExit, match=message):
+        main(argv)
+
+
+def test_block_sparsify_cli_rejects_unparsable_numbers(capsys):
+    from pycompress.prune.block_sparse_cli import main
+
+    with pytest.raises(SystemExit):
+        main(["--sparsity", "0.5,lots"])
+    assert "comma-separated floats" in capsys.readouterr().err

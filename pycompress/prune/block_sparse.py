@@ -11,6 +11,7 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from pycompress.nn.block_sparse import DEFAULT_DENSE_THRESHOLD, BlockSparseConv2d, BlockSparseLinear
+from pycompress.ops.block_sparse import block_rows
 
 Selector = Union[None, str, Sequence[str], Callable[[str, nn.Module], bool]]
 
@@ -82,30 +83,55 @@ class FoldedBatchNorm:
     relu: Optional[str] = None  # the nn.ReLU module that alone consumes the BN's output
 
 
+class _LeafTracer(torch.fx.Tracer):
+    """Records block-sparse layers as calls, like torch.nn's own modules (their forward checks shapes)."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, (BlockSparseConv2d, BlockSparseLinear)) or super().is_leaf_module(m, qualname)
+
+
+def _fold_into_block_sparse(conv: BlockSparseConv2d, bn: nn.BatchNorm2d) -> None:
+    """conv <- bn(conv) in place: each output channel's kept weights and bias scaled and shifted."""
+    with torch.no_grad():
+        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+        rows = conv.row_ptr.numel() - 1
+        bo = conv.block_size[0]
+        padded = torch.ones(rows * bo, dtype=scale.dtype, device=scale.device)
+        padded[:conv.out_channels] = scale
+        # values (nnzb, bk, bo): block b holds output channels block_row(b) * bo + [0, bo)
+        values = conv.values * padded.view(rows, 1, bo)[block_rows(conv.row_ptr)]
+        conv._set_bsr(values.contiguous(), conv.col_idx, conv.row_ptr)
+        conv.bias = nn.Parameter((bias - bn.running_mean) * scale + bn.bias)
+
+
 def fold_batchnorm(model: nn.Module, convs: Optional[Sequence[str]] = None) -> List[FoldedBatchNorm]:
-    """Folds every BatchNorm2d that directly follows a Conv2d into that conv, in place.
+    """Folds every BatchNorm2d that directly follows a conv into that conv, in place.
 
     For inference: the conv's weight and bias absorb the BN's running statistics and
-    affine parameters (``torch.nn.utils.fusion.fuse_conv_bn_eval``) and the BN
-    becomes ``nn.Identity``, so the model computes the same function with one op
-    fewer per pair. A pair is folded only when the conv's output feeds that BN alone
-    and each module is called once (shared modules are left alone), and the BN
-    tracks running statistics. The model must be in eval mode and torch.fx-traceable.
+    affine parameters and the BN becomes ``nn.Identity``, so the model computes the
+    same function with one op fewer per pair. ``nn.Conv2d`` goes through
+    ``torch.nn.utils.fusion.fuse_conv_bn_eval``; a :class:`BlockSparseConv2d` has its
+    kept blocks scaled (pruned blocks stay zero), and also takes a single-use
+    ``nn.ReLU`` that follows the BN into its kernel's store. A pair is folded only
+    when the conv's output feeds that BN alone and each module is called once
+    (shared modules are left alone), and the BN tracks running statistics. The
+    model must be in eval mode and torch.fx-traceable.
 
     Args:
         model (nn.Module): modified in place.
         convs (sequence of str, optional): qualified names of the convs that may
-            absorb a BN; default every Conv2d.
+            absorb a BN; default every conv.
 
     Returns:
         list of FoldedBatchNorm: the folded pairs, each with the single-use ``nn.ReLU``
-        module that consumes the BN's output, if any (left in place here;
-        :func:`block_sparsify` fuses it into the sparse kernel).
+        module that consumes the BN's output, if any (left in place after an
+        ``nn.Conv2d``; :func:`block_sparsify` fuses it once the conv is converted).
     """
     if model.training:
         raise ValueError("fold_batchnorm folds eval-mode statistics: call model.eval() first")
     try:
-        graph = torch.fx.symbolic_trace(model).graph
+        graph = _LeafTracer().trace(model)
     except Exception as exc:  # fx raises many types for untraceable code
         raise ValueError(f"fold_batchnorm needs a torch.fx-traceable model; tracing failed with "
                          f"{type(exc).__name__}: {exc}") from exc
@@ -124,7 +150,8 @@ def fold_batchnorm(model: nn.Module, convs: Optional[Sequence[str]] = None) -> L
 
     folded = []
     for node in graph.nodes:
-        if node.op != "call_module" or not isinstance(modules[node.target], nn.Conv2d) or calls[node.target] != 1:
+        conv_types = (nn.Conv2d, BlockSparseConv2d)
+        if node.op != "call_module" or not isinstance(modules[node.target], conv_types) or calls[node.target] != 1:
             continue
         if allowed is not None and node.target not in allowed:
             continue
@@ -132,10 +159,16 @@ def fold_batchnorm(model: nn.Module, convs: Optional[Sequence[str]] = None) -> L
         if bn_node is None:
             continue
         conv, bn = modules[node.target], modules[bn_node.target]
-        if bn.running_mean is None or bn.num_features != conv.out_channels:
-            continue
+        if bn.running_mean is None or bn.num_features != conv.out_channels or getattr(conv, "relu", False):
+            continue  # (a conv with a fused ReLU has BN after the ReLU: not foldable)
         relu_node = single_module_user(bn_node, nn.ReLU)
-        _set_submodule(model, node.target, fuse_conv_bn_eval(conv, bn))
+        if isinstance(conv, BlockSparseConv2d):
+            _fold_into_block_sparse(conv, bn)
+            if relu_node is not None:
+                conv.relu = True
+                _set_submodule(model, relu_node.target, nn.Identity())
+        else:
+            _set_submodule(model, node.target, fuse_conv_bn_eval(conv, bn))
         _set_submodule(model, bn_node.target, nn.Identity())
         folded.append(FoldedBatchNorm(node.target, bn_node.target, relu_node.target if relu_node else None))
     return folded

@@ -32,6 +32,22 @@ def _import(path: str):
     return obj
 
 
+def model_factory(name: str):
+    """The factory of one of :data:`MODELS` or of an import path ``pkg.mod:callable``."""
+    if name in MODELS:
+        import pycompress.models as models
+        return getattr(models, MODELS[name])
+    return _import(name)
+
+
+def load_data(name: str, seed: int):
+    """(train, val, test) of ``'digits'`` or of an import path returning them."""
+    if name == "digits":
+        from pycompress.data import digits_splits
+        return digits_splits(seed=seed)
+    return _import(name)()
+
+
 def configure(parser: argparse.ArgumentParser):
     parser.description = __doc__.split("\n\n")[0]
     g = parser.add_argument_group("model and data")
@@ -87,16 +103,8 @@ def run(args) -> int:
         raise SystemExit("pycompress prune: give one of --target-params, --target-flops, --channel-ratio")
     if args.resume and not args.checkpoint_dir:
         raise SystemExit("pycompress prune: --resume needs --checkpoint-dir")
-    if args.data == "digits":
-        from pycompress.data import digits_splits
-        train, val, test = digits_splits(seed=args.seed)
-    else:
-        train, val, test = _import(args.data)()
-    if args.model in MODELS:
-        import pycompress.models as models
-        factory = getattr(models, MODELS[args.model])
-    else:
-        factory = _import(args.model)
+    train, val, test = load_data(args.data, args.seed)
+    factory = model_factory(args.model)
     torch.manual_seed(args.seed)
     model = factory()
     if args.weights:

@@ -367,6 +367,17 @@ def compare_latency(models: Dict[str, nn.Module], input_shape: Sequence[int], ba
     return out
 
 
+def train_cosine(model: nn.Module, train_data, val_data, *, epochs: int, lr: float, batch_size: int = 32,
+                 seed: int = 0, checkpoint_path: Optional[str] = None, progress: bool = False,
+                 resume: bool = False) -> None:
+    """SGD (momentum 0.9, weight decay 1e-4) with a cosine schedule over ``epochs``, evaluated
+    on ``val_data`` each epoch: the dense training and fine-tuning of the pruning workflows."""
+    Trainer(model, train_data, eval_data=val_data, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=1e-4,
+            seed=seed, checkpoint_path=checkpoint_path, progress=progress,
+            scheduler=lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(
+                opt, epochs * math.ceil(len(train_data) / batch_size))).fit(resume=resume)
+
+
 def _stage(model, example_inputs, test_data) -> dict:
     params, flops = count_params_flops(model, example_inputs)
     return {"params": params, "flops": flops, **({"accuracy": evaluate_classifier(model, test_data)["accuracy"]}
@@ -400,10 +411,8 @@ def run_experiment(model: nn.Module, example_inputs, train_data, val_data, test_
     ck = (lambda name: os.path.join(checkpoint_dir, name)) if checkpoint_dir else (lambda name: None)
     torch.manual_seed(seed)
     if dense_epochs:
-        Trainer(model, train_data, eval_data=val_data, epochs=dense_epochs, batch_size=batch_size, lr=dense_lr,
-                weight_decay=1e-4, seed=seed, checkpoint_path=ck("dense.pt"), progress=progress,
-                scheduler=lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(
-                    opt, dense_epochs * math.ceil(len(train_data) / batch_size))).fit(resume=resume)
+        train_cosine(model, train_data, val_data, epochs=dense_epochs, lr=dense_lr, batch_size=batch_size,
+                     seed=seed, checkpoint_path=ck("dense.pt"), progress=progress, resume=resume)
     dense = _stage(model, example_inputs, test_data)
     log(f"dense: {dense}")
     history: list = []
@@ -424,10 +433,8 @@ def run_experiment(model: nn.Module, example_inputs, train_data, val_data, test_
     log(f"pruned: {after}")
     final = copy.deepcopy(pruned)
     if finetune_epochs:
-        Trainer(final, train_data, eval_data=val_data, epochs=finetune_epochs, batch_size=batch_size,
-                lr=finetune_lr, weight_decay=1e-4, seed=seed + 1, checkpoint_path=ck("finetune.pt"),
-                progress=progress, scheduler=lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(
-                    opt, finetune_epochs * math.ceil(len(train_data) / batch_size))).fit(resume=resume)
+        train_cosine(final, train_data, val_data, epochs=finetune_epochs, lr=finetune_lr, batch_size=batch_size,
+                     seed=seed + 1, checkpoint_path=ck("finetune.pt"), progress=progress, resume=resume)
     tuned = _stage(final, example_inputs, test_data)
     log(f"fine-tuned: {tuned}")
     shape = tuple(example_inputs[0].shape[1:])
