@@ -33,10 +33,8 @@ def check_kd_hyperparameters(temperature, alpha, divergence, beta, reduction, te
         raise ValueError(f"topk_tail must be one of {', '.join(TOPK_TAILS)}, got {topk_tail!r}")
 
 
-def check_fused_linear_options(reduction, chunk_size):
+def check_fused_linear_options(chunk_size):
     """The fused linear loss's own limits, beyond :func:`check_kd_hyperparameters`."""
-    if reduction == "none":
-        raise ValueError("reduction='none' is not supported by the fused linear loss; use sum, mean or batchmean")
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
 
@@ -247,18 +245,20 @@ def fused_linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Ten
         teacher_logits (Tensor[..., V] or pair, optional): precomputed teacher logits, or
             a top-k pair ``(values, indices)`` (see ``topk_tail`` in :func:`kd_loss`),
             instead of ``teacher_hidden`` and ``teacher_weight``.
-        reduction (str): ``sum`` | ``mean`` | ``batchmean`` (``none`` would need the
-            logits again in backward and is not offered).
+        reduction (str): ``none`` | ``sum`` | ``mean`` | ``batchmean``. ``none`` returns
+            per-row losses; its backward runs the chunks again (its logits GEMMs twice), since
+            the weight gradient depends on each row's incoming gradient.
         chunk_size (int, optional): rows per chunk; by default chosen from N, V and the
             dtype so that the chunk buffers take about 128 MiB.
 
     Returns:
-        Tensor: the scalar loss, in the hidden states' dtype.
+        Tensor: the scalar loss, or ``student_hidden.shape[:-1]`` for ``reduction="none"``,
+        in the hidden states' dtype.
     """
     from pycompress.ops.fused_linear_kd import fused_linear_kd_loss_op
 
     check_kd_hyperparameters(temperature, alpha, divergence, beta, reduction, topk_tail=topk_tail)
-    check_fused_linear_options(reduction, chunk_size)
+    check_fused_linear_options(chunk_size)
     _check_floating("student_hidden", student_hidden)
     _check_floating("student_weight", student_weight)
     if student_weight.dim() != 2 or student_hidden.dim() < 1 or student_hidden.shape[-1] != student_weight.shape[1]:
@@ -299,7 +299,8 @@ def fused_linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Ten
         _check_dense_teacher(teacher_logits, rows, V, student_hidden.dtype, student_hidden.device)
         dense = teacher_logits.detach()
     _check_target(target, rows, V, student_hidden.device, alpha, ignore_index)
-    compute_grad = torch.is_grad_enabled() and any(
+    # reduction="none": the gradients come from backward's second pass, not from this one.
+    compute_grad = reduction != "none" and torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in (student_hidden, student_weight, student_bias))
     detach = (lambda x: None if x is None else x.detach())
     loss, *_ = fused_linear_kd_loss_op(

@@ -43,7 +43,9 @@ def _compare(p, dtype, teacher_kind="hidden", chunk_size=None, tail="bucket", **
     loss = fused_linear_kd_loss(h, w, target=p["target"], student_bias=b, chunk_size=chunk_size, topk_tail=tail,
                                 **teacher, **kw)
     assert loss.dtype == dtype
-    loss.backward()
+    # reduction="none": per-row losses, backpropagated with an arbitrary per-row gradient
+    grad_out = torch.randn(loss.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    loss.backward(grad_out.to(dtype))
 
     h2, w2, b2 = (x.detach().double().requires_grad_() if x is not None else None for x in (p["h_s"], p["w_s"],
                                                                                            p["b_s"]))
@@ -52,7 +54,8 @@ def _compare(p, dtype, teacher_kind="hidden", chunk_size=None, tail="bucket", **
         ref = reference_kd_topk(s_logits, values, indices, p["target"], tail=tail, **kw)
     else:
         ref = reference_kd(s_logits, t_logits.to(dtype), p["target"], **kw)
-    ref.backward()
+    assert loss.shape == ref.shape
+    ref.backward(grad_out)
     torch.testing.assert_close(loss.double(), ref, rtol=rtol, atol=atol)
     for got, want in zip(_grads([h, w, b]), _grads([h2, w2, b2])):
         assert got.dtype == dtype
@@ -60,7 +63,7 @@ def _compare(p, dtype, teacher_kind="hidden", chunk_size=None, tail="bucket", **
 
 
 @pytest.mark.parametrize("chunk_size,dtype,reduction", itertools.product(
-    (1, 7, 29, None), (torch.float32, torch.bfloat16, torch.float64), ("sum", "mean", "batchmean")))
+    (1, 7, 29, None), (torch.float32, torch.bfloat16, torch.float64), ("none", "sum", "mean", "batchmean")))
 def test_matches_eager_across_chunks_dtypes_reductions(chunk_size, dtype, reduction):
     _compare(_problem(dtype), dtype, chunk_size=chunk_size, temperature=2.0, alpha=0.6, reduction=reduction)
 
@@ -73,9 +76,21 @@ def test_matches_eager_for_each_divergence_3d(divergence):
 
 
 @pytest.mark.parametrize("teacher_kind,tail", (("logits", "bucket"), ("topk", "bucket"), ("topk", "drop")))
-def test_precomputed_and_topk_teachers(teacher_kind, tail):
+@pytest.mark.parametrize("reduction", ("mean", "none"))
+def test_precomputed_and_topk_teachers(teacher_kind, tail, reduction):
     _compare(_problem(torch.float32), torch.float32, teacher_kind=teacher_kind, chunk_size=6, tail=tail,
-             temperature=2.0, alpha=0.5, reduction="mean")
+             temperature=2.0, alpha=0.5, reduction=reduction)
+
+
+def test_reduction_none_keeps_the_row_shape_and_zeroes_ignored_rows():
+    p = _problem(torch.float32, rows=(3, 7))
+    loss = fused_linear_kd_loss(p["h_s"], p["w_s"], p["h_t"], p["w_t"], p["target"], temperature=2.0, alpha=0.5,
+                                reduction="none", chunk_size=5)
+    assert loss.shape == (3, 7)
+    assert (loss[p["target"] == -100] == 0).all() and (loss[p["target"] != -100] > 0).all()
+    total = fused_linear_kd_loss(p["h_s"], p["w_s"], p["h_t"], p["w_t"], p["target"], temperature=2.0, alpha=0.5,
+                                 reduction="sum", chunk_size=5)
+    torch.testing.assert_close(loss.sum(), total)
 
 
 def test_topk_with_k_equal_v_equals_dense_path():
@@ -88,12 +103,13 @@ def test_topk_with_k_equal_v_equals_dense_path():
     torch.testing.assert_close(sparse, dense, rtol=1e-10, atol=1e-12)
 
 
-def test_gradcheck_float64():
+@pytest.mark.parametrize("reduction", ("mean", "none"))
+def test_gradcheck_float64(reduction):
     p = _problem(torch.float64, rows=(5,), H=4, Ht=3, V=6)
     h, w, b = _leaves(p)
     assert torch.autograd.gradcheck(
         lambda h_, w_, b_: fused_linear_kd_loss(h_, w_, p["h_t"], p["w_t"], p["target"], student_bias=b_,
-                                                temperature=2.0, alpha=0.5, chunk_size=2, reduction="mean"),
+                                                temperature=2.0, alpha=0.5, chunk_size=2, reduction=reduction),
         (h, w, b))
 
 
@@ -115,11 +131,12 @@ def test_auto_chunk_size_bounds_the_buffers():
     assert auto_chunk_size(10_000, 50_000_000, 4) == 1
 
 
-def test_opcheck():
+@pytest.mark.parametrize("reduction,compute_grad", (("mean", True), ("none", False)))
+def test_opcheck(reduction, compute_grad):
     p = _problem(torch.float32, rows=(9,))
     h, w, b = _leaves(p)
     args = (h, w, b, p["h_t"], p["w_t"], p["b_t"], None, None, None, p["target"], 2.0, "forward_kl", 0.5, 0.5, True,
-            "mean", -100, "bucket", 4, True)
+            reduction, -100, "bucket", 4, compute_grad)
     torch.library.opcheck(torch.ops.pycompress.fused_linear_kd_loss.default, args)
 
 
@@ -185,10 +202,10 @@ def test_rejects_two_or_no_teachers():
         fused_linear_kd_loss(p["h_s"], p["w_s"])
 
 
-def test_rejects_reduction_none_and_bad_chunk_size():
+def test_rejects_bad_reduction_and_chunk_size():
     p = _problem(torch.float32)
     with pytest.raises(ValueError, match="reduction"):
-        FusedLinearKDLoss(reduction="none")
+        FusedLinearKDLoss(reduction="elementwise")
     with pytest.raises(ValueError, match="chunk_size"):
         fused_linear_kd_loss(p["h_s"], p["w_s"], p["h_t"], p["w_t"], chunk_size=0)
 

@@ -89,7 +89,8 @@ class FusedLinearKDLoss(nn.Module):
     Args:
         temperature, alpha, divergence, beta, ignore_index, t2_scale, topk_tail: as in
             :class:`KDLoss`.
-        reduction (str): ``sum`` | ``mean`` | ``batchmean``.
+        reduction (str): ``none`` | ``sum`` | ``mean`` | ``batchmean``; ``none`` gives
+            per-row losses and runs the chunks again in backward.
         chunk_size (int, optional): rows per chunk; by default about 128 MiB of chunk
             buffers.
 
@@ -99,7 +100,7 @@ class FusedLinearKDLoss(nn.Module):
         - teacher_hidden: rows as student_hidden, (..., H_t); teacher_weight: (V, H_t)
         - or teacher_logits: (..., V), or a top-k pair of (..., k) values and indices
         - target: student_hidden.shape[:-1]
-        - output: scalar
+        - output: scalar, or student_hidden.shape[:-1] for reduction="none"
 
     Example:
         >>> loss_fn = FusedLinearKDLoss(temperature=2.0, alpha=0.5, reduction="mean")
@@ -111,7 +112,7 @@ class FusedLinearKDLoss(nn.Module):
                  chunk_size: Optional[int] = None, topk_tail: str = "bucket"):
         super().__init__()
         check_kd_hyperparameters(temperature, alpha, divergence, beta, reduction, topk_tail=topk_tail)
-        check_fused_linear_options(reduction, chunk_size)
+        check_fused_linear_options(chunk_size)
         self.temperature, self.alpha, self.divergence, self.beta = float(temperature), float(alpha), divergence, \
             float(beta)
         self.reduction, self.ignore_index, self.t2_scale = reduction, int(ignore_index), bool(t2_scale)

@@ -8,6 +8,10 @@ Algorithm: the rows are processed in chunks of C. Per chunk,
      summed loss and d(loss)/d(logits) in one pass over the logits;
   3. grad_h[c] = g @ W_s, grad_W_s += g.T @ h_c, grad_b_s += sum(g): accumulated here,
      in the forward, so backward only scales them (as the KD op does for logits).
+reduction="none" returns per-row losses, so the gradients depend on the incoming
+per-row grad_output: the forward computes losses only, and backward runs the
+chunks again with each row's gradient scaled by its grad_output (the logits
+GEMMs twice, the same memory).
 Memory: O(C x V) for three logits-sized chunk buffers plus the parameter-sized
 gradients, never O(N x V). C is picked so the chunk buffers stay near 128 MiB.
 Numerics: the chunk losses are summed in fp64 and divided once by the global
@@ -36,11 +40,15 @@ def auto_chunk_size(n_rows: int, vocab: int, element_size: int) -> int:
 
 def fused_linear_kd(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
                     teacher_logits, topk_values, topk_indices, target, temperature, divergence, beta, alpha, t2_scale,
-                    reduction, ignore_index, topk_tail, chunk_size, compute_grad, kd_impl=None, kd_topk_impl=None):
+                    reduction, ignore_index, topk_tail, chunk_size, compute_grad, row_weights=None, kd_impl=None,
+                    kd_topk_impl=None):
     """The chunked computation; returns ``(loss, grad_hidden, grad_weight, grad_bias)``.
 
-    ``kd_impl`` / ``kd_topk_impl`` replace the per-chunk ops (tests run the Triton
-    kernel through here under the interpreter); by default they dispatch on device.
+    ``reduction="none"`` gives per-row losses (shape ``student_hidden.shape[:-1]``) and
+    no gradients. ``row_weights`` (N,) scales each row's gradient (reduction "sum"):
+    the backward of "none". ``kd_impl`` / ``kd_topk_impl`` replace the per-chunk ops
+    (tests run the Triton kernel through here under the interpreter); by default they
+    dispatch on device.
     """
     kd_impl = kd_impl or torch.ops.pycompress.kd_loss
     kd_topk_impl = kd_topk_impl or torch.ops.pycompress.kd_loss_topk
@@ -60,7 +68,8 @@ def fused_linear_kd(student_hidden, student_weight, student_bias, teacher_hidden
     grad_b = h_s.new_zeros(V, dtype=acc) if (compute_grad and student_bias is not None) else h_s.new_empty(0)
     s_buf = h_s.new_empty(min(C, N), V)
     t_buf = h_s.new_empty(min(C, N), V) if h_t is not None else None
-    total = h_s.new_zeros((), dtype=torch.float64)
+    per_row = reduction == "none"
+    total = h_s.new_zeros(N if per_row else (), dtype=torch.float64)
     for start in range(0, N, C):
         end = min(N, start + C)
         logits = s_buf[: end - start]
@@ -68,7 +77,7 @@ def fused_linear_kd(student_hidden, student_weight, student_bias, teacher_hidden
         if student_bias is not None:
             logits += student_bias
         y_c = y[start:end] if y is not None else None
-        args = (temperature, divergence, beta, alpha, t2_scale, "sum", ignore_index)
+        args = (temperature, divergence, beta, alpha, t2_scale, "none" if per_row else "sum", ignore_index)
         if tv is not None:
             loss_c, g = kd_topk_impl(logits, tv[start:end], ti[start:end], y_c, *args, topk_tail, compute_grad)
         else:
@@ -80,12 +89,19 @@ def fused_linear_kd(student_hidden, student_weight, student_bias, teacher_hidden
             else:
                 t_logits = t_dense[start:end]
             loss_c, g = kd_impl(logits, t_logits, y_c, *args, compute_grad)
-        total += loss_c.double()
+        if per_row:
+            total[start:end] = loss_c
+        else:
+            total += loss_c.double()
         if compute_grad:
+            if row_weights is not None:
+                g.mul_(row_weights[start:end, None].to(g.dtype))
             torch.matmul(g, student_weight, out=grad_h[start:end])
             grad_w.addmm_(g.t().to(acc), h_s[start:end].to(acc))
             if student_bias is not None:
                 grad_b += g.sum(0, dtype=acc)
+    if per_row:
+        return total.to(h_s.dtype).reshape(student_hidden.shape[:-1]), grad_h, grad_w, grad_b
     scale = reduction_scale(reduction, y, ignore_index, N, batch, h_s.device)
     loss = (total * scale).to(h_s.dtype)
     if compute_grad:
@@ -105,37 +121,55 @@ def fused_linear_kd_loss_op(
         topk_values: Optional[torch.Tensor], topk_indices: Optional[torch.Tensor], target: Optional[torch.Tensor],
         temperature: float, divergence: str, beta: float, alpha: float, t2_scale: bool, reduction: str,
         ignore_index: int, topk_tail: str, chunk_size: int, compute_grad: bool,
+        row_weights: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (loss, grad_hidden, grad_weight, grad_bias); the gradients are empty unless compute_grad."""
     return fused_linear_kd(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
                            teacher_bias, teacher_logits, topk_values, topk_indices, target, temperature, divergence,
-                           beta, alpha, t2_scale, reduction, ignore_index, topk_tail, chunk_size, compute_grad)
+                           beta, alpha, t2_scale, reduction, ignore_index, topk_tail, chunk_size, compute_grad,
+                           row_weights)
 
 
 @fused_linear_kd_loss_op.register_fake
 def _fake(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, teacher_logits,
           topk_values, topk_indices, target, temperature, divergence, beta, alpha, t2_scale, reduction, ignore_index,
-          topk_tail, chunk_size, compute_grad):
+          topk_tail, chunk_size, compute_grad, row_weights=None):
     torch._check(student_hidden.shape[-1] == student_weight.shape[-1],
                  lambda: "pycompress::fused_linear_kd_loss: student_hidden and student_weight disagree on H")
-    empty = student_hidden.new_empty(0)
-    loss = student_hidden.new_empty(())
-    if not compute_grad:
-        return loss, empty, empty, empty
-    grad_b = torch.empty_like(student_bias) if student_bias is not None else empty
+    loss = student_hidden.new_empty(student_hidden.shape[:-1] if reduction == "none" else ())
+    if not compute_grad:  # three distinct empty tensors, as the real kernel returns
+        return loss, student_hidden.new_empty(0), student_hidden.new_empty(0), student_hidden.new_empty(0)
+    grad_b = torch.empty_like(student_bias) if student_bias is not None else student_hidden.new_empty(0)
     return loss, torch.empty_like(student_hidden), torch.empty_like(student_weight), grad_b
+
+
+_N_TENSOR_INPUTS = 10  # student_hidden ... target
 
 
 def _setup_context(ctx, inputs, output):
     ctx.has_bias = inputs[2] is not None
-    ctx.save_for_backward(*output[1:])
+    ctx.per_row = inputs[15] == "none"
+    if ctx.per_row:  # backward runs the chunks again: keep the inputs (no copies), not gradients
+        ctx.save_for_backward(*inputs[:_N_TENSOR_INPUTS])
+        ctx.options = inputs[_N_TENSOR_INPUTS:19]
+    else:
+        ctx.save_for_backward(*output[1:])
     ctx.mark_non_differentiable(*output[1:])
     ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_loss, *_unused):
-    grads: List[Optional[torch.Tensor]] = [None] * 20
+    grads: List[Optional[torch.Tensor]] = [None] * 21
     if grad_loss is None:
+        return tuple(grads)
+    if ctx.per_row:
+        temperature, divergence, beta, alpha, t2_scale, _, ignore_index, topk_tail, chunk_size = ctx.options
+        _, grad_h, grad_w, grad_b = fused_linear_kd_loss_op(
+            *ctx.saved_tensors, temperature, divergence, beta, alpha, t2_scale, "sum", ignore_index, topk_tail,
+            chunk_size, True, grad_loss.reshape(-1))
+        grads[0], grads[1] = grad_h, grad_w
+        if ctx.has_bias:
+            grads[2] = grad_b
         return tuple(grads)
     grad_h, grad_w, grad_b = ctx.saved_tensors
     if grad_h.numel() == 0:
