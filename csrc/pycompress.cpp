@@ -5,6 +5,7 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
+#include "cpu/bf16_dot.h"
 #include "cpu/hugepage_alloc.h"
 
 namespace pycompress {
@@ -16,11 +17,22 @@ int64_t cpu_vector_bits() {
   return static_cast<int64_t>(at::vec::Vectorized<float>::size()) * 32;
 }
 
+// Whether bf16 1x1 block-sparse convs multiply with AVX512-BF16 dot products
+// (weights rounded to bf16) rather than in fp32.
+bool cpu_bf16_dot() {
+#ifdef PYCOMPRESS_BF16_DOT
+  return true;
+#else
+  return false;
+#endif
+}
+
 // Frees the idle output block that large CPU outputs are recycled through.
 void empty_cache() { BlockCache::get().clear(); }
 
 TORCH_LIBRARY(pycompress, m) {
   m.def("_cpu_vector_bits() -> int", &cpu_vector_bits);
+  m.def("_cpu_bf16_dot() -> bool", &cpu_bf16_dot);
   m.def("_empty_cache() -> ()", &empty_cache);
 }
 

@@ -55,6 +55,12 @@ def cpu_vector_bits() -> int:
     return torch.ops.pycompress._cpu_vector_bits()
 
 
+def cpu_bf16_dot() -> bool:
+    """Whether ``_C`` was built with AVX512-BF16: bf16 1x1 block-sparse convs then multiply
+    bf16 pairs (weights rounded to bf16, fp32 sums) instead of widening to fp32."""
+    return torch.ops.pycompress._cpu_bf16_dot()
+
+
 def empty_cache() -> None:
     """Returns to the system the one idle output block that large CPU outputs (the KD
     loss's gradient, block-sparse conv outputs) are recycled through."""

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import pycompress
+from pycompress._extension import cpu_bf16_dot
 from pycompress.models.nets import ResNetStyle
 from pycompress.nn import BlockSparseConv2d, BlockSparseLinear
 from pycompress.prune import block_sparsify, fold_batchnorm
@@ -123,21 +124,51 @@ def _values_grad_to_dense(m):
 @pytest.mark.parametrize("case", [CONV_CASES[0], CONV_CASES[2], CONV_CASES[4], CONV_CASES[10]],
                          ids=["3x3", "strided", "1x1-small", "1x1"])
 def test_conv_half_precision_input_accumulates_in_fp32(case, dtype):
-    """bf16/fp16 in and out, fp32 inside: the result is the fp32 conv of the widened
-    input, rounded once (so within one rounding of the output dtype)."""
+    """bf16/fp16 in and out, fp32 sums: the result is the conv of the widened input,
+    rounded once (so within one rounding of the output dtype). On the bf16
+    dot-product path (1x1, at least one pixel strip, AVX512-BF16 builds) the
+    weights are rounded to bf16 as well."""
     conv, x, (bo, bk) = _make_conv(case)
     m = BlockSparseConv2d.from_dense(conv, 0.5, block_size=(bo, bk), dense_threshold=1.0, relu=True)
     xh = x.to(dtype).requires_grad_(True)
     y = m(xh)
     assert y.dtype == dtype
-    ref = ref_conv(xh.detach().float(), conv, m.block_mask(), bo, bk, relu=True)
+    bf16_weights = dtype == torch.bfloat16 and case is CONV_CASES[10] and cpu_bf16_dot()
+    ref_conv_w = copy.deepcopy(conv)
+    if bf16_weights:
+        ref_conv_w.weight.data = ref_conv_w.weight.data.bfloat16().float()
+    ref = ref_conv(xh.detach().float(), ref_conv_w, m.block_mask(), bo, bk, relu=True)
     eps = torch.finfo(dtype).eps
     torch.testing.assert_close(y.float(), ref, atol=1e-5, rtol=eps)
+    # Backward runs in fp32 with the fp32 weights, through the forward's ReLU pattern:
+    # on the dot-product path that is within bf16 rounding of the rounded-weight gradient.
     y.float().sum().backward()
     x32 = xh.detach().float().requires_grad_(True)
-    ref_conv(x32, conv, m.block_mask(), bo, bk, relu=True).sum().backward()
+    ref_conv(x32, ref_conv_w, m.block_mask(), bo, bk, relu=True).sum().backward()
     assert xh.grad.dtype == dtype
-    torch.testing.assert_close(xh.grad.float(), x32.grad, atol=1e-5, rtol=eps)
+    atol = eps * x32.grad.abs().max().item() if bf16_weights else 1e-5  # sums of weights off by 2^-9
+    torch.testing.assert_close(xh.grad.float(), x32.grad, atol=atol, rtol=eps)
+
+
+@pytest.mark.skipif(not cpu_bf16_dot(), reason="built without AVX512-BF16")
+@pytest.mark.parametrize("sparsity", SPARSITIES)
+@pytest.mark.parametrize("shape", [(2, 32, 24, 7, 7, (8, 8)), (1, 16, 32, 9, 11, (16, 2)), (3, 64, 8, 8, 6, (8, 4))])
+def test_bf16_pointwise_dot_product_path(shape, sparsity):
+    """bf16 1x1: pairs of bf16 products summed in fp32 (vdpbf16ps), the weights rounded
+    to bf16 once: equal to the fp32 conv with bf16-rounded weights, up to the output's
+    rounding and the order of the fp32 sums."""
+    n, cin, cout, h, w, bs = shape
+    torch.manual_seed(11)
+    conv = nn.Conv2d(cin, cout, 1)
+    m = BlockSparseConv2d.from_dense(conv, sparsity, block_size=bs, dense_threshold=1.0, relu=True)
+    x = torch.randn(n, cin, h, w).bfloat16()
+    rounded = copy.deepcopy(conv)
+    rounded.weight.data = rounded.weight.data.bfloat16().float()
+    ref = ref_conv(x.float(), rounded, m.block_mask(), *bs, relu=True)
+    with torch.no_grad():
+        y = m(x)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), ref, atol=1e-5, rtol=2 ** -8)
 
 
 def test_explicit_block_mask_is_kept_exactly():

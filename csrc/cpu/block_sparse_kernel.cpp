@@ -28,7 +28,10 @@
 // Numerics: fp32 FMA accumulation in block order; no reassociation across
 // calls, so results do not depend on the thread count. bf16/fp16 inputs are
 // widened to fp32 in the padded copy (so they never take the direct path) and
-// the result is rounded once, in the store, to the input's dtype.
+// the result is rounded once, in the store, to the input's dtype. Exception,
+// on AVX512-BF16 builds: bf16 1x1 convs interleave channel pairs instead and
+// multiply bf16 pairs with vdpbf16ps (weights rounded to bf16 per call, fp32
+// sums), twice the k per instruction.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
@@ -41,6 +44,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu/bf16_dot.h"
 #include "cpu/hugepage_alloc.h"
 
 namespace pycompress {
@@ -105,15 +109,10 @@ struct Source {
   bool exact_end = false;
 };
 
-// acc[i][j] += sum over `steps` nonzero k of w[k][i] * x[koff[k] + j*kW ...]:
-// one flat loop over the block row's nonzero columns, so the accumulators stay
-// in registers (a loop over blocks around a loop over k made GCC spill them at
-// every block boundary).
-template <int MR, int NV>
-inline void accumulate(Vec (&acc)[MR][NV], const float* x, const int64_t* koff, const float* w, int64_t steps,
-                       int64_t bo) {
-  for (int64_t s = 0; s < steps; ++s, w += bo) {
-    const float* xk = x + koff[s];
+// One step of the micro-kernel: acc[i][j] += w[i] * x[j*kW ...], fp32 (one k).
+struct Fp32Fma {
+  template <int MR, int NV>
+  static inline void step(Vec (&acc)[MR][NV], const float* xk, const float* w) {
     Vec xv[NV];
     for (int j = 0; j < NV; ++j) xv[j] = Vec::loadu(xk + j * kW);
     for (int i = 0; i < MR; ++i) {
@@ -121,6 +120,34 @@ inline void accumulate(Vec (&acc)[MR][NV], const float* x, const int64_t* koff, 
       for (int j = 0; j < NV; ++j) acc[i][j] = at::vec::fmadd(wi, xv[j], acc[i][j]);
     }
   }
+};
+
+#ifdef PYCOMPRESS_BF16_DOT
+// Two k at once for bf16 1x1 convs: every 32-bit element of the source and of w
+// is a bf16 pair (k even in the low half, k + 1 in the high half), and vdpbf16ps
+// adds both products to the fp32 accumulator: half the instructions per k.
+struct Bf16PairDot {
+  template <int MR, int NV>
+  static inline void step(Vec (&acc)[MR][NV], const float* xk, const float* w) {
+    __m512i xv[NV];
+    for (int j = 0; j < NV; ++j) xv[j] = _mm512_loadu_si512(xk + j * kW);
+    const int32_t* wp = reinterpret_cast<const int32_t*>(w);
+    for (int i = 0; i < MR; ++i) {
+      const __m512bh wi = (__m512bh)_mm512_set1_epi32(wp[i]);
+      for (int j = 0; j < NV; ++j) acc[i][j] = Vec(_mm512_dpbf16_ps(acc[i][j], (__m512bh)xv[j], wi));
+    }
+  }
+};
+#endif
+
+// acc[i][j] += the `steps` nonzero steps of block row r (Step::step each): one
+// flat loop over the block row's nonzero columns, so the accumulators stay in
+// registers (a loop over blocks around a loop over k made GCC spill them at
+// every block boundary).
+template <int MR, int NV, class Step>
+inline void accumulate(Vec (&acc)[MR][NV], const float* x, const int64_t* koff, const float* w, int64_t steps,
+                       int64_t bo) {
+  for (int64_t s = 0; s < steps; ++s, w += bo) Step::template step<MR, NV>(acc, x + koff[s], w);
 }
 
 struct Bsr {
@@ -160,7 +187,7 @@ struct Epilogue {
 // Output rows of block row r for the q strip [q0, q0 + NV*kW) of source image g,
 // stored from q = qs >= q0 on; x points at the strip's first q, koff[s]
 // locates nonzero step s's column row from there.
-template <int MR, int NV>
+template <int MR, int NV, class Step>
 void block_row(const Source& src, const float* x, const int64_t* koff, int64_t g, int64_t q0, int64_t qs, int64_t r,
                const Bsr& w, const Epilogue& e) {
   constexpr int64_t SW = NV * kW;
@@ -177,7 +204,7 @@ void block_row(const Source& src, const float* x, const int64_t* koff, int64_t g
     for (int i = 0; i < MR; ++i)
       for (int j = 0; j < NV; ++j) acc[i][j] = Vec(0.f);
     const int64_t s0 = w.rptr[r] * w.bk;
-    accumulate<MR, NV>(acc, x, koff + s0, w.vals + s0 * w.bo + i0, w.rptr[r + 1] * w.bk - s0, w.bo);
+    accumulate<MR, NV, Step>(acc, x, koff + s0, w.vals + s0 * w.bo + i0, w.rptr[r + 1] * w.bk - s0, w.bo);
     for (int i = 0; i < MR; ++i) {
       const Vec b(e.bias && i < rows ? e.bias[co0 + i] : 0.f);
       for (int j = 0; j < NV; ++j) {
@@ -211,19 +238,19 @@ void block_row(const Source& src, const float* x, const int64_t* koff, int64_t g
 }
 
 // block_row with nv <= NV vectors (the narrower last strip of an image).
-template <int MR, int NV>
+template <int MR, int NV, class Step>
 void block_row_n(int nv, const Source& src, const float* x, const int64_t* koff, int64_t g, int64_t q0, int64_t qs,
                  int64_t r, const Bsr& w, const Epilogue& e) {
   if constexpr (NV > 1) {
-    if (nv < NV) return block_row_n<MR, NV - 1>(nv, src, x, koff, g, q0, qs, r, w, e);
+    if (nv < NV) return block_row_n<MR, NV - 1, Step>(nv, src, x, koff, g, q0, qs, r, w, e);
   }
-  block_row<MR, NV>(src, x, koff, g, q0, qs, r, w, e);
+  block_row<MR, NV, Step>(src, x, koff, g, q0, qs, r, w, e);
 }
 
 // Strips of NV vectors of q; the last strip of each image only as many vectors
 // as it needs, so at most kW - 1 lanes per image are computed for nothing (or
 // recomputed, where the last strip is moved back to end at the image's end).
-template <int MR, int NV>
+template <int MR, int NV, class Step = Fp32Fma>
 void conv_tiles(const Source& src, const Bsr& w, const Epilogue& e) {
   constexpr int64_t SW = NV * kW;
   const int64_t strips = (src.img_q + SW - 1) / SW;
@@ -259,7 +286,7 @@ void conv_tiles(const Source& src, const Bsr& w, const Epilogue& e) {
       const int64_t qs = strip * SW;
       const int64_t q0 = src.exact_end && strip == strips - 1 ? src.img_q - nv * kW : qs;
       const float* x = src.data + g * src.img_stride + q0;
-      block_row_n<MR, NV>(nv, src, x, steps.data(), g, q0, qs, r, w, e);
+      block_row_n<MR, NV, Step>(nv, src, x, steps.data(), g, q0, qs, r, w, e);
     }
   });
 }
@@ -310,6 +337,46 @@ void copy_to_phase_planes(const T* x, float* buf, int64_t NC, int64_t H, int64_t
     }
   });
 }
+
+#ifdef PYCOMPRESS_BF16_DOT
+// The bf16 source of Bf16PairDot: 32-bit element (p, q) = x[2p][q] | x[2p+1][q] << 16
+// for the NP channel-plane pairs of the (N*C, HW) bf16 input.
+void interleave_channel_pairs(const at::BFloat16* x, float* dst, int64_t NP, int64_t HW) {
+  at::parallel_for(0, NP, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      const uint16_t* lo = reinterpret_cast<const uint16_t*>(x) + 2 * p * HW;
+      const uint16_t* hi = lo + HW;
+      int32_t* d = reinterpret_cast<int32_t*>(dst) + p * HW;
+      for (int64_t q = 0; q < HW; q += 16) {
+        const __mmask16 m = HW - q >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (HW - q)) - 1);
+        const __m512i a = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, lo + q));
+        const __m512i b = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, hi + q));
+        _mm512_mask_storeu_epi32(d + q, m, _mm512_or_si512(a, _mm512_slli_epi32(b, 16)));
+      }
+    }
+  });
+}
+
+// The weights of Bf16PairDot, (nnzb, bk/2, bo) int32: element (b, p, i) holds
+// bf16(w[b][2p][i]) | bf16(w[b][2p+1][i]) << 16, rounded to nearest even. bo % 8 == 0.
+at::Tensor pack_bf16_weight_pairs(const at::Tensor& values) {
+  const int64_t nnzb = values.size(0), bk = values.size(1), bo = values.size(2);
+  at::Tensor pairs = at::empty({nnzb, bk / 2, bo}, values.options().dtype(at::kInt));
+  const float* v = values.const_data_ptr<float>();
+  int32_t* d = pairs.data_ptr<int32_t>();
+  const __m256i interleave = _mm256_setr_epi16(0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15);
+  for (int64_t row = 0; row < nnzb * (bk / 2); ++row) {  // rows 2p and 2p+1 of a block are adjacent
+    const float* k0 = v + row * 2 * bo;
+    for (int64_t i = 0; i < bo; i += 8) {
+      const __m512 both = _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_loadu_ps(k0 + i)),
+                                             _mm256_loadu_ps(k0 + bo + i), 1);
+      const __m256i bf = (__m256i)_mm512_cvtneps_pbh(both);  // k0[i..i+8), then k1[i..i+8)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + row * bo + i), _mm256_permutexvar_epi16(interleave, bf));
+    }
+  }
+  return pairs;
+}
+#endif
 
 at::Tensor block_sparse_conv2d_cpu(const at::Tensor& input_in, const at::Tensor& values_in, const at::Tensor& col_idx_in,
                                    const at::Tensor& row_ptr_in, const std::optional<at::Tensor>& bias_in,
@@ -386,12 +453,31 @@ at::Tensor block_sparse_conv2d_cpu(const at::Tensor& input_in, const at::Tensor&
   // one strip go through the padded copy, whose slack the strip may run into.
   const bool pointwise = kh == 1 && kw == 1 && sh == 1 && sw == 1 && ph == 0 && pw == 0;
   const bool tall_tiles = pointwise && bo % 8 == 0;
-  const bool direct = pointwise && dtype == at::kFloat && H * W >= (tall_tiles ? 3 : kNV) * kW;
+  const bool strip_fits = H * W >= (tall_tiles ? 3 : kNV) * kW;
+  const bool direct = pointwise && dtype == at::kFloat && strip_fits;
+  // bf16 1x1 with even bk: bf16 products two k at a time (Bf16PairDot), weights rounded to bf16.
+#ifdef PYCOMPRESS_BF16_DOT
+  const bool bf16_pairs = tall_tiles && dtype == at::kBFloat16 && bk % 2 == 0 && strip_fits;
+#else
+  constexpr bool bf16_pairs = false;
+#endif
   if (direct) {
     src.data = input.const_data_ptr<float>(), src.img_stride = C * H * W, src.n_img = N;
     src.img_q = H * W, src.wq = W, src.ow = W;
     src.exact_end = true;
     for (int64_t c = 0; c < C; ++c) off[c] = c * H * W;
+  } else if (bf16_pairs) {
+#ifdef PYCOMPRESS_BF16_DOT
+    const int64_t HW = H * W, CP = C / 2;
+    float* buf = scratch(src_buf, N * CP * HW);
+    src_geometry = {};  // the padded copy's zero borders are gone from the buffer
+    interleave_channel_pairs(input.const_data_ptr<at::BFloat16>(), buf, N * CP, HW);
+    src.data = buf, src.img_stride = CP * HW, src.n_img = N;
+    src.img_q = HW, src.wq = W, src.ow = W;
+    src.exact_end = true;
+    off.resize(CP);
+    for (int64_t c = 0; c < CP; ++c) off[c] = c * HW;
+#endif
   } else {
     // Zero-padded input split into sh*sw phase planes: phase (a, b) holds the
     // padded pixels (i*sh + a, j*sw + b). Tap (r, s) of output (oh, ow) is then
@@ -435,8 +521,16 @@ at::Tensor block_sparse_conv2d_cpu(const at::Tensor& input_in, const at::Tensor&
                                        (r * dh) / sh * Wq + (s * dw) / sw;
   }
 
-  const Bsr w{values.const_data_ptr<float>(), cols, rptr, R, bk, bo};
   const Epilogue e{bias, relu, out_channels, ohow, out.data_ptr(), dtype};
+#ifdef PYCOMPRESS_BF16_DOT
+  if (bf16_pairs) {
+    const at::Tensor pairs = pack_bf16_weight_pairs(values);
+    const Bsr wp{reinterpret_cast<const float*>(pairs.const_data_ptr()), cols, rptr, R, bk / 2, bo};
+    conv_tiles<8, 3, Bf16PairDot>(src, wp, e);
+    return out;
+  }
+#endif
+  const Bsr w{values.const_data_ptr<float>(), cols, rptr, R, bk, bo};
   if (tall_tiles) {
     conv_tiles<8, 3>(src, w, e);
   } else if (bo % 4 == 0) {
