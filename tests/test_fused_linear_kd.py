@@ -103,6 +103,20 @@ def test_topk_with_k_equal_v_equals_dense_path():
     torch.testing.assert_close(sparse, dense, rtol=1e-10, atol=1e-12)
 
 
+def test_reduction_none_compiles_with_its_recompute_backward():
+    p = _problem(torch.float32, rows=(6,), H=4, Ht=3, V=9)
+    h, w, _ = _leaves(p)
+    fn = lambda h_, w_: fused_linear_kd_loss(h_, w_, p["h_t"], p["w_t"], temperature=2.0,  # noqa: E731
+                                             reduction="none", chunk_size=4)
+    grad_out = torch.randn(6)
+    eager = torch.autograd.grad(fn(h, w), (h, w), grad_out)
+    compiled_fn = torch.compile(fn, backend="aot_eager", fullgraph=True)
+    loss = compiled_fn(h, w)
+    torch.testing.assert_close(loss, fn(h, w))
+    for got, want in zip(torch.autograd.grad(loss, (h, w), grad_out), eager):
+        torch.testing.assert_close(got, want)
+
+
 @pytest.mark.parametrize("reduction", ("mean", "none"))
 def test_gradcheck_float64(reduction):
     p = _problem(torch.float64, rows=(5,), H=4, Ht=3, V=6)
