@@ -8,7 +8,6 @@ minimum over interleaved repeats (A B C, C A B, B C A, ... shuffled) in one proc
 is shared, and interleaving keeps the ratios fair when its load changes.
 """
 
-import copy
 import os
 import random
 import statistics
@@ -23,7 +22,7 @@ from bench.common import commit, machine, write_rows
 from pycompress.models.nets import ResNetStyle
 from pycompress.nn import BlockSparseConv2d, BlockSparseLinear
 from pycompress.prune import block_sparsify
-from tests.test_block_sparse import masked_weight
+from tests.test_block_sparse import masked_dense_twin, masked_weight
 
 # (name, Cin, Cout, H=W, kernel, padding)
 SHAPES = [
@@ -139,19 +138,6 @@ def test_layer_bf16(benchmark, shape, batch):
     assert t["bf16"][0] > 0
 
 
-def _masked_dense_twin(model):
-    """The same function with dense layers: each block-sparse layer becomes its masked dense weight."""
-    twin = copy.deepcopy(model)
-    for name, mod in list(twin.named_modules()):
-        if isinstance(mod, (BlockSparseConv2d, BlockSparseLinear)):
-            dense = mod.to_dense()
-            if getattr(mod, "relu", False):
-                dense = nn.Sequential(dense, nn.ReLU())
-            parent, _, child = name.rpartition(".")
-            setattr(twin.get_submodule(parent) if parent else twin, child, dense)
-    return twin
-
-
 def test_resnet_end_to_end(benchmark):
     """ResNetStyle(width=64) at 56x56, every conv and the head block-sparsified at 90 %, vs its dense self.
 
@@ -168,7 +154,7 @@ def test_resnet_end_to_end(benchmark):
         report = block_sparsify(sparse, 0.9, example_input=torch.randn(1, 3, 56, 56), fold_bn=fold_bn)
         if fold_bn:
             print("\n" + str(report))
-        masked = _masked_dense_twin(sparse)
+        masked = masked_dense_twin(sparse)
         with torch.no_grad():
             for batch in (1, 8):
                 x = torch.randn(batch, 3, 56, 56)

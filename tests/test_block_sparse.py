@@ -323,15 +323,17 @@ def test_linear_wrong_features_is_rejected():
 
 # ---- whole models ----
 
-def _masked_dense_twin(model: nn.Module) -> nn.Module:
-    """A copy with each block-sparse layer replaced by its masked dense weight (+ its fused ReLU)."""
+def masked_dense_twin(model: nn.Module) -> nn.Module:
+    """The same function with dense layers: a copy with each block-sparse layer replaced
+    by its masked dense weight (+ its fused ReLU). Also the benchmarks' dense baseline."""
     twin = copy.deepcopy(model)
     for name, mod in list(twin.named_modules()):
-        if isinstance(mod, BlockSparseConv2d):
+        if isinstance(mod, (BlockSparseConv2d, BlockSparseLinear)):
             dense = mod.to_dense()
+            if getattr(mod, "relu", False):
+                dense = nn.Sequential(dense, nn.ReLU())
             parent, _, child = name.rpartition(".")
-            setattr(twin.get_submodule(parent) if parent else twin, child,
-                    nn.Sequential(dense, nn.ReLU()) if mod.relu else dense)
+            setattr(twin.get_submodule(parent) if parent else twin, child, dense)
     return twin
 
 
@@ -347,7 +349,7 @@ def test_block_sparsify_resnet_matches_its_masked_dense_self():
     assert 0.6 < report.flops_saved / report.dense_flops < 0.8
     assert "total:" in str(report)
     with torch.no_grad():
-        torch.testing.assert_close(model(x), _masked_dense_twin(model)(x), **TOL[torch.float32])
+        torch.testing.assert_close(model(x), masked_dense_twin(model)(x), **TOL[torch.float32])
 
 
 def test_block_sparsified_model_compiles_and_exports():
@@ -464,7 +466,7 @@ def test_block_sparsify_with_folded_bn_matches_the_folded_masked_dense_model():
     # The blocks were ranked on the folded weights, and the sparse kernel computes
     # exactly the masked folded convs (bias and ReLU fused into its store).
     with torch.no_grad():
-        torch.testing.assert_close(model(x), _masked_dense_twin(model)(x), **TOL[torch.float32])
+        torch.testing.assert_close(model(x), masked_dense_twin(model)(x), **TOL[torch.float32])
 
 
 # ---- Triton kernel, under TRITON_INTERPRET=1 without a GPU ----
@@ -506,6 +508,22 @@ def test_fold_batchnorm_into_block_sparse_layers_scales_the_kept_blocks():
                 assert torch.equal(m.block_mask(), masks[n])  # pruned blocks stay pruned
         torch.testing.assert_close(model(x), ref, atol=1e-5, rtol=1e-5)
         assert fold_batchnorm(model) == []  # nothing left to fold
+
+
+@pytest.mark.parametrize("affine,bias", [(False, False), (True, True)])
+def test_fold_batchnorm_into_block_sparse_without_affine_or_bias(affine, bias):
+    torch.manual_seed(12)
+    model = nn.Sequential(nn.Conv2d(8, 12, 3, padding=1, bias=bias), nn.BatchNorm2d(12, affine=affine), nn.ReLU())
+    model = _trained_bn(model) if affine else model.eval()
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-1, 1)
+        model[1].running_var.uniform_(0.5, 2)
+    block_sparsify(model, 0.5)
+    x = torch.randn(2, 8, 6, 6)
+    with torch.no_grad():
+        ref = model(x)
+        assert [(f.conv, f.bn, f.relu) for f in fold_batchnorm(model)] == [("0", "1", "2")]
+        torch.testing.assert_close(model(x), ref, atol=1e-5, rtol=1e-5)
 
 
 def test_block_sparsify_cli_reports_accuracy_latency_and_flops(tmp_path):

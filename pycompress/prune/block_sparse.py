@@ -8,7 +8,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 from torch import nn
-from torch.nn.utils.fusion import fuse_conv_bn_eval
+from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_conv_bn_weights
 
 from pycompress.nn.block_sparse import DEFAULT_DENSE_THRESHOLD, BlockSparseConv2d, BlockSparseLinear
 from pycompress.ops.block_sparse import block_rows
@@ -93,16 +93,24 @@ class _LeafTracer(torch.fx.Tracer):
 def _fold_into_block_sparse(conv: BlockSparseConv2d, bn: nn.BatchNorm2d) -> None:
     """conv <- bn(conv) in place: each output channel's kept weights and bias scaled and shifted."""
     with torch.no_grad():
-        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-        bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+        # torch's own fusion on a per-channel weight of ones gives (scale, bias), with its
+        # handling of a missing conv bias and of a BN without affine parameters.
+        scale, bias = fuse_conv_bn_weights(torch.ones_like(bn.running_mean).unsqueeze(1), conv.bias,
+                                           bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias)
         rows = conv.row_ptr.numel() - 1
         bo = conv.block_size[0]
         padded = torch.ones(rows * bo, dtype=scale.dtype, device=scale.device)
-        padded[:conv.out_channels] = scale
+        padded[:conv.out_channels] = scale.squeeze(1)
         # values (nnzb, bk, bo): block b holds output channels block_row(b) * bo + [0, bo)
         values = conv.values * padded.view(rows, 1, bo)[block_rows(conv.row_ptr)]
         conv._set_bsr(values.contiguous(), conv.col_idx, conv.row_ptr)
-        conv.bias = nn.Parameter((bias - bn.running_mean) * scale + bn.bias)
+        conv.bias = nn.Parameter(bias.detach())
+
+
+def _fuse_relu(model: nn.Module, conv: BlockSparseConv2d, relu: str) -> None:
+    """Moves the single-use nn.ReLU module ``relu`` that follows ``conv`` into its kernel's store."""
+    conv.relu = True
+    _set_submodule(model, relu, nn.Identity())
 
 
 def fold_batchnorm(model: nn.Module, convs: Optional[Sequence[str]] = None) -> List[FoldedBatchNorm]:
@@ -149,8 +157,8 @@ def fold_batchnorm(model: nn.Module, convs: Optional[Sequence[str]] = None) -> L
         return user if ok else None
 
     folded = []
+    conv_types = (nn.Conv2d, BlockSparseConv2d)
     for node in graph.nodes:
-        conv_types = (nn.Conv2d, BlockSparseConv2d)
         if node.op != "call_module" or not isinstance(modules[node.target], conv_types) or calls[node.target] != 1:
             continue
         if allowed is not None and node.target not in allowed:
@@ -165,8 +173,7 @@ def fold_batchnorm(model: nn.Module, convs: Optional[Sequence[str]] = None) -> L
         if isinstance(conv, BlockSparseConv2d):
             _fold_into_block_sparse(conv, bn)
             if relu_node is not None:
-                conv.relu = True
-                _set_submodule(model, relu_node.target, nn.Identity())
+                _fuse_relu(model, conv, relu_node.target)
         else:
             _set_submodule(model, node.target, fuse_conv_bn_eval(conv, bn))
         _set_submodule(model, bn_node.target, nn.Identity())
@@ -256,8 +263,7 @@ def block_sparsify(model: nn.Module, sparsity: float = 0.9, block_size=None, inc
             continue
         _set_submodule(model, name, new)
         if fold is not None and fold.relu is not None:
-            new.relu = True
-            _set_submodule(model, fold.relu, nn.Identity())
+            _fuse_relu(model, new, fold.relu)
         reason = new.dense_reason()
         dense = flops.get(name)
         sparse = None if dense is None else (dense if reason else round(dense * new.density))

@@ -136,11 +136,11 @@ def run(args) -> int:
         fold_batchnorm(dense)
     models = {"dense": dense}
     rows = [{"model": "dense", "sparsity": 0.0, "density": 1.0, "flops_saved": 0.0, "accuracy": accuracy(dense)}]
+    # Fine-tuning keeps its BatchNorms (a folded net trains badly: 90 % sparse on digits
+    # fell to chance), which are folded into the sparse layers afterwards.
+    fold_first = args.fold_bn and not args.finetune_epochs
     for sparsity in args.sparsity:
         sparse = copy.deepcopy(model)
-        # Fine-tuning keeps its BatchNorms (a folded net trains badly: 90 % sparse on digits
-        # fell to chance), which are folded into the sparse layers afterwards.
-        fold_first = args.fold_bn and not args.finetune_epochs
         report = block_sparsify(sparse, sparsity, args.block_size, exclude=args.exclude or None,
                                 example_input=example, fold_bn=fold_first)
         if args.finetune_epochs:
