@@ -33,6 +33,7 @@
 // multiply bf16 pairs with vdpbf16ps (weights rounded to bf16 per call, fp32
 // sums), twice the k per instruction.
 #include <ATen/ATen.h>
+#include <ATen/Dispatch_v2.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/functional_bfloat16.h>
@@ -461,22 +462,22 @@ at::Tensor block_sparse_conv2d_cpu(const at::Tensor& input_in, const at::Tensor&
 #else
   constexpr bool bf16_pairs = false;
 #endif
-  if (direct) {
-    src.data = input.const_data_ptr<float>(), src.img_stride = C * H * W, src.n_img = N;
+  // A source of `planes` unpadded (H, W) planes per image, each one k step (q = pixel).
+  auto plane_source = [&](const float* data, int64_t planes) {
+    src.data = data, src.img_stride = planes * H * W, src.n_img = N;
     src.img_q = H * W, src.wq = W, src.ow = W;
     src.exact_end = true;
-    for (int64_t c = 0; c < C; ++c) off[c] = c * H * W;
+    off.resize(planes);
+    for (int64_t c = 0; c < planes; ++c) off[c] = c * H * W;
+  };
+  if (direct) {
+    plane_source(input.const_data_ptr<float>(), C);
   } else if (bf16_pairs) {
 #ifdef PYCOMPRESS_BF16_DOT
-    const int64_t HW = H * W, CP = C / 2;
-    float* buf = scratch(src_buf, N * CP * HW);
+    float* buf = scratch(src_buf, N * C / 2 * H * W);
     src_geometry = {};  // the padded copy's zero borders are gone from the buffer
-    interleave_channel_pairs(input.const_data_ptr<at::BFloat16>(), buf, N * CP, HW);
-    src.data = buf, src.img_stride = CP * HW, src.n_img = N;
-    src.img_q = HW, src.wq = W, src.ow = W;
-    src.exact_end = true;
-    off.resize(CP);
-    for (int64_t c = 0; c < CP; ++c) off[c] = c * HW;
+    interleave_channel_pairs(input.const_data_ptr<at::BFloat16>(), buf, N * C / 2, H * W);
+    plane_source(buf, C / 2);  // one 32-bit element per channel pair
 #endif
   } else {
     // Zero-padded input split into sh*sw phase planes: phase (a, b) holds the
@@ -497,19 +498,10 @@ at::Tensor block_sparse_conv2d_cpu(const at::Tensor& input_in, const at::Tensor&
     const std::array<int64_t, 13> geometry{N, C, H, W, ph, pw, sh, sw, kh, kw, dh, dw,
                                            reinterpret_cast<int64_t>(buf)};
     const bool zero_borders = geometry != src_geometry;
-    switch (input.scalar_type()) {
-      case at::kBFloat16:
-        copy_to_phase_planes(input.const_data_ptr<at::BFloat16>(), buf, N * C, H, W, ph, pw, sh, sw, Hq, Wq, used,
-                             zero_borders);
-        break;
-      case at::kHalf:
-        copy_to_phase_planes(input.const_data_ptr<at::Half>(), buf, N * C, H, W, ph, pw, sh, sw, Hq, Wq, used,
-                             zero_borders);
-        break;
-      default:
-        copy_to_phase_planes(input.const_data_ptr<float>(), buf, N * C, H, W, ph, pw, sh, sw, Hq, Wq, used,
-                             zero_borders);
-    }
+    AT_DISPATCH_V2(dtype, "block_sparse_conv2d", AT_WRAP([&] {
+      copy_to_phase_planes(input.const_data_ptr<scalar_t>(), buf, N * C, H, W, ph, pw, sh, sw, Hq, Wq, used,
+                           zero_borders);
+    }), at::kFloat, at::kBFloat16, at::kHalf);
     if (zero_borders) std::fill(buf + N * C * P * plane, buf + len, 0.f);
     src_geometry = geometry;
     src.data = buf, src.img_stride = C * P * plane, src.n_img = N;
