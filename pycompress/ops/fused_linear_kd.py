@@ -143,15 +143,16 @@ def _fake(student_hidden, student_weight, student_bias, teacher_hidden, teacher_
     return loss, torch.empty_like(student_hidden), torch.empty_like(student_weight), grad_b
 
 
-_N_TENSOR_INPUTS = 10  # student_hidden ... target
+_N_TENSOR_INPUTS = 10  # student_hidden ... target; then the options, compute_grad and row_weights
 
 
 def _setup_context(ctx, inputs, output):
     ctx.has_bias = inputs[2] is not None
-    ctx.per_row = inputs[15] == "none"
+    # temperature, divergence, beta, alpha, t2_scale, reduction, ignore_index, topk_tail, chunk_size
+    ctx.options = inputs[_N_TENSOR_INPUTS:-2]
+    ctx.per_row = ctx.options[5] == "none"
     if ctx.per_row:  # backward runs the chunks again: keep the inputs (no copies), not gradients
         ctx.save_for_backward(*inputs[:_N_TENSOR_INPUTS])
-        ctx.options = inputs[_N_TENSOR_INPUTS:19]
     else:
         ctx.save_for_backward(*output[1:])
     ctx.mark_non_differentiable(*output[1:])
