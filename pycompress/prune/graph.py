@@ -619,16 +619,7 @@ def _shrink(m: nn.Module, keep: Dict[str, torch.Tensor]):
                 m.bias = _param(m.bias, m.bias[k])
             m.in_channels = m.out_channels = m.groups = len(k)
             return
-        w = m.weight
-        if "out" in keep:
-            w = w[keep["out"]]
-            if m.bias is not None:
-                m.bias = _param(m.bias, m.bias[keep["out"]])
-            m.out_channels = len(keep["out"])
-        if "in" in keep:
-            w = w[:, keep["in"]]
-            m.in_channels = len(keep["in"])
-        m.weight = _param(m.weight, w)
+        _shrink_weight(m, keep, "out_channels", "in_channels")
     elif isinstance(m, _BN):
         k = keep["bn"]
         if m.affine:
@@ -639,16 +630,21 @@ def _shrink(m: nn.Module, keep: Dict[str, torch.Tensor]):
             m.running_var = m.running_var[k].clone()
         m.num_features = len(k)
     elif isinstance(m, nn.Linear):
-        w = m.weight
-        if "out" in keep:
-            w = w[keep["out"]]
-            if m.bias is not None:
-                m.bias = _param(m.bias, m.bias[keep["out"]])
-            m.out_features = len(keep["out"])
-        if "in" in keep:
-            w = w[:, keep["in"]]
-            m.in_features = len(keep["in"])
-        m.weight = _param(m.weight, w)
+        _shrink_weight(m, keep, "out_features", "in_features")
+
+
+def _shrink_weight(m: nn.Module, keep: Dict[str, torch.Tensor], out_attr: str, in_attr: str):
+    """Keeps rows keep["out"] (and bias entries) and columns keep["in"] of a conv's or Linear's weight."""
+    w = m.weight
+    if "out" in keep:
+        w = w[keep["out"]]
+        if m.bias is not None:
+            m.bias = _param(m.bias, m.bias[keep["out"]])
+        setattr(m, out_attr, len(keep["out"]))
+    if "in" in keep:
+        w = w[:, keep["in"]]
+        setattr(m, in_attr, len(keep["in"]))
+    m.weight = _param(m.weight, w)
 
 
 class _MaskingInterpreter(torch.fx.Interpreter):
