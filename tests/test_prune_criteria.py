@@ -135,9 +135,11 @@ def test_taylor_with_empty_data_is_refused():
 
 
 def test_taylor_on_frozen_model_is_refused():
-    net = _linear_net().requires_grad_(False)
+    net = _linear_net().requires_grad_(False).train()
     with pytest.raises(RuntimeError, match="no gradient"):
         _scores(Taylor(), net, data=[(X,)], loss_fn=_sum_loss)
+    # the error leaves no activation hook behind and the training mode restored
+    assert all(not m._forward_pre_hooks for m in net.modules()) and net.training
 
 
 def test_taylor_with_zero_gradient_is_refused():
@@ -165,6 +167,8 @@ def test_bad_criterion_arguments():
         Taylor(flops_lambda=-1)
     with pytest.raises(ValueError, match="max_batches"):
         Taylor(max_batches=0)
+    with pytest.raises(ValueError, match="max_batches"):
+        TaylorWeight(max_batches=True)
     with pytest.raises(ValueError, match="rho"):
         Singh(rho=0)
     with pytest.raises(TypeError, match="criterion"):

@@ -11,6 +11,8 @@ and raise if no gradient reached the layers they score: a Taylor criterion never
 silently returns zeros.
 """
 
+import contextlib
+import itertools
 from typing import Callable, Dict, Iterable, List, Optional
 
 import torch
@@ -175,6 +177,25 @@ def _consumer_taps(graph: DependencyGraph):
     return taps
 
 
+def _check_max_batches(max_batches) -> Optional[int]:
+    if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int)
+                                    or max_batches < 1):
+        raise ValueError(f"max_batches must be a positive int or None, got {max_batches!r}")
+    return max_batches
+
+
+@contextlib.contextmanager
+def _scoring_batches(model: nn.Module, data, max_batches: Optional[int]):
+    """The first ``max_batches`` minibatches of ``data`` (all if None), with the model in
+    eval mode until the caller is done (its training mode is restored even on errors)."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield itertools.islice(data, max_batches)
+    finally:
+        model.train(was_training)
+
+
 class Taylor(Criterion):
     r"""Molchanov et al. 2017, activation-based first-order Taylor expansion.
 
@@ -211,9 +232,8 @@ class Taylor(Criterion):
     def __init__(self, flops_lambda: float = 0.0, normalize: bool = True, max_batches: Optional[int] = None):
         if not isinstance(flops_lambda, (int, float)) or flops_lambda < 0:
             raise ValueError(f"flops_lambda must be a float >= 0, got {flops_lambda!r}")
-        if max_batches is not None and (not isinstance(max_batches, int) or max_batches < 1):
-            raise ValueError(f"max_batches must be a positive int or None, got {max_batches!r}")
-        self.flops_lambda, self.normalize, self.max_batches = float(flops_lambda), bool(normalize), max_batches
+        self.flops_lambda, self.normalize = float(flops_lambda), bool(normalize)
+        self.max_batches = _check_max_batches(max_batches)
 
     def raw_scores(self, graph, data, loss_fn) -> Dict[int, torch.Tensor]:
         """Θ before normalisation and regularisation."""
@@ -227,16 +247,13 @@ class Taylor(Criterion):
                 captured.append((name, args[0]))
             return hook
 
-        handles = [mods[n].register_forward_pre_hook(make_hook(n)) for n in taps]
         totals = {gi: torch.zeros(len(graph.groups[gi]), dtype=torch.float64)
                   for lst in taps.values() for gi, _ in lst}
         n_examples = 0
-        was_training = model.training
-        model.eval()
-        try:
-            for b, batch in enumerate(data):
-                if self.max_batches is not None and b >= self.max_batches:
-                    break
+        with contextlib.ExitStack() as stack:
+            for n in taps:  # each hook is removed on exit, errors included
+                stack.enter_context(mods[n].register_forward_pre_hook(make_hook(n)))
+            for batch in stack.enter_context(_scoring_batches(model, data, self.max_batches)):
                 captured.clear()
                 loss = loss_fn(model, batch)
                 zs = [z for _, z in captured]
@@ -265,10 +282,6 @@ class Taylor(Criterion):
                     if s is not None:
                         totals[gi] += s.abs().sum(0)  # |.| per example, then summed over examples
                 n_examples += _batch_size(batch)
-        finally:
-            model.train(was_training)
-            for h in handles:
-                h.remove()
         if n_examples == 0:
             raise ValueError("taylor: data yielded no minibatch; the criterion needs at least one")
         out = {gi: t / n_examples for gi, t in totals.items()}
@@ -315,7 +328,7 @@ class TaylorWeight(Criterion):
     needs_data = True
 
     def __init__(self, max_batches: Optional[int] = None):
-        self.max_batches = max_batches
+        self.max_batches = _check_max_batches(max_batches)
 
     def group_scores(self, graph, data, loss_fn):
         model = graph.model
@@ -334,19 +347,13 @@ class TaylorWeight(Criterion):
         keys = list(params)
         acc = [torch.zeros_like(params[k], dtype=torch.float64) for k in keys]
         n = 0
-        was_training = model.training
-        model.eval()
-        try:
-            for b, batch in enumerate(data):
-                if self.max_batches is not None and b >= self.max_batches:
-                    break
+        with _scoring_batches(model, data, self.max_batches) as batches:
+            for batch in batches:
                 grads = torch.autograd.grad(loss_fn(model, batch), [params[k] for k in keys], allow_unused=True)
                 for a, g in zip(acc, grads):
                     if g is not None:
                         a += g.double()
                 n += 1
-        finally:
-            model.train(was_training)
         if n == 0:
             raise ValueError("taylor_weight: data yielded no minibatch; the criterion needs at least one")
         contrib = {k: (params[k].detach().double() * a / n).abs() for k, a in zip(keys, acc)}
