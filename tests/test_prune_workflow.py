@@ -155,13 +155,19 @@ def test_iterative_taylor_reaches_the_target_and_fine_tunes(digits):
     assert all(h["target_reached"] for h in history)
 
 
-def test_singh_phases_induce_sparsity_then_prune(digits):
+def _singh_two_phases(digits, history):
+    """(model, example input, pruned model): tiny VGG, Singh in two phases, one round."""
     model = _tiny_vgg()
     x = digits.train[0][0].unsqueeze(0)
-    history = []
     small = prune(model, x, "singh", target_params=0.5, train_data=digits.train, val_data=digits.val,
                   singh=dict(phases=2, l1=1e-2, sparsity_steps=5, rho=0.5, tolerance=0.05, rounds=1),
                   history=history)
+    return model, x, small
+
+
+def test_singh_phases_induce_sparsity_then_prune(digits):
+    history = []
+    model, x, small = _singh_two_phases(digits, history)
     assert len(history) == 2 and all("threshold_multiplier" in h for h in history)
     assert history[0]["layers"] != history[1]["layers"]  # front-to-back layer sets
     assert count_params_flops(small, x)[0] < count_params_flops(model, x)[0]
@@ -181,12 +187,8 @@ def test_singh_phase_without_a_safe_threshold_prunes_nothing_and_goes_on(digits,
         return 0.0 if len(calls) == 1 else real(model, weights, val_data, **kw)
 
     monkeypatch.setattr(wf, "choose_threshold", first_phase_finds_none)
-    model = _tiny_vgg()
-    x = digits.train[0][0].unsqueeze(0)
     history = []
-    small = prune(model, x, "singh", target_params=0.5, train_data=digits.train, val_data=digits.val,
-                  singh=dict(phases=2, l1=1e-2, sparsity_steps=5, rho=0.5, tolerance=0.05, rounds=1),
-                  history=history)
+    model, x, small = _singh_two_phases(digits, history)
     assert [(h["threshold_multiplier"], h["flagged"], h["removed_units"]) for h in history[:1]] == [(0.0, 0, 0)]
     assert len(history) == 2 and history[1]["removed_units"] > 0
     assert count_params_flops(small, x)[0] < count_params_flops(model, x)[0]
