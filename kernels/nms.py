@@ -32,6 +32,17 @@ _UNRANKED = tl.constexpr(2**31 - 1)  # larger than any rank: "no undecided candi
 
 
 @triton.jit
+def _same_class_neighbour(CLS, base, a2, h, w, dh, dw, H, W, c, undecided):
+    """Flat index of anchor a2 at cell (h + dh, w + dw), and whether it is in the map and of class c."""
+    nh = h + dh
+    nw = w + dw
+    j = a2 * H * W + nh * W + nw
+    inb = undecided & (nh >= 0) & (nh < H) & (nw >= 0) & (nw < W)
+    cj = tl.load(CLS + base + j, mask=inb, other=-1)
+    return j, inb & (cj == c)
+
+
+@triton.jit
 def _fm_nms_kernel(CLS, RANK, KEY, FLAG, KEEP, A, H, W, N, RADIUS: tl.constexpr, BLOCK: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
@@ -55,12 +66,8 @@ def _fm_nms_kernel(CLS, RANK, KEY, FLAG, KEEP, A, H, W, N, RADIUS: tl.constexpr,
         for a2 in range(0, A):
             for dh in tl.static_range(-RADIUS, RADIUS + 1):
                 for dw in tl.static_range(-RADIUS, RADIUS + 1):
-                    nh = h + dh
-                    nw = w + dw
-                    j = a2 * H * W + nh * W + nw
-                    inb = undecided & (nh >= 0) & (nh < H) & (nw >= 0) & (nw < W)
-                    cj = tl.load(CLS + base + j, mask=inb, other=-1)
-                    kj = tl.load(KEY + base + j, mask=inb & (cj == c), other=_UNRANKED)
+                    j, same = _same_class_neighbour(CLS, base, a2, h, w, dh, dw, H, W, c, undecided)
+                    kj = tl.load(KEY + base + j, mask=same, other=_UNRANKED)
                     best = tl.minimum(best, kj)
         new_kept = undecided & (best == rank)
         # 2. Newly kept candidates publish a flag; undecided neighbours are suppressed.
@@ -70,12 +77,8 @@ def _fm_nms_kernel(CLS, RANK, KEY, FLAG, KEEP, A, H, W, N, RADIUS: tl.constexpr,
         for a2 in range(0, A):
             for dh in tl.static_range(-RADIUS, RADIUS + 1):
                 for dw in tl.static_range(-RADIUS, RADIUS + 1):
-                    nh = h + dh
-                    nw = w + dw
-                    j = a2 * H * W + nh * W + nw
-                    inb = undecided & (nh >= 0) & (nh < H) & (nw >= 0) & (nw < W)
-                    cj = tl.load(CLS + base + j, mask=inb, other=-1)
-                    fj = tl.load(FLAG + base + j, mask=inb & (cj == c), other=0)
+                    j, same = _same_class_neighbour(CLS, base, a2, h, w, dh, dw, H, W, c, undecided)
+                    fj = tl.load(FLAG + base + j, mask=same, other=0)
                     near = near | (fj != 0)
         kept = kept | new_kept
         undecided = undecided & ~new_kept & ~near
