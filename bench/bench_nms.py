@@ -1,4 +1,4 @@
-"""Benchmarks of pycompress.ops.nms / batched_nms / fm_nms against their baselines.
+"""Benchmarks of pycompress.functional.nms / batched_nms / fm_nms against their baselines.
 
 Run explicitly (pyproject disables benchmarks and only collects tests/):
 
@@ -25,7 +25,7 @@ import torch
 from torch.utils.cpp_extension import load_inline
 
 from bench.common import interleaved_medians, write_rows
-from pycompress.ops import batched_nms, fm_nms, nms
+from pycompress.functional import batched_nms, fm_nms, nms
 from tests.test_nms import fm_nms_torch  # the baseline lives with the tests
 
 _TEXTBOOK = r"""

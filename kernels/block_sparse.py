@@ -16,9 +16,12 @@ Numerics: fp32 accumulation; ``tl.dot`` on fp32 uses TF32 on tensor cores
 (input_precision="tf32", ~1e-3 relative), "ieee" gives fp32 products; int64 offsets.
 """
 
+from typing import List, Optional
+
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 
 @triton.jit
@@ -69,11 +72,15 @@ def _block_sparse_conv2d_kernel(
     tl.store(out_ptr, acc, mask=o_mask[:, None] & p_mask[None, :])
 
 
-def block_sparse_conv2d_triton(input, values, col_idx, row_ptr, bias, kernel, stride, padding, dilation,
-                               out_channels, relu, block_p=64, input_precision="tf32"):
+def block_sparse_conv2d_triton(input: torch.Tensor, values: torch.Tensor, col_idx: torch.Tensor,
+                               row_ptr: torch.Tensor, bias: Optional[torch.Tensor], kernel: List[int],
+                               stride: List[int], padding: List[int], dilation: List[int], out_channels: int,
+                               relu: bool, block_p: int = 64, input_precision: str = "tf32") -> torch.Tensor:
     """The ``pycompress::block_sparse_conv2d`` op on Triton: same arguments and output as the CPU kernel.
 
     Runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (tests).
+    Registered as the op ``pycompress::block_sparse_conv2d_triton``
+    (pycompress/ops/block_sparse.py), which ``torch.compile`` traces into.
     """
     if input.dim() != 4:
         raise ValueError(f"pycompress::block_sparse_conv2d: input must be 4-D (N, C, H, W), got {input.dim()}-D")
@@ -97,7 +104,7 @@ def block_sparse_conv2d_triton(input, values, col_idx, row_ptr, bias, kernel, st
     vals = values.contiguous().float()
     b = bias.contiguous().float() if bias is not None else vals  # dummy pointer when HAS_BIAS=False
     grid = (triton.cdiv(N * oh * ow, block_p), rows)
-    _block_sparse_conv2d_kernel[grid](
+    wrap_triton(_block_sparse_conv2d_kernel)[grid](
         x, vals, col_idx.contiguous(), row_ptr.contiguous(), b, out,
         N, C, H, W, oh, ow, out_channels,
         KH=kernel[0], KW=kernel[1], SH=stride[0], SW=stride[1], PH=padding[0], PW=padding[1],

@@ -17,13 +17,14 @@ Numerics: fp32 accumulation whatever the input dtype, int64 row offsets,
 max-shifted exponentials, log-probabilities taken from logits.
 """
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
-from pycompress.ops.kd_loss import reduction_scale
+from pycompress.kernels.reduction import is_concrete, reduction_scale
 
 FORWARD_KL, REVERSE_KL, JSD, MSE_LOGITS = 0, 1, 2, 3
 _DIVERGENCES = {"forward_kl": FORWARD_KL, "reverse_kl": REVERSE_KL, "jsd": JSD, "mse_logits": MSE_LOGITS}
@@ -227,11 +228,14 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def kd_loss_triton(student, teacher, target, temperature, divergence, beta, alpha, t2_scale, reduction,
-                   ignore_index, compute_grad):
+def kd_loss_triton(student: torch.Tensor, teacher: torch.Tensor, target: Optional[torch.Tensor],
+                   temperature: float, divergence: str, beta: float, alpha: float, t2_scale: bool, reduction: str,
+                   ignore_index: int, compute_grad: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     """The ``pycompress::kd_loss`` op on Triton: same arguments and outputs as the CPU kernel.
 
     Runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (tests).
+    Registered as the op ``pycompress::kd_loss_triton`` (pycompress/ops/kd_loss.py),
+    which ``torch.compile`` traces into: only torch ops and ``wrap_triton`` launches here.
     """
     if divergence not in _DIVERGENCES:
         raise ValueError(f"divergence must be one of {sorted(_DIVERGENCES)}, got {divergence!r}")
@@ -243,7 +247,7 @@ def kd_loss_triton(student, teacher, target, temperature, divergence, beta, alph
     L = _launch_state(student, target, N, temperature, divergence, alpha, t2_scale, reduction, ignore_index,
                       compute_grad)
     if N:
-        _kd_loss_kernel[(N,)](
+        wrap_triton(_kd_loss_kernel)[(N,)](
             s2, t2, L.tgt, L.loss_rows, L.grad, L.gscale,
             s2.stride(0), t2.stride(0), V,
             1.0 / L.T, L.soft_coef, 1.0 - alpha, float(beta), int(ignore_index),
@@ -403,8 +407,10 @@ def _kd_loss_topk_kernel(
             tl.store(g_row + cols, (g * gscale).to(G.dtype.element_ty), mask=mask)
 
 
-def kd_loss_topk_triton(student, teacher_values, teacher_indices, target, temperature, divergence, beta, alpha,
-                        t2_scale, reduction, ignore_index, tail, compute_grad):
+def kd_loss_topk_triton(student: torch.Tensor, teacher_values: torch.Tensor, teacher_indices: torch.Tensor,
+                        target: Optional[torch.Tensor], temperature: float, divergence: str, beta: float, alpha: float,
+                        t2_scale: bool, reduction: str, ignore_index: int, tail: str,
+                        compute_grad: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     """The ``pycompress::kd_loss_topk`` op on Triton; same arguments and outputs as the CPU kernel."""
     if divergence not in _DIVERGENCES:
         raise ValueError(f"divergence must be one of {sorted(_DIVERGENCES)}, got {divergence!r}")
@@ -415,8 +421,9 @@ def kd_loss_topk_triton(student, teacher_values, teacher_indices, target, temper
     N, k = s2.shape[0], teacher_values.shape[-1]
     tv = teacher_values.reshape(N, k).to(torch.float32).contiguous()
     ti = teacher_indices.reshape(N, k).to(torch.int64).contiguous()
-    if not torch.compiler.is_compiling() and N:
-        # A kernel cannot raise: check what the CPU kernel checks row by row, here at once.
+    if N and is_concrete(ti):
+        # A kernel cannot raise: check what the CPU kernel checks row by row, here at once
+        # (on real tensors only: a traced graph cannot branch on the data).
         if bool((ti < 0).any() | (ti >= V).any()):
             raise ValueError(f"teacher indices must be in [0, {V}); got values outside")
         if k > 1 and bool((ti.sort(-1).values.diff(dim=-1) == 0).any()):
@@ -426,7 +433,7 @@ def kd_loss_topk_triton(student, teacher_values, teacher_indices, target, temper
     L = _launch_state(student, target, N, temperature, divergence, alpha, t2_scale, reduction, ignore_index,
                       compute_grad)
     if N:
-        _kd_loss_topk_kernel[(N,)](
+        wrap_triton(_kd_loss_topk_kernel)[(N,)](
             s2, tv, ti, L.tgt, L.loss_rows, L.grad, L.gscale, s2.stride(0), V, k,
             1.0 / L.T, L.soft_coef, 1.0 - alpha, float(beta), int(ignore_index),
             DIV=_DIVERGENCES[divergence], BUCKET=(tail == "bucket" and k < V), HAS_TARGET=L.has_target,

@@ -27,6 +27,7 @@ from L1/L2; the output is one bool per candidate. Integer math only.
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 _UNRANKED = tl.constexpr(2**31 - 1)  # larger than any rank: "no undecided candidate here"
 
@@ -91,7 +92,8 @@ def fm_nms_triton(objectness: torch.Tensor, class_probs: torch.Tensor, kernel_si
     """The ``pycompress::fm_nms`` op on Triton: same arguments and output as the CPU kernel.
 
     Runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (tests).
-    One program holds an image's A*H*W candidates, so maps up to ~64k candidates
+    Registered as the op ``pycompress::fm_nms_triton`` (pycompress/ops/detection.py),
+    which ``torch.compile`` traces into. One program holds an image's A*H*W candidates, so maps up to ~64k candidates
     per image are the intended size (YOLO heads: 5 * 52 * 52 = 13520).
     """
     if objectness.dim() != 4 or class_probs.dim() != 5:
@@ -115,6 +117,6 @@ def fm_nms_triton(objectness: torch.Tensor, class_probs: torch.Tensor, kernel_si
     key = torch.empty((B, N), dtype=torch.int32, device=dev)
     flag = torch.empty((B, N), dtype=torch.int32, device=dev)
     block = triton.next_power_of_2(N)
-    _fm_nms_kernel[(B, C)](cls, rank, key, flag, keep, A, H, W, N, RADIUS=kernel_size // 2, BLOCK=block,
+    wrap_triton(_fm_nms_kernel)[(B, C)](cls, rank, key, flag, keep, A, H, W, N, RADIUS=kernel_size // 2, BLOCK=block,
                            num_warps=max(4, min(32, block // 512)))
     return keep.reshape(B, A, H, W)

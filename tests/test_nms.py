@@ -1,4 +1,4 @@
-"""pycompress.ops.nms / batched_nms / fm_nms / apply_fm_nms against plain-Python references.
+"""pycompress.functional.nms / batched_nms / fm_nms / apply_fm_nms against plain-Python references.
 
 The NMS reference is torchvision's greedy loop written out in numpy, one kept
 box against all later boxes, in the compute dtype (float32 for fp32/fp16/bf16,
@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import pycompress
-from pycompress.ops import apply_fm_nms, batched_nms, fm_nms, nms
+from pycompress.functional import apply_fm_nms, batched_nms, fm_nms, nms
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
@@ -564,7 +564,13 @@ def test_opcheck_fm_nms():
 
 
 def test_ops_are_exported():
-    assert pycompress.ops.nms is nms and pycompress.ops.fm_nms is fm_nms
+    """The old pycompress.ops names still give the functions, with a DeprecationWarning."""
+    for name, fn in (("nms", nms), ("batched_nms", batched_nms), ("fm_nms", fm_nms), ("apply_fm_nms", apply_fm_nms)):
+        with pytest.warns(DeprecationWarning, match=f"pycompress.functional.{name}"):
+            assert getattr(pycompress.ops, name) is fn
+    with pytest.warns(DeprecationWarning):
+        from pycompress.ops import nms as old_nms
+    assert old_nms is nms
 
 
 NVCC = shutil.which("nvcc") or ("/usr/local/bin/nvcc" if os.path.exists("/usr/local/bin/nvcc") else None)

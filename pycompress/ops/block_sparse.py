@@ -1,16 +1,18 @@
-"""``pycompress::block_sparse_conv2d``: fake kernel, autograd and the CUDA (Triton) backend.
+"""``pycompress::block_sparse_conv2d``: fake kernel, autograd and the Triton backend.
 
 The CPU backend is C++ (csrc/cpu/block_sparse_kernel.cpp); the schema and the BSR
 layout are documented in csrc/block_sparse.cpp. Backward rebuilds the masked dense
 weight and uses torch's dense conv gradients, so training through the op is exact
 but not sparse-accelerated; the gradient of ``values`` is that of the kept blocks.
-Public entry points: :func:`pycompress.functional.block_sparse_conv2d`,
+The Triton kernel (kernels/block_sparse.py) is the op
+``pycompress::block_sparse_conv2d_triton`` (``torch.library.triton_op``), also the
+C++ op's CUDA kernel. Public entry points: :func:`pycompress.functional.block_sparse_conv2d`,
 :class:`pycompress.nn.BlockSparseConv2d` and :class:`pycompress.nn.BlockSparseLinear`.
 """
 
 import torch
 
-from pycompress import _extension  # noqa: F401  (the schema must exist before registering on it)
+from pycompress import _extension  # has_ops(): the C++ schema must exist before registering on it
 
 _OP = "pycompress::block_sparse_conv2d"
 
@@ -19,7 +21,6 @@ def conv_out_size(size, kernel, stride, padding, dilation):
     return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
 
-@torch.library.register_fake(_OP)
 def _block_sparse_conv2d_fake(input, values, col_idx, row_ptr, bias, kernel, stride, padding, dilation,
                               out_channels, relu):
     op = "pycompress::block_sparse_conv2d: "
@@ -71,7 +72,9 @@ def dense_to_blocks(weight2d, bk, bo, row_idx, col_idx):
 
 
 def _setup_context(ctx, inputs, output):
-    input, values, col_idx, row_ptr, bias, kernel, stride, padding, dilation, out_channels, relu = inputs
+    # inputs[11:]: the Triton op's launch options, which take no gradient.
+    input, values, col_idx, row_ptr, bias, kernel, stride, padding, dilation, out_channels, relu = inputs[:11]
+    ctx.n_inputs = len(inputs)
     ctx.save_for_backward(input, values, col_idx, row_ptr, output if relu else None)
     ctx.conv = (list(kernel), list(stride), list(padding), list(dilation), out_channels)
     ctx.has_bias = bias is not None
@@ -96,15 +99,26 @@ def _backward(ctx, grad_out):
                                       block_rows(row_ptr), col_idx)
     if ctx.has_bias and ctx.needs_input_grad[4]:
         grad_bias = grad_out.sum((0, 2, 3))
-    return grad_input, grad_values, None, None, grad_bias, None, None, None, None, None, None
+    return (grad_input, grad_values, None, None, grad_bias) + (None,) * (ctx.n_inputs - 5)
 
 
-torch.library.register_autograd(_OP, _backward, setup_context=_setup_context)
+if _extension.has_ops():
+    torch.library.register_fake(_OP)(_block_sparse_conv2d_fake)
+    torch.library.register_autograd(_OP, _backward, setup_context=_setup_context)
 
-
-@torch.library.register_kernel(_OP, "cuda")
-def _block_sparse_conv2d_cuda(*args):
-    # Triton is imported on first GPU use only: CPU users never pay for it.
+if _extension.triton_enabled():
     from pycompress.kernels.block_sparse import block_sparse_conv2d_triton
 
-    return block_sparse_conv2d_triton(*args)
+    torch.library.triton_op(_OP + "_triton", block_sparse_conv2d_triton, mutates_args=())
+    torch.library.register_autograd(_OP + "_triton", _backward, setup_context=_setup_context)
+    if _extension.has_ops():  # the C++ op on a CUDA tensor runs the Triton op
+        torch.library.register_kernel(_OP, "cuda")(torch.ops.pycompress.block_sparse_conv2d_triton.default)
+
+
+def block_sparse_conv2d_op(input: torch.Tensor):
+    """The op computing the block-sparse conv on ``input``'s device: the Triton op on GPUs
+    (so that ``torch.compile`` traces into its kernel), the C++ op otherwise."""
+    if input.device.type != "cpu" and _extension.triton_enabled():
+        return torch.ops.pycompress.block_sparse_conv2d_triton
+    _extension._assert_has_ops(_OP)
+    return torch.ops.pycompress.block_sparse_conv2d

@@ -23,7 +23,8 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from pycompress.ops.kd_loss import _is_concrete_one, reduction_scale  # also registers the per-chunk ops
+from pycompress.kernels.reduction import reduction_scale
+from pycompress.ops.kd_loss import _is_concrete_one, kd_loss_op  # also registers the per-chunk ops
 
 _OP = "pycompress::fused_linear_kd_loss"
 CHUNK_BUDGET_BYTES = 128 << 20
@@ -50,8 +51,8 @@ def fused_linear_kd(student_hidden, student_weight, student_bias, teacher_hidden
     (tests run the Triton kernel through here under the interpreter); by default they
     dispatch on device.
     """
-    kd_impl = kd_impl or torch.ops.pycompress.kd_loss
-    kd_topk_impl = kd_topk_impl or torch.ops.pycompress.kd_loss_topk
+    kd_impl = kd_impl or kd_loss_op(student_hidden)
+    kd_topk_impl = kd_topk_impl or kd_loss_op(student_hidden, topk=True)
     batch = student_hidden.shape[0] if student_hidden.dim() > 1 else 1
     h_s = student_hidden.reshape(-1, student_hidden.shape[-1])
     N, V = h_s.shape[0], student_weight.shape[0]

@@ -1,18 +1,22 @@
-"""``pycompress::kd_loss``: fake kernel, autograd and the CUDA (Triton) backend.
+"""``pycompress::kd_loss`` and ``kd_loss_topk``: fake kernels, autograd and the Triton backend.
 
 The CPU backend is C++ (csrc/cpu/kd_loss_kernel.cpp). The op returns the loss
 and, in the same call, ``d(loss)/d(student)``; backward only scales that buffer.
+The Triton kernels (kernels/kd_loss.py) are the ops ``pycompress::kd_loss_triton``
+and ``kd_loss_topk_triton``, made with ``torch.library.triton_op`` so that
+``torch.compile`` sees the kernels; they are also the CUDA kernels of the C++ ops.
 Public entry points: :func:`pycompress.kd_loss` and :class:`pycompress.KDLoss`.
 """
 
 import torch
 
-from pycompress import _extension  # noqa: F401  (the schema must exist before registering on it)
+from pycompress import _extension  # has_ops(): the C++ schemas must exist before registering on them
+from pycompress.kernels.reduction import is_concrete, reduction_scale  # noqa: F401  (reduction_scale's old home)
 
 _OP = "pycompress::kd_loss"
+_TOPK_OP = "pycompress::kd_loss_topk"
 
 
-@torch.library.register_fake(_OP)
 def _kd_loss_fake(student, teacher, target, temperature, divergence, beta, alpha, t2_scale, reduction,
                   ignore_index, compute_grad):
     torch._check(student.dim() >= 1, lambda: "pycompress::kd_loss: student must have at least 1 dim")
@@ -31,31 +35,10 @@ def _kd_loss_fake(student, teacher, target, temperature, divergence, beta, alpha
     return loss, grad
 
 
-def reduction_scale(reduction: str, target, ignore_index: int, n_rows: int, batch: int, device) -> torch.Tensor:
-    """1 / the reduction's denominator over all rows, as a float64 device scalar (no host sync).
-
-    The contract of :func:`pycompress.kd_loss` (the CPU kernel's ``setup_loss``): ``none``
-    and ``sum`` divide by 1, ``mean`` by the valid rows, ``batchmean`` by
-    ``n_valid * batch / n_rows``; 0 when no row is valid. Shared by the Triton backend
-    and the fused linear loss, which reduce on the host side of their kernels.
-    """
-    if reduction in ("none", "sum"):
-        return torch.ones((), dtype=torch.float64, device=device)
-    n_valid = (target != ignore_index).sum() if target is not None else torch.tensor(n_rows, device=device)
-    denom = n_valid.to(torch.float64)
-    if reduction == "batchmean" and n_rows:
-        denom = denom * (batch / n_rows)
-    return torch.where(denom > 0, 1.0 / denom.clamp_min(1e-300), 0.0)
-
-
 def _is_concrete_one(x):
     """True when x is a real tensor equal to 1. Traced values (dynamo, fake or
     functorch-wrapped tensors) cannot be inspected, so they report False."""
-    if torch.compiler.is_compiling() or type(x) is not torch.Tensor:
-        return False
-    if torch._C._functorch.is_functorch_wrapped_tensor(x):
-        return False
-    return bool(x == 1)
+    return is_concrete(x) and bool(x == 1)
 
 
 def _register_autograd(op: str, reduction_arg: int, n_args: int):
@@ -89,10 +72,6 @@ def _register_autograd(op: str, reduction_arg: int, n_args: int):
     torch.library.register_autograd(op, backward, setup_context=setup_context)
 
 
-_register_autograd(_OP, reduction_arg=8, n_args=11)
-
-
-@torch.library.register_fake("pycompress::kd_loss_topk")
 def _kd_loss_topk_fake(student, teacher_values, teacher_indices, target, temperature, divergence, beta, alpha,
                        t2_scale, reduction, ignore_index, tail, compute_grad):
     torch._check(student.dim() >= 1, lambda: "pycompress::kd_loss_topk: student must have at least 1 dim")
@@ -106,20 +85,32 @@ def _kd_loss_topk_fake(student, teacher_values, teacher_indices, target, tempera
     return loss, grad
 
 
-_register_autograd("pycompress::kd_loss_topk", reduction_arg=9, n_args=13)
+# Argument positions of the two schemas: (reduction, number of arguments).
+_AUTOGRAD_ARGS = {"kd_loss": (8, 11), "kd_loss_topk": (9, 13)}
+
+if _extension.has_ops():
+    torch.library.register_fake(_OP)(_kd_loss_fake)
+    torch.library.register_fake(_TOPK_OP)(_kd_loss_topk_fake)
+    for _name, (_reduction, _n) in _AUTOGRAD_ARGS.items():
+        _register_autograd(f"pycompress::{_name}", reduction_arg=_reduction, n_args=_n)
+
+if _extension.triton_enabled():
+    from pycompress.kernels.kd_loss import kd_loss_topk_triton, kd_loss_triton
+
+    torch.library.triton_op("pycompress::kd_loss_triton", kd_loss_triton, mutates_args=())
+    torch.library.triton_op("pycompress::kd_loss_topk_triton", kd_loss_topk_triton, mutates_args=())
+    for _name, (_reduction, _n) in _AUTOGRAD_ARGS.items():
+        _register_autograd(f"pycompress::{_name}_triton", reduction_arg=_reduction, n_args=_n)
+        if _extension.has_ops():  # the C++ op on a CUDA tensor runs the Triton op
+            torch.library.register_kernel(f"pycompress::{_name}", "cuda")(
+                getattr(torch.ops.pycompress, f"{_name}_triton").default)
 
 
-@torch.library.register_kernel(_OP, "cuda")
-def _kd_loss_cuda(*args):
-    # Triton is imported on first GPU use only: CPU users never pay for it.
-    from pycompress.kernels.kd_loss import kd_loss_triton
-
-    return kd_loss_triton(*args)
-
-
-
-@torch.library.register_kernel("pycompress::kd_loss_topk", "cuda")
-def _kd_loss_topk_cuda(*args):
-    from pycompress.kernels.kd_loss import kd_loss_topk_triton
-
-    return kd_loss_topk_triton(*args)
+def kd_loss_op(student: torch.Tensor, topk: bool = False):
+    """The op computing the KD loss of ``student``'s device: the Triton op on GPUs (so that
+    ``torch.compile`` traces into its kernel), the C++ op otherwise."""
+    name = "kd_loss_topk" if topk else "kd_loss"
+    if student.device.type != "cpu" and _extension.triton_enabled():
+        return getattr(torch.ops.pycompress, f"{name}_triton")
+    _extension._assert_has_ops(f"pycompress::{name}")
+    return getattr(torch.ops.pycompress, name)
