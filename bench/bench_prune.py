@@ -3,33 +3,25 @@
 Prunes each model (untrained weights: latency does not depend on values) with
 the l1 criterion at a given per-layer channel ratio, with and without
 ``round_to``, and times dense and pruned forwards *interleaved in one process*
-(A B A B), reporting the median per batch size and the ratio. Rows:
-(model, input, ratio, round_to, batch, dense_ms, pruned_ms, speedup, threads, commit).
+(A B A B), reporting the median per batch size and the ratio. Rows (model, channel_ratio,
+round_to, batch, params/FLOPs ratios, dense_ms, pruned_ms, speedup, threads) go to
+bench/results/prune_latency.jsonl with the machine and commit (bench/common.py).
 
-    python bench/bench_prune.py --out results/prune/bench_latency.json
+    python -m bench.bench_prune
 """
 
 import argparse
-import json
-import subprocess
 
 import torch
 
+from bench.common import write_rows
 from pycompress.models import ResNetStyle
 from pycompress.prune import compare_latency, count_params_flops, prune
-
-
-def _commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--repeats", type=int, default=20)
-    p.add_argument("--out")
     args = p.parse_args(argv)
     torch.manual_seed(0)
     cases = [
@@ -38,7 +30,7 @@ def main(argv=None):
         ("ResNetStyle(width=64) 32x32", lambda: ResNetStyle(width=64), (1, 32, 32), 0.45, 1),
         ("ResNetStyle(width=64) 32x32", lambda: ResNetStyle(width=64), (1, 32, 32), 0.45, 16),
     ]
-    rows, commit = [], _commit()
+    rows = []
     for name, build, shape, ratio, round_to in cases:
         dense = build().eval()
         x = torch.randn(1, *shape)
@@ -49,12 +41,10 @@ def main(argv=None):
             d, s = lat["dense"][f"batch{bs}_ms"], lat["pruned"][f"batch{bs}_ms"]
             rows.append({"model": name, "channel_ratio": ratio, "round_to": round_to, "batch": bs,
                          "params_ratio": pd / ps, "flops_ratio": fd / fs, "dense_ms": d, "pruned_ms": s,
-                         "speedup": d / s, "threads": torch.get_num_threads(), "commit": commit})
+                         "speedup": d / s, "threads": torch.get_num_threads()})
             print(f"{name:32s} ratio {ratio:.2f} round_to {round_to:2d} batch {bs:2d}: FLOPs {fd / fs:4.2f}x  "
                   f"dense {d:8.3f} ms  pruned {s:8.3f} ms  speedup {d / s:4.2f}x")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(rows, f, indent=2)
+    print("written to", write_rows("prune_latency", rows))
 
 
 if __name__ == "__main__":
