@@ -158,6 +158,56 @@ struct RowParams {
   bool t_is_one;    // then CE reuses the divergence's softmax
 };
 
+// The CE gradient's -1 at the target class: subtracts `amount` from the lane of gv
+// holding class `target`, when the chunk [j, j + n) holds it.
+template <typename Vec, typename acc_t>
+inline Vec subtract_at_target(const Vec& gv, int64_t target, int64_t j, int64_t n, acc_t amount) {
+  if (target < j || target >= j + n) return gv;
+  acc_t tmp[Vec::size()];
+  gv.store(tmp);
+  tmp[target - j] -= amount;
+  return Vec::loadu(tmp);
+}
+
+// kd_row for logit regression (mse_logits): one pass, the divergence needs no
+// softmax; CE (if any) needs lse(s).
+template <typename scalar_t>
+typename Io<scalar_t>::acc_t kd_row_mse(const scalar_t* s, const scalar_t* t, int64_t V, int64_t target,
+                                        bool need_ce, scalar_t* g, typename Io<scalar_t>::acc_t gscale,
+                                        const RowParams<typename Io<scalar_t>::acc_t>& p) {
+  using IO = Io<scalar_t>;
+  using acc_t = typename IO::acc_t;
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t W = Vec::size();
+  constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+  acc_t ms = 0, lz1 = 0;
+  if (need_ce) {
+    Vec vm(kNegInf);
+    for_chunks<W>(V, [&](int64_t j, int64_t n) { vm = at::vec::maximum(vm, keep(IO::load(s + j, n), n, kNegInf)); });
+    ms = hmax(vm);
+    Vec vz(0);
+    for_chunks<W>(V, [&](int64_t j, int64_t n) { vz += keep(fast_exp(IO::load(s + j, n) - Vec(ms)), n, acc_t(0)); });
+    lz1 = std::log(hsum(vz));
+  }
+  const acc_t iz1 = need_ce ? std::exp(-lz1) : acc_t(0);
+  Vec vsq(0);
+  const Vec half(0.5), gsoft(p.soft_coef * gscale), ghard(p.hard_coef * gscale);
+  for_chunks<W>(V, [&](int64_t j, int64_t n) {
+    const Vec xs = IO::load(s + j, n);
+    const Vec d = xs - IO::load(t + j, n);
+    vsq += keep(half * d * d, n, acc_t(0));
+    if (g) {
+      Vec gv = gsoft * d;
+      if (need_ce) gv = subtract_at_target(gv + ghard * fast_exp(xs - Vec(ms)) * Vec(iz1), target, j, n,
+                                           p.hard_coef * gscale);
+      IO::store_stream(g + j, gv, n);
+    }
+  });
+  acc_t loss = p.soft_coef * hsum(vsq);
+  if (need_ce) loss += p.hard_coef * (ms + lz1 - static_cast<acc_t>(s[target]));
+  return loss;
+}
+
 // One row: returns the row loss and, when g != nullptr, writes gscale * d(loss)/ds.
 // es and et are scratch rows of at least V (rounded up to the vector width).
 template <Divergence D, typename scalar_t>
@@ -174,38 +224,7 @@ typename Io<scalar_t>::acc_t kd_row(
   const bool need_ce = p.need_ce && target >= 0;
 
   if constexpr (D == Divergence::MSELogits) {
-    // One pass: the divergence needs no softmax; CE (if any) needs lse(s).
-    acc_t ms = 0, lz1 = 0;
-    if (need_ce) {
-      Vec vm(kNegInf);
-      for_chunks<W>(V, [&](int64_t j, int64_t n) { vm = at::vec::maximum(vm, keep(IO::load(s + j, n), n, kNegInf)); });
-      ms = hmax(vm);
-      Vec vz(0);
-      for_chunks<W>(V, [&](int64_t j, int64_t n) { vz += keep(fast_exp(IO::load(s + j, n) - Vec(ms)), n, acc_t(0)); });
-      lz1 = std::log(hsum(vz));
-    }
-    const acc_t iz1 = need_ce ? std::exp(-lz1) : acc_t(0);
-    Vec vsq(0);
-    const Vec half(0.5), gsoft(p.soft_coef * gscale), ghard(p.hard_coef * gscale);
-    for_chunks<W>(V, [&](int64_t j, int64_t n) {
-      const Vec xs = IO::load(s + j, n);
-      const Vec d = xs - IO::load(t + j, n);
-      vsq += keep(half * d * d, n, acc_t(0));
-      if (g) {
-        Vec gv = gsoft * d;
-        if (need_ce) gv += ghard * fast_exp(xs - Vec(ms)) * Vec(iz1);
-        if (need_ce && target >= j && target < j + n) {
-          acc_t tmp[W];
-          gv.store(tmp);
-          tmp[target - j] -= p.hard_coef * gscale;
-          gv = Vec::loadu(tmp);
-        }
-        IO::store_stream(g + j, gv, n);
-      }
-    });
-    acc_t loss = p.soft_coef * hsum(vsq);
-    if (need_ce) loss += p.hard_coef * (ms + lz1 - static_cast<acc_t>(s[target]));
-    return loss;
+    return kd_row_mse(s, t, V, target, need_ce, g, gscale, p);
   } else {
     // Pass 1: maxima (NaN-propagating, so a NaN row ends as NaN).
     Vec vms(kNegInf), vmt(kNegInf);
@@ -293,13 +312,7 @@ typename Io<scalar_t>::acc_t kd_row(
       }
       if (need_ce) {
         const Vec soft1 = p.t_is_one ? q : fast_exp(IO::load(s + j, n) - vms1) * viz1;
-        gv += vgh * soft1;
-        if (target >= j && target < j + n) {
-          acc_t tmp[W];
-          gv.store(tmp);
-          tmp[target - j] -= p.hard_coef * gscale;
-          gv = Vec::loadu(tmp);
-        }
+        gv = subtract_at_target(gv + vgh * soft1, target, j, n, p.hard_coef * gscale);
       }
       IO::store_stream(g + j, gv, n);
     });
