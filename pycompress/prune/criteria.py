@@ -169,7 +169,7 @@ def _consumer_taps(graph: DependencyGraph):
             if src in seen:
                 continue
             seen.add(src)
-            size = len(graph._member_atoms[m])
+            size = graph.member_size(m)
             pos2unit = torch.full((size,), -1, dtype=torch.long)
             for u, idx in enumerate(g.indices[m]):
                 pos2unit[idx] = u
