@@ -177,7 +177,7 @@ def test_singh_phase_without_a_safe_threshold_prunes_nothing_and_goes_on(digits,
     """When every threshold costs more than the tolerance (choose_threshold returns 0),
     no weight is zeroed: that phase removes nothing and the schedule continues,
     instead of the criterion stopping the run with 'no weight is zero'."""
-    import pycompress.prune.workflow as wf
+    import pycompress.prune.pruner as wf
 
     real = wf.choose_threshold
     calls = []
