@@ -256,12 +256,19 @@ class DependencyGraph:
         """The channel information of an fx node argument (Channels, a tuple of them, or None)."""
         return self._info.get(arg.name) if isinstance(arg, torch.fx.Node) else None
 
-    def input_channels(self, node) -> Channels:
-        """The channels of ``node``'s first argument; refuses the node if it carries none."""
-        info = self.channels(node.args[0]) if node.args else None
-        if not isinstance(info, Channels):
+    def input_channels(self, node, axis: Optional[int] = None) -> Channels:
+        """The channels of ``node``'s first argument. A layer reading channels on ``axis`` gets fresh
+        locked ones when its input is untraced (a graph input, a reshape that mixed channels);
+        without ``axis`` an untraced input refuses the node."""
+        arg = node.args[0] if node.args else None
+        info = self.channels(arg)
+        if isinstance(info, Channels):
+            return info
+        shape = self.shape(arg) if isinstance(arg, torch.fx.Node) else None
+        if axis is None or not shape:
             self.refuse(node, "its input carries no traced channels")
-        return info
+        why = "graph input" if arg.op == "placeholder" else f"input of '{node.name}' is not traced"
+        return Channels(axis % len(shape), self._new(shape[axis], locked=why))
 
     def shape(self, node) -> Optional[Tuple[int, ...]]:
         """The traced shape of a tensor-valued node."""
@@ -285,12 +292,7 @@ class DependencyGraph:
 
     # ----------------------------------------------------------------- propagation
     def _visit(self, node):
-        meta = _meta(node)
-        if node.op == "placeholder":
-            if meta is None or len(meta.shape) < 2:
-                return None
-            return Channels(1, self._new(meta.shape[1], locked="graph input"))
-        if node.op == "get_attr":
+        if node.op in ("placeholder", "get_attr"):  # untraced; layers reading them lock what they read
             return None
         if node.op == "output":
             self._lock_outputs(node.args[0])
@@ -301,7 +303,7 @@ class DependencyGraph:
             module = self.module(node)
             self._record_call(node, module)
         rule = rule_for(node, module)
-        if rule is None or not (carries or module is not None):
+        if rule is None or not (carries or rule.reads_untraced):
             if carries:
                 self.refuse(node, f"module type {type(module).__name__} is not supported" if module is not None
                             else "operation not modelled")
@@ -456,7 +458,7 @@ class _MaskingInterpreter(torch.fx.Interpreter):
         """Bool per position of ``info.axis``: True where the channel is kept."""
         return torch.tensor([self.dependencies.find(a) not in self.removed for a in info.atoms])
 
-    def module(self, node) -> nn.Module:
+    def submodule(self, node) -> nn.Module:
         return self.dependencies.module(node)
 
     def run_unmasked(self, node, args, kwargs):

@@ -40,7 +40,14 @@ __all__ = ["Rule", "register_rule", "rule_for"]
 
 
 class Rule:
-    """How channels flow through one kind of fx node. Subclasses implement :meth:`propagate`."""
+    """How channels flow through one kind of fx node. Subclasses implement :meth:`propagate`.
+
+    Attributes:
+        reads_untraced (bool): run the rule even when no input carries channels (a layer reading a
+            graph input creates its own, locked, input channels); else such nodes stay untraced.
+    """
+
+    reads_untraced = False
 
     def propagate(self, graph, node: torch.fx.Node):
         """The output's channel information (see the module docstring); may call ``graph.refuse``."""
@@ -108,9 +115,11 @@ class ConvRule(Rule):
     """Input channels -> fresh output channels. A depthwise conv passes its channels through; a
     grouped conv locks both sides (pruning it would have to keep every group's share equal)."""
 
+    reads_untraced = True
+
     def propagate(self, graph, node):
         m, name = graph.module(node), node.target
-        x = graph.input_channels(node)
+        x = graph.input_channels(node, axis=1)
         if x.axis != 1 or len(x.atoms) != m.in_channels:
             graph.refuse(node, f"expected {m.in_channels} channels on dim 1, found {len(x.atoms)} on dim {x.axis}")
         if is_depthwise(m):
@@ -130,9 +139,11 @@ class ConvRule(Rule):
 class LinearRule(Rule):
     """Features on the last axis -> fresh output features on the last axis."""
 
+    reads_untraced = True
+
     def propagate(self, graph, node):
         m = graph.module(node)
-        x = graph.input_channels(node)
+        x = graph.input_channels(node, axis=-1)
         if x.axis != len(graph.shape(node)) - 1 or len(x.atoms) != m.in_features:
             graph.refuse(node, f"a Linear needs its {m.in_features} traced features on the last dim")
         graph.add_member(node.target, "in", x.atoms)
@@ -143,9 +154,11 @@ class LinearRule(Rule):
 
 @register_rule(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 class BatchNormRule(Rule):
+    reads_untraced = True
+
     def propagate(self, graph, node):
         m = graph.module(node)
-        x = graph.input_channels(node)
+        x = graph.input_channels(node, axis=1)
         if x.axis != 1 or len(x.atoms) != m.num_features:
             graph.refuse(node, f"expected {m.num_features} features on dim 1")
         graph.add_member(node.target, "bn", x.atoms)
@@ -159,7 +172,7 @@ class LayerNormRule(Rule):
 
     def propagate(self, graph, node):
         m = graph.module(node)
-        x = graph.input_channels(node)
+        x = graph.input_channels(node, axis=-1)
         ndim = len(graph.shape(node))
         if len(m.normalized_shape) != 1:
             if x.axis >= ndim - len(m.normalized_shape):
@@ -172,7 +185,7 @@ class LayerNormRule(Rule):
 
     def run_masked(self, masker, node, args, kwargs):
         """Normalises over the kept channels only: what the pruned LayerNorm computes."""
-        m, x = masker.module(node), args[0]
+        m, x = masker.submodule(node), args[0]
         info = masker.dependencies.channels(node.args[0])
         if len(m.normalized_shape) != 1 or info.axis != x.dim() - 1:
             return masker.run_unmasked(node, args, kwargs)
@@ -221,13 +234,15 @@ class PReLURule(Rule):
 
 @register_rule(nn.Softmax, nn.LogSoftmax, F.softmax, F.log_softmax, torch.softmax, "softmax", "log_softmax")
 class SoftmaxRule(Rule):
-    """Softmax over a dim that does not carry channels (attention scores) acts on each channel alone."""
+    """Softmax over a dim that does not carry channels (attention scores) acts on each channel alone;
+    over the channel dim it mixes them: they are locked and the output is untraced."""
 
     def propagate(self, graph, node):
         x = graph.input_channels(node)
         dim = graph.module(node).dim if node.op == "call_module" else _arg(node, 1, "dim")
         if dim is None or dim % len(graph.shape(node)) == x.axis:
-            graph.refuse(node, "a softmax over the channel dim mixes channels")
+            graph.lock(x.atoms, f"a softmax over the channel dim in node '{node.name}' mixes them")
+            return None
         return x
 
 
@@ -289,14 +304,40 @@ def _dim_groups(in_shape: Sequence[int], out_shape: Sequence[int]) -> List[Tuple
     return groups
 
 
-def _literal_sizes(node) -> Dict[int, int]:
-    """Output dims whose size is a literal int in the model's code (``x.view(n, 512)``)."""
+def _fixed_sizes(graph, node, x) -> Dict[int, str]:
+    """Output dims of a ``view``/``reshape`` whose size will not follow pruning: a literal int
+    (``x.view(n, 512)``) or a size read from a tensor with other channels (Swin's
+    ``reshape(B, N, 3, heads, C // heads)``, C being the block input's width). Sizes read from
+    the shape of a tensor carrying the same channels (a channel shuffle's) or ``-1`` follow."""
     if node.target not in ("view", "reshape", torch.reshape):
         return {}
     shape = node.args[1:]
     if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
         shape = shape[0]
-    return {d: s for d, s in enumerate(shape) if isinstance(s, int) and not isinstance(s, bool) and s != -1}
+    own = {graph.find(a) for a in x.atoms}
+    fixed = {}
+    for d, s in enumerate(shape):
+        if isinstance(s, int) and not isinstance(s, bool) and s != -1:
+            fixed[d] = str(s)
+        elif isinstance(s, torch.fx.Node) and not _read_from_shapes_of(graph, s, own):
+            fixed[d] = f"'{s.name}' (read from the shape of a tensor with other channels)"
+    return fixed
+
+
+def _read_from_shapes_of(graph, size: torch.fx.Node, own: set) -> bool:
+    """True if ``size`` is computed from ``.size()``/``.shape`` of tensors carrying channels ``own``."""
+    stack, sources = [size], []
+    while stack:
+        n = stack.pop()
+        if (n.op == "call_method" and n.target == "size") or (n.op == "call_function" and n.target is getattr):
+            sources.append(n.args[0])
+        elif n.op in ("call_function", "call_method"):
+            stack.extend(n.all_input_nodes)
+        else:
+            return False
+    infos = [graph.channels(t) for t in sources]
+    return bool(sources) and all(isinstance(i, graph.Channels) and {graph.find(a) for a in i.atoms} == own
+                                 for i in infos)
 
 
 @register_rule(nn.Flatten, torch.flatten, torch.reshape, "flatten", "view", "reshape", "squeeze", "unsqueeze",
@@ -312,13 +353,14 @@ class ReshapeRule(Rule):
       heads), so their positions are coupled: every slice loses the same channels;
     - anything else mixes channels: they are locked and the output is untraced.
 
-    A literal size on the dim that carries channels locks them (it would be wrong after pruning).
+    A size fixed in the code on the dim that carries channels locks them (it would be wrong after
+    pruning; see :func:`_fixed_sizes`).
     """
 
     def propagate(self, graph, node):
         x = graph.input_channels(node)
         in_shape, out_shape = graph.shape(node.args[0]), graph.shape(node)
-        literal = _literal_sizes(node)
+        literal = _fixed_sizes(graph, node, x)
         dims_in, dims_out = next((i, o) for i, o in _dim_groups(in_shape, out_shape) if x.axis in i)
         dims_in = [d for d in dims_in if in_shape[d] != 1 or d == x.axis]
         dims_out = [d for d in dims_out if out_shape[d] != 1] or list(dims_out)[:1]
@@ -339,7 +381,8 @@ class ReshapeRule(Rule):
         computed = [d for d in dims_out if d not in literal]
         axis = computed[0] if len(computed) == 1 else dims_out[-1]
         if len(computed) != 1:
-            graph.lock(x.atoms, f"the split sizes of the channel dim are hard-coded in node '{node.name}'")
+            graph.lock(x.atoms, f"the split sizes of the channel dim are hard-coded in node '{node.name}' "
+                                f"({', '.join(literal.values())})")
         sizes = [out_shape[d] for d in dims_out]
         inner = math.prod(sizes[dims_out.index(axis) + 1:])
         n = out_shape[axis]
@@ -457,17 +500,18 @@ class GetItemRule(Rule):
 
 @register_rule(torch.mean, torch.sum, torch.amax, torch.amin, "mean", "sum", "amax", "amin")
 class ReduceRule(Rule):
-    """A reduction over dims that do not carry channels (global pooling written as ``mean``)."""
+    """A reduction over dims that do not carry channels (global pooling written as ``mean``) keeps
+    them; one over the channel dim (a per-sample scale) locks them and leaves the output untraced."""
 
     def propagate(self, graph, node):
         x = graph.input_channels(node)
         dims, keepdim = _arg(node, 1, "dim"), _arg(node, 2, "keepdim", False)
-        if dims is None:
-            graph.refuse(node, "a full reduction mixes channels")
         ndim = len(graph.shape(node.args[0]))
-        dims = [d % ndim for d in (dims if isinstance(dims, (tuple, list)) else (dims,))]
+        dims = range(ndim) if dims is None else [d % ndim for d in (dims if isinstance(dims, (tuple, list))
+                                                                     else (dims,))]
         if x.axis in dims:
-            graph.refuse(node, "reducing over the channel dim")
+            graph.lock(x.atoms, f"node '{node.name}' reduces over the channel dim")
+            return None
         return graph.Channels(x.axis if keepdim else x.axis - sum(d < x.axis for d in dims), x.atoms)
 
 
@@ -477,3 +521,44 @@ class ShapeRule(Rule):
 
     def propagate(self, graph, node):
         return None
+
+
+@register_rule(torch.matmul, operator.matmul, torch.bmm, "matmul", "bmm")
+class MatmulRule(Rule):
+    """Attention's products. Per operand, the channel dim is a batch dim (heads: coupled with the
+    other operand's and kept), the contracted dim (head dims of q and k: coupled, and gone from
+    the output) or a free dim (v's features: they pass to the output). A contracted or batch dim
+    facing an untraced operand that does not broadcast locks the channels."""
+
+    def propagate(self, graph, node):
+        a, b = node.args[0], node.args[1]
+        out_ndim = len(graph.shape(node))
+        roles = []
+        for arg, first in ((a, True), (b, False)):
+            c, n = graph.channels(arg), len(graph.shape(arg))
+            if not isinstance(c, graph.Channels):
+                roles.append((None, None, n))
+            elif n == 1 or c.axis == (n - 1 if first else n - 2):
+                roles.append(("contract", c, n))
+            elif c.axis == (n - 2 if first else n - 1):
+                roles.append(("free", c, n))
+            else:
+                roles.append(("batch", c, n))
+        out = None
+        for i, (role, c, n) in enumerate(roles):
+            other_role, other, other_n = roles[1 - i]
+            other_arg = (a, b)[1 - i]
+            if role == "free":
+                out = graph.Channels(out_ndim - 2 + i, c.atoms)
+            elif role is not None:
+                axis = c.axis - n  # counted from the right
+                if other is not None and other_role == role and (role == "contract" or other.axis - other_n == axis):
+                    if len(other.atoms) != len(c.atoms):
+                        graph.refuse(node, "operands carry different channel counts")
+                    graph.union_all(c.atoms, other.atoms)
+                elif role == "contract" or (-axis <= other_n and graph.shape(other_arg)[axis] != 1):
+                    graph.lock(c.atoms, f"multiplied in node '{node.name}' with '{other_arg.name}', whose channels "
+                                        "are not traced")
+                if role == "batch":
+                    out = graph.Channels(out_ndim + axis, c.atoms)
+        return out
