@@ -528,3 +528,37 @@ def test_prune_api_on_a_zoo_block_with_the_default_schedule():
     x = torch.rand(2, 3, 8, 8)
     small = prune(model, x, get_criterion("l2"), OneShot(), Target(params=0.5, round_to=2))
     assert type(small) is TinyResNet and small(x).shape == (2, 5)
+
+
+class MHABlock(nn.Module):
+    """torchvision's ViT encoder block: LayerNorm, nn.MultiheadAttention (batch first), residual."""
+
+    def __init__(self, dim=8, heads=2):
+        super().__init__()
+        self.embed = nn.Linear(5, dim)
+        self.ln = nn.LayerNorm(dim)
+        self.attention = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, tokens):
+        x = self.embed(tokens)
+        y = self.ln(x)
+        y, _ = self.attention(y, y, y, need_weights=False)
+        return self.head((x + y)[:, 0])
+
+
+def test_multihead_attention_module_prunes_the_same_dims_in_every_head(tmp_path):
+    model = _randomize(MHABlock())
+    x = _x(2, 4, 5)
+    graph = DependencyGraph(model, x)
+    group = graph.group_of("attention.embed")
+    assert not group.locked and len(group) == 4 and group.indices[next(iter(group.indices))][1] == [1, 5]
+    _prune_matches_masked(model, x, keep=0.7)
+    mha = model.attention
+    assert mha.embed_dim < 8 and mha.embed_dim == mha.head_dim * mha.num_heads == model.ln.normalized_shape[0]
+    torch.save(model.state_dict(), tmp_path / "sd.pt")
+    reloaded = load_pruned_state_dict(_randomize(MHABlock()), torch.load(tmp_path / "sd.pt", weights_only=True))
+    exported = torch.export.export(model, (x,))
+    with torch.no_grad():
+        assert torch.equal(reloaded(x), model(x))
+        assert torch.allclose(exported.module()(x), model(x), atol=1e-9)

@@ -434,7 +434,9 @@ class DependencyGraph:
             pruner = pruner_for(m)
             if pruner is None:
                 continue
-            new_params, macs = pruner.cost(m, self.shape(node), removed.get(name, {}))
+            meta = node.meta.get("tensor_meta")  # a layer returning a tuple (attention) is costed by its first
+            shape = tuple((meta if isinstance(meta, TensorMetadata) else meta[0]).shape)
+            new_params, macs = pruner.cost(m, shape, removed.get(name, {}))
             params += new_params - sum(p.numel() for p in m.parameters(recurse=False))
             flops += macs
         return params, flops
@@ -540,12 +542,14 @@ def load_pruned_state_dict(model: nn.Module, state_dict: Dict[str, torch.Tensor]
     if not isinstance(state_dict, dict):
         raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
     for name, m in model.named_modules():
-        key = f"{name}.weight" if name else "weight"
         pruner = pruner_for(m)
-        if key not in state_dict or pruner is None:
+        if pruner is None:
+            continue
+        key = f"{name}.{pruner.weight_name}" if name else pruner.weight_name
+        if key not in state_dict:
             continue
         shape = tuple(state_dict[key].shape)
-        if shape != tuple(m.weight.shape):
+        if shape != tuple(getattr(m, pruner.weight_name).shape):
             pruner.shrink(m, pruner.saved_keep(m, shape))
     model.load_state_dict(state_dict, strict=strict)
     return model

@@ -39,14 +39,20 @@ def _own_params(m: nn.Module) -> int:
 class LayerPruner:
     """How one layer type shrinks. Subclasses implement :meth:`shrink` and :meth:`saved_keep`;
     layers that do multiply-accumulates (or whose parameter count is not just their tensors'
-    sizes) override :meth:`cost`."""
+    sizes) override :meth:`cost`.
+
+    Attributes:
+        weight_name (str): the parameter whose saved shape tells how far the layer was pruned.
+    """
+
+    weight_name = "weight"
 
     def shrink(self, module: nn.Module, keep: Dict[str, torch.Tensor]) -> None:
         """Keeps only ``keep[kind]`` (sorted LongTensor) of each dimension kind, in place."""
         raise NotImplementedError
 
     def saved_keep(self, module: nn.Module, weight_shape: Tuple[int, ...]) -> Dict[str, torch.Tensor]:
-        """The ``keep`` that gives ``module`` the saved weight shape (for :func:`load_pruned_state_dict`)."""
+        """The ``keep`` that gives ``module`` the saved ``weight_name`` shape (for reloading)."""
         raise NotImplementedError
 
     def cost(self, module: nn.Module, out_shape: Tuple[int, ...], removed: Dict[str, int]) -> Tuple[int, int]:
@@ -178,3 +184,39 @@ class LayerNormPruner(LayerPruner):
     def cost(self, m, out_shape, removed):
         c = m.normalized_shape[0] - removed.get("norm", 0)
         return c * ((m.weight is not None) + (m.bias is not None)), 0
+
+
+@register_pruner(nn.MultiheadAttention)
+class MultiheadAttentionPruner(LayerPruner):
+    """``embed``: the embedding positions kept, the same in the input, in each of q, k and v and in
+    the output (the module has one ``embed_dim``); its rule keeps them the same in every head."""
+
+    weight_name = "in_proj_weight"
+
+    def shrink(self, m, keep):
+        k = keep["embed"]
+        e, n = m.embed_dim, len(k)
+        rows = torch.cat([k + i * e for i in range(3)])
+        m.in_proj_weight = _param(m.in_proj_weight, m.in_proj_weight[rows][:, k])
+        if m.in_proj_bias is not None:
+            m.in_proj_bias = _param(m.in_proj_bias, m.in_proj_bias[rows])
+        for name in ("bias_k", "bias_v"):
+            p = getattr(m, name)
+            if p is not None:
+                setattr(m, name, _param(p, p[..., k]))
+        _shrink_weight(m.out_proj, {"out": k, "in": k}, "out_features", "in_features")
+        m.embed_dim = m.kdim = m.vdim = n
+        m.head_dim = n // m.num_heads
+
+    def saved_keep(self, m, shape):
+        return {"embed": torch.arange(shape[1])}
+
+    def cost(self, m, out_shape, removed):
+        """Parameters: the module's own and the change of ``out_proj``'s (a submodule the graph never
+        sees called). MACs: the four projections per token and the two attention products."""
+        e = m.embed_dim - removed.get("embed", 0)
+        tokens = math.prod(out_shape[:-1]) // out_shape[0 if m.batch_first else 1]
+        own = 3 * e * e + (3 * e if m.in_proj_bias is not None else 0)
+        own += sum(e for p in (m.bias_k, m.bias_v) if p is not None)
+        out_proj = e * e + (e if m.out_proj.bias is not None else 0)
+        return own + out_proj - _own_params(m.out_proj), 4 * e * e * tokens + 2 * tokens * tokens * e

@@ -197,6 +197,48 @@ class LayerNormRule(Rule):
         return out
 
 
+@register_rule(nn.MultiheadAttention)
+class MultiheadAttentionRule(Rule):
+    """``nn.MultiheadAttention`` has one ``embed_dim`` for its input, q, k, v and output, and
+    ``head_dim = embed_dim // num_heads``: its embedding positions are one member, coupled between
+    query, key, value and output, and position d of every head is coupled (each head loses the
+    same dims). The masked reference runs the module shrunk to the kept positions, since its
+    softmax scale follows the head dim."""
+
+    def propagate(self, graph, node):
+        m = graph.module(node)
+        if not m._qkv_same_embed_dim:
+            graph.refuse(node, "MultiheadAttention with kdim/vdim different from embed_dim")
+        q = graph.input_channels(node, axis=-1)
+        ndim = len(graph.shape(node.args[0]))
+        if q.axis != ndim - 1 or len(q.atoms) != m.embed_dim:
+            graph.refuse(node, f"expected {m.embed_dim} embedding features on the last dim")
+        for arg in node.args[1:3]:
+            kv = graph.channels(arg)
+            if isinstance(kv, graph.Channels):
+                graph.union_all(q.atoms, kv.atoms)
+            elif isinstance(arg, torch.fx.Node):
+                graph.lock(q.atoms, f"key/value of node '{node.name}' are not traced")
+        for h in range(1, m.num_heads):
+            graph.union_all(q.atoms[:m.head_dim], q.atoms[h * m.head_dim:(h + 1) * m.head_dim])
+        graph.add_member(node.target, "embed", q.atoms)
+        return graph.Channels(q.axis, q.atoms), None
+
+    def run_masked(self, masker, node, args, kwargs):
+        import copy
+
+        from pycompress.prune.pruners import pruner_for
+
+        m = masker.submodule(node)
+        kept = masker.keep(masker.dependencies.channels(node.args[0])).nonzero().flatten()
+        small = copy.deepcopy(m)
+        pruner_for(small).shrink(small, {"embed": kept})
+        out, weights = small(*(a[..., kept] for a in args[:3]), *args[3:], **kwargs)
+        full = out.new_zeros(out.shape[:-1] + (m.embed_dim,))
+        full[..., kept] = out
+        return full, weights
+
+
 # ---------------------------------------------------------------------------- channel-preserving
 _CHANNELWISE_MODULES = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish,
