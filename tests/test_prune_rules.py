@@ -256,6 +256,7 @@ class Attention(nn.Module):
     - ``"heads"``: ``reshape(B, N, 3, -1, head_dim)``: head_dim fixed -> whole heads are pruned;
     - ``"head_dims"``: the head dim read from qkv's own shape -> head dims are pruned, the same in
       every head, in q, k and v;
+    - ``"..._sdpa"``: the same with ``F.scaled_dot_product_attention``;
     - ``"swin"``: Swin's ``reshape(B, N, 3, heads, C // heads)`` with C the block input's width:
       the head dim follows the input, not qkv, so qkv's outputs are locked.
     """
@@ -270,16 +271,19 @@ class Attention(nn.Module):
     def forward(self, x):
         B, N, C = x.shape
         qkv = self.qkv(x)
-        if self.layout == "heads":
+        if self.layout.startswith("heads"):
             qkv = qkv.reshape(B, N, 3, -1, self.head_dim)
-        elif self.layout == "head_dims":
+        elif self.layout.startswith("head_dims"):
             qkv = qkv.reshape(B, N, 3, self.num_heads, qkv.shape[-1] // (3 * self.num_heads))
         else:
             qkv = qkv.reshape(B, N, 3, self.num_heads, C // self.num_heads)
         qkv = qkv.permute(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]
-        attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
-        return self.proj((attn @ v).transpose(1, 2).reshape(B, N, -1))
+        if self.layout.endswith("sdpa"):
+            out = nn.functional.scaled_dot_product_attention(q, k, v)
+        else:
+            out = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1) @ v
+        return self.proj(out.transpose(1, 2).reshape(B, N, -1))
 
 
 class EncoderBlock(nn.Module):
@@ -297,9 +301,9 @@ class EncoderBlock(nn.Module):
         return self.head(x[:, 0])
 
 
-@pytest.mark.parametrize("layout", ["heads", "head_dims"])
+@pytest.mark.parametrize("layout", ["heads", "head_dims", "heads_sdpa", "head_dims_sdpa"])
 def test_attention_prunes_heads_or_head_dims_consistently(layout, tmp_path):
-    heads = layout == "heads"
+    heads = layout.startswith("heads")
     model = _randomize(EncoderBlock(dim=8, heads=2, layout=layout))
     x = _x(2, 4, 5)
     graph = DependencyGraph(model, x)

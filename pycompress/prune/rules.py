@@ -604,3 +604,48 @@ class MatmulRule(Rule):
                 if role == "batch":
                     out = graph.Channels(out_ndim + axis, c.atoms)
         return out
+
+
+@register_rule(F.scaled_dot_product_attention)
+class ScaledDotProductAttentionRule(Rule):
+    """``F.scaled_dot_product_attention(q, k, v)``: q's and k's head dims (last) are coupled and
+    contracted, v's features (last) pass to the output, heads (a batch dim) are coupled across
+    q, k and v and kept. Its default scale follows q's width, so the masked reference runs it on
+    the kept head dims."""
+
+    def propagate(self, graph, node):
+        args = [_arg(node, i, name) for i, name in enumerate(("query", "key", "value"))]
+        infos = [graph.channels(a) for a in args]
+        ndims = [len(graph.shape(a)) for a in args]
+        out_ndim, out = len(graph.shape(node)), None
+        (cq, ck, cv), (nq, nk, nv) = infos, ndims
+        last = [isinstance(c, graph.Channels) and c.axis == n - 1 for c, n in zip(infos, ndims)]
+        if last[0] and last[1] and len(cq.atoms) == len(ck.atoms):
+            graph.union_all(cq.atoms, ck.atoms)
+        else:
+            for c, is_last in zip((cq, ck), last[:2]):
+                if is_last:
+                    graph.lock(c.atoms, f"node '{node.name}' contracts them with untraced head dims")
+        if last[2]:
+            out = graph.Channels(out_ndim - 1, cv.atoms)
+        batch = [(c, c.axis - n) for c, n in zip(infos, ndims) if isinstance(c, graph.Channels) and c.axis < n - 2]
+        for c, axis in batch[1:]:
+            if axis != batch[0][1] or len(c.atoms) != len(batch[0][0].atoms):
+                graph.refuse(node, "q, k and v carry heads on different dims")
+            graph.union_all(batch[0][0].atoms, c.atoms)
+        if batch:
+            if len(batch) < 3:
+                graph.lock(batch[0][0].atoms, f"some of q, k, v of node '{node.name}' carry no traced heads")
+            out = graph.Channels(out_ndim + batch[0][1], batch[0][0].atoms)
+        for c, n in zip(infos[:2], ndims[:2]):
+            if isinstance(c, graph.Channels) and c.axis == n - 2:
+                graph.lock(c.atoms, f"node '{node.name}' attends over them")
+        return out
+
+    def run_masked(self, masker, node, args, kwargs):
+        q_info = masker.dependencies.channels(_arg(node, 0, "query"))
+        if not (isinstance(q_info, masker.dependencies.Channels) and q_info.axis == args[0].dim() - 1):
+            return masker.run_unmasked(node, args, kwargs)
+        kept = masker.keep(q_info).nonzero().flatten()
+        q, k = args[0][..., kept], args[1][..., kept]
+        return F.scaled_dot_product_attention(q, k, *args[2:], **kwargs)
