@@ -16,7 +16,7 @@ import torch
 
 from bench.common import write_rows
 from pycompress.models import ResNetStyle
-from pycompress.prune import compare_latency, count_params_flops, prune
+from pycompress.prune import OneShot, Target, compare_latency, count_params_flops, prune
 
 
 def main(argv=None):
@@ -34,7 +34,7 @@ def main(argv=None):
     for name, build, shape, ratio, round_to in cases:
         dense = build().eval()
         x = torch.randn(1, *shape)
-        small = prune(dense, x, "l1", channel_ratio=ratio, per_layer=True, round_to=round_to).eval()
+        small = prune(dense, x, "l1", OneShot(), Target(channels=ratio, per_layer=True, round_to=round_to)).eval()
         lat = compare_latency({"dense": dense, "pruned": small}, shape, (1, 32), repeats=args.repeats)
         (pd, fd), (ps, fs) = count_params_flops(dense, x), count_params_flops(small, x)
         for bs in (1, 32):

@@ -14,8 +14,8 @@ import pytest
 import torch
 from torch import nn
 
-from pycompress.prune import (BNScale, DependencyGraph, L1, L2, Random, Singh, Taylor, TaylorWeight, get_criterion,
-                              prune)
+from pycompress.prune import (BNScale, DependencyGraph, FineTune, L1, L2, OneShot, Random, Singh, Target, Taylor,
+                              TaylorWeight, get_criterion, prune)
 
 W = torch.tensor([1.0, -2.0, 3.0])
 V = torch.tensor([0.5, 0.5, -1.0])
@@ -157,8 +157,8 @@ def test_taylor_does_not_touch_grads_or_bn_statistics():
 
 def test_taylor_pruning_removes_the_lowest_ranked_channel():
     net = _linear_net()  # Theta ranks channel 0 lowest
-    small = prune(net, X, "taylor", target_flops=0.7, train_data=torch.utils.data.TensorDataset(X, X),
-                  loss_fn=_sum_loss, batch_size=2, score_batches=1)
+    small = prune(net, X, "taylor", OneShot(score_batches=1, fine_tune=FineTune(batch_size=2)), Target(macs=0.7),
+                  train_data=torch.utils.data.TensorDataset(X, X), loss_fn=_sum_loss)
     assert torch.equal(small[0].weight.flatten(), W[1:]) and torch.equal(small[1].weight.flatten(), V[1:])
 
 

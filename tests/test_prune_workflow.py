@@ -11,7 +11,8 @@ from torch.utils.data import TensorDataset
 
 from pycompress.data import digits_splits
 from pycompress.models import MobileNetStyle, VGGStyle
-from pycompress.prune import compare_latency, count_params_flops, format_report, prune, run_experiment
+from pycompress.prune import (FineTune, Iterative, Phased, Singh, Target, compare_latency, count_params_flops,
+                              format_report, prune, run_experiment)
 from pycompress.train import Trainer, atomic_save, fit
 
 
@@ -146,8 +147,8 @@ def test_iterative_taylor_reaches_the_target_and_fine_tunes(digits):
     model = _tiny_vgg()
     x = digits.train[0][0].unsqueeze(0)
     history = []
-    small = prune(model, x, "taylor", target_params=0.4, steps=3, train_data=digits.train, score_batches=2,
-                  fine_tune_steps=3, history=history)
+    small = prune(model, x, "taylor", Iterative(3, score_batches=2, fine_tune=FineTune(steps=3)), Target(params=0.4),
+                  train_data=digits.train, history=history)
     dense = count_params_flops(model, x)[0]
     assert count_params_flops(small, x)[0] <= 0.4 * dense
     assert [h["step"] for h in history] == [1, 2, 3]
@@ -159,9 +160,8 @@ def _singh_two_phases(digits, history):
     """(model, example input, pruned model): tiny VGG, Singh in two phases, one round."""
     model = _tiny_vgg()
     x = digits.train[0][0].unsqueeze(0)
-    small = prune(model, x, "singh", target_params=0.5, train_data=digits.train, val_data=digits.val,
-                  singh=dict(phases=2, l1=1e-2, sparsity_steps=5, rho=0.5, tolerance=0.05, rounds=1),
-                  history=history)
+    small = prune(model, x, Singh(rho=0.5), Phased(2, l1=1e-2, sparsity_steps=5, tolerance=0.05, rounds=1),
+                  Target(params=0.5), train_data=digits.train, val_data=digits.val, history=history)
     return model, x, small
 
 
@@ -177,7 +177,7 @@ def test_singh_phase_without_a_safe_threshold_prunes_nothing_and_goes_on(digits,
     """When every threshold costs more than the tolerance (choose_threshold returns 0),
     no weight is zeroed: that phase removes nothing and the schedule continues,
     instead of the criterion stopping the run with 'no weight is zero'."""
-    import pycompress.prune.workflow as wf
+    import pycompress.prune.pruner as wf
 
     real = wf.choose_threshold
     calls = []
@@ -196,7 +196,7 @@ def test_singh_phase_without_a_safe_threshold_prunes_nothing_and_goes_on(digits,
 
 def test_singh_needs_validation_data(digits):
     with pytest.raises(ValueError, match="val_data"):
-        prune(_tiny_vgg(), torch.rand(1, 1, 8, 8), "singh", target_params=0.5, train_data=digits.train)
+        prune(_tiny_vgg(), torch.rand(1, 1, 8, 8), "singh", target=Target(params=0.5), train_data=digits.train)
 
 
 def test_run_experiment_reports_and_resumes_after_pruning(digits, tmp_path):
@@ -256,10 +256,10 @@ def test_units_per_step_removes_a_few_maps_per_iteration_until_the_target(digits
     model = _tiny_vgg()
     x = digits.train[0][0].unsqueeze(0)
     history = []
-    small = prune(model, x, "taylor", target_flops=0.6, units_per_step=2, train_data=digits.train,
-                  score_batches=1, fine_tune_steps=1, history=history)
+    small = prune(model, x, "taylor", Iterative(units_per_step=2, score_batches=1, fine_tune=FineTune(steps=1)),
+                  Target(macs=0.6), train_data=digits.train, history=history)
     assert all(h["removed_units"] <= 2 for h in history) and len(history) > 1
     assert history[-1]["target_reached"] and not any(h["target_reached"] for h in history[:-1])
     assert count_params_flops(small, x)[1] <= 0.6 * count_params_flops(model, x)[1]
     with pytest.raises(ValueError, match="units_per_step"):
-        prune(model, x, "l1", channel_ratio=0.5, units_per_step=2)
+        prune(model, x, "l1", Iterative(units_per_step=2), Target(channels=0.5))

@@ -22,7 +22,18 @@ from torch import nn
 from pycompress.prune.graph import DependencyGraph, Group
 
 __all__ = ["Criterion", "L1", "L2", "BNScale", "Taylor", "TaylorWeight", "Singh", "Random", "CRITERIA",
-           "get_criterion", "cross_entropy_step"]
+           "register_criterion", "get_criterion", "cross_entropy_step"]
+
+CRITERIA: Dict[str, type] = {}
+
+
+def register_criterion(cls):
+    """Class decorator: makes a :class:`Criterion` subclass available by its ``name``
+    (``prune(model, x, "my_name", ...)``, ``--criterion my_name``)."""
+    if not (isinstance(cls, type) and issubclass(cls, Criterion)):
+        raise TypeError(f"register_criterion decorates Criterion subclasses, got {cls!r}")
+    CRITERIA[cls.name] = cls
+    return cls
 
 
 def cross_entropy_step(model: nn.Module, batch) -> torch.Tensor:
@@ -51,7 +62,8 @@ def _per_unit(t: torch.Tensor, idx_lists, dim: int, fn) -> torch.Tensor:
 
 
 class Criterion:
-    """Base class. Subclasses implement :meth:`group_scores`.
+    """An importance criterion. Subclasses implement :meth:`group_scores`, take their options
+    in the constructor and are registered with :func:`register_criterion`.
 
     Attributes:
         name (str): the registry name.
@@ -85,6 +97,11 @@ class Criterion:
     def group_scores(self, graph, data, loss_fn) -> Dict[int, torch.Tensor]:
         raise NotImplementedError
 
+    def default_schedule(self):
+        """The schedule :func:`~pycompress.prune.prune` runs when given none: one shot."""
+        from pycompress.prune.pruner import OneShot
+        return OneShot()
+
     def __repr__(self):
         return f"{type(self).__name__}()"
 
@@ -104,18 +121,21 @@ class _Norm(Criterion):
         return out
 
 
+@register_criterion
 class L1(_Norm):
     r"""Filter ℓ1 norm (Li et al. 2017): :math:`S_k = \sum |W_k|` over every filter producing unit k."""
 
     name, p = "l1", 1
 
 
+@register_criterion
 class L2(_Norm):
     r"""Filter ℓ2 norm: :math:`S_k = \sqrt{\sum W_k^2}` over every filter producing unit k."""
 
     name, p = "l2", 2
 
 
+@register_criterion
 class BNScale(Criterion):
     r"""Network slimming (Liu et al. 2017): :math:`S_k = \sum_{BN} |\gamma_k|` over the group's BNs.
 
@@ -136,6 +156,7 @@ class BNScale(Criterion):
         return out
 
 
+@register_criterion
 class Random(Criterion):
     """Uniform random scores from ``torch.Generator().manual_seed(seed)``: the baseline."""
 
@@ -169,7 +190,7 @@ def _consumer_taps(graph: DependencyGraph):
             if src in seen:
                 continue
             seen.add(src)
-            size = len(graph._member_atoms[m])
+            size = graph.member_size(m)
             pos2unit = torch.full((size,), -1, dtype=torch.long)
             for u, idx in enumerate(g.indices[m]):
                 pos2unit[idx] = u
@@ -196,6 +217,7 @@ def _scoring_batches(model: nn.Module, data, max_batches: Optional[int]):
         model.train(was_training)
 
 
+@register_criterion
 class Taylor(Criterion):
     r"""Molchanov et al. 2017, activation-based first-order Taylor expansion.
 
@@ -312,6 +334,7 @@ def _batch_size(batch) -> int:
     return int(x.shape[0])
 
 
+@register_criterion
 class TaylorWeight(Criterion):
     r"""Weight-based first-order Taylor (Torch-Pruning's "Taylor"; Molchanov et al. 2019).
 
@@ -375,6 +398,7 @@ class TaylorWeight(Criterion):
         return out
 
 
+@register_criterion
 class Singh(Criterion):
     r"""Singh et al. 2019 filter selection from sparsity statistics of layers l and l+1.
 
@@ -388,8 +412,8 @@ class Singh(Criterion):
     A unit is *unimportant* when :math:`\max(s_{out}, s_{in}) \ge \rho`
     ("mostly zero"), i.e. :math:`S_k \le 1 - \rho`. The weights are sparse
     only after the sparsity-induction phase (L1 training, then a threshold chosen
-    on validation data); see :func:`pycompress.prune.workflow.induce_sparsity`
-    and :func:`pycompress.prune.workflow.choose_threshold`. On a dense model all
+    on validation data); see :class:`pycompress.prune.Phased`,
+    :func:`pycompress.prune.induce_sparsity` and :func:`pycompress.prune.choose_threshold`. On a dense model all
     scores are 1, so this criterion raises instead of pruning at random.
 
     Args:
@@ -420,8 +444,13 @@ class Singh(Criterion):
             out[gi] = 1.0 - torch.maximum(s_out, s_in)
         if all(bool((t == 1).all()) for t in out.values()):
             raise ValueError("singh: no weight is zero; run the sparsity-induction phase first "
-                             "(pycompress.prune.workflow.induce_sparsity / prune(criterion='singh'))")
+                             "(pycompress.prune.induce_sparsity, or the Phased schedule)")
         return out
+
+    def default_schedule(self):
+        """Singh's criterion is meant for its phased schedule (sparsity induction first)."""
+        from pycompress.prune.pruner import Phased
+        return Phased()
 
     def unimportant(self, scores: Dict[int, torch.Tensor]) -> Dict[int, torch.Tensor]:
         """Per group, the positions of units whose sparsity reaches ``rho``."""
@@ -429,9 +458,6 @@ class Singh(Criterion):
 
     def __repr__(self):
         return f"Singh(rho={self.rho})"
-
-
-CRITERIA = {c.name: c for c in (L1, L2, BNScale, Taylor, TaylorWeight, Singh, Random)}
 
 
 def get_criterion(criterion, **kwargs) -> Criterion:

@@ -17,8 +17,10 @@ BatchNorm, activations, pooling, dropout and depthwise convs pass them through;
 offsets come for free); ``split``/``chunk`` slice them; ``flatten``/``view``
 before a Linear repeats each atom once per spatial position; residual ``+``
 (and ``*``, ``-``) unions the two operands' atoms position by position
-(union-find). After propagation every union-find class is one *unit*: a set of
-channel indices, in several layers, that can only be removed together.
+(union-find). How each op does this is its *rule* (:mod:`pycompress.prune.rules`,
+a registry); this module only traces, runs the rules and builds the groups.
+After propagation every union-find class is one *unit*: a set of channel
+indices, in several layers, that can only be removed together.
 
 Units that touch the same set of layer dimensions (the same *members*) form a
 :class:`Group`, e.g. ``conv1.out, bn1, conv2.in``. For a residual stage the
@@ -28,7 +30,7 @@ conv's input. Units that reach a graph input or output, an ignored layer or a
 grouped (non-depthwise) conv are *locked*: never pruned.
 
 Removing units rewrites the modules in place (new, smaller Parameters and
-buffers); the model stays an ordinary ``nn.Module`` of its own class, so it can
+buffers), each by the :mod:`pycompress.prune.pruners` entry of its type; the model stays an ordinary ``nn.Module`` of its own class, so it can
 be ``torch.save``-d, reloaded (see :func:`load_pruned_state_dict`) and
 ``torch.export``-ed. The pruned model computes exactly what the original
 computes when every pruned channel of every intermediate tensor is set to zero
@@ -36,39 +38,19 @@ computes when every pruned channel of every intermediate tensor is set to zero
 """
 
 import math
-import operator
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.fx
-import torch.nn.functional as F
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
-__all__ = ["DependencyGraph", "Group", "Member", "masked_forward", "count_params_flops", "load_pruned_state_dict"]
+from pycompress.prune.pruners import pruner_for
+from pycompress.prune.rules import rule_for
 
-_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-# Modules that act on each channel independently (or not on channels at all).
-_PASS_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh,
-                 nn.Hardswish, nn.Hardsigmoid, nn.Mish, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d,
-                 nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
-                 nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Identity)
-_PASS_FUNCTIONS = {torch.relu, torch.relu_, F.relu, F.relu_, F.relu6, F.leaky_relu, F.elu, F.gelu, F.silu,
-                   F.hardswish, F.mish, torch.sigmoid, F.sigmoid, torch.tanh, F.tanh, F.max_pool1d, F.max_pool2d,
-                   F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d,
-                   F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool2d, F.dropout, F.dropout2d}
-_PASS_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "contiguous", "clone"}
-_ELEMENTWISE_FUNCTIONS = {operator.add, operator.iadd, operator.sub, operator.isub, operator.mul, operator.imul,
-                          torch.add, torch.sub, torch.mul}
-_ELEMENTWISE_METHODS = {"add", "add_", "sub", "sub_", "mul", "mul_"}
-_RESHAPE_FUNCTIONS = {torch.flatten, torch.reshape}
-_RESHAPE_METHODS = {"flatten", "view", "reshape"}
-_REDUCE_METHODS = {"mean", "sum", "amax"}
-_SPLIT_FUNCTIONS = {torch.split, torch.chunk, torch.tensor_split}
-_SPLIT_METHODS = {"split", "chunk", "tensor_split"}
-_SHAPE_METHODS = {"size", "dim"}
+__all__ = ["DependencyGraph", "Group", "Member", "Channels", "masked_forward", "count_params_flops",
+           "load_pruned_state_dict"]
 
 
 @dataclass(frozen=True, order=True)
@@ -135,8 +117,8 @@ def _ranges(idx: Sequence[int]) -> str:
 
 
 @dataclass
-class _Chan:
-    """Channel information of one tensor: which atom sits at each index of ``axis``."""
+class Channels:
+    """Channel information of one tensor: which atom sits at each index of dim ``axis``."""
 
     axis: int
     atoms: List[int]
@@ -218,6 +200,7 @@ class DependencyGraph:
         self._member_atoms: Dict[Member, List[int]] = {}
         self._info: Dict[str, object] = {}
         self._modules: Dict[str, Tuple[nn.Module, torch.fx.Node]] = {}
+        self._rules: Dict[str, object] = {}
         for node in self.gm.graph.nodes:
             self._info[node.name] = self._visit(node)
         self._build_groups()
@@ -252,44 +235,104 @@ class DependencyGraph:
                 self._locked[r] = True
                 self._lock_reason[r] = reason
 
-    # ----------------------------------------------------------------- propagation
-    def _refuse(self, node, why: str):
-        raise ValueError(f"cannot prune through node '{node.name}' ({node.op} {_target_str(node)}): {why}. "
-                         "Supported: Conv (incl. depthwise), BatchNorm, Linear, elementwise activations, pooling, "
-                         "dropout, residual add/sub/mul, cat/split/chunk, flatten/view/reshape before a Linear.")
+    def union_all(self, xs: Sequence[int], ys: Sequence[int]):
+        """Couples ``xs[i]`` with ``ys[i]`` for every i."""
+        for a, b in zip(xs, ys):
+            self._union(a, b)
 
-    def _chan_of(self, arg):
+    union = _union
+    new_atoms = _new
+    lock = _lock
+    Channels = Channels  # so rules need not import this module
+
+    # ----------------------------------------------------------------- the helpers rules call
+    def refuse(self, node, why: str):
+        """Raises the ValueError that names ``node`` and says why it cannot be pruned through."""
+        raise ValueError(f"cannot prune through node '{node.name}' ({node.op} {_target_str(node)}): {why}. "
+                         "Support it with a rule (pycompress.prune.rules.register_rule) or keep it out of the "
+                         "traced graph.")
+
+    def channels(self, arg):
+        """The channel information of an fx node argument (Channels, a tuple of them, or None)."""
         return self._info.get(arg.name) if isinstance(arg, torch.fx.Node) else None
 
-    def _input_chan(self, node) -> _Chan:
-        info = self._chan_of(node.args[0]) if node.args else None
-        if not isinstance(info, _Chan):
-            self._refuse(node, "its input carries no traced channels")
-        return info
+    def input_channels(self, node, axis: Optional[int] = None) -> Channels:
+        """The channels of ``node``'s first argument. A layer reading channels on ``axis`` gets fresh
+        locked ones when its input is untraced (a graph input, a reshape that mixed channels);
+        without ``axis`` an untraced input refuses the node."""
+        arg = node.args[0] if node.args else None
+        info = self.channels(arg)
+        if isinstance(info, Channels):
+            return info
+        shape = self.shape(arg) if isinstance(arg, torch.fx.Node) else None
+        if axis is None or not shape:
+            self.refuse(node, "its input carries no traced channels")
+        why = "graph input" if arg.op == "placeholder" else f"input of '{node.name}' is not traced"
+        return Channels(axis % len(shape), self._new(shape[axis], locked=why))
 
-    def _add_member(self, module: str, kind: str, atoms: List[int]):
+    def shape(self, node) -> Optional[Tuple[int, ...]]:
+        """The traced shape of a tensor-valued node."""
+        meta = _meta(node)
+        return tuple(meta.shape) if meta is not None else None
+
+    def module(self, node) -> nn.Module:
+        """The submodule a call_module node calls."""
+        return self.gm.get_submodule(node.target)
+
+    def add_member(self, module: str, kind: str, atoms: List[int]):
+        """Declares that dimension ``kind`` of layer ``module`` holds ``atoms`` (see :class:`Member`)."""
+        if pruner_for(self.gm.get_submodule(module)) is None:
+            raise TypeError(f"{type(self.gm.get_submodule(module)).__name__} ('{module}') has prunable channels "
+                            "but no layer pruner: register one (pycompress.prune.pruners.register_pruner)")
         self._member_atoms[Member(module, kind)] = list(atoms)
 
+    def member_size(self, member: "Member") -> int:
+        """The size of a member dimension when the graph was traced."""
+        return len(self._member_atoms[member])
+
+    # ----------------------------------------------------------------- propagation
     def _visit(self, node):
-        meta = _meta(node)
-        if node.op == "placeholder":
-            if meta is None or len(meta.shape) < 2:
-                return None
-            return _Chan(1, self._new(meta.shape[1], locked="graph input"))
-        if node.op == "get_attr":
+        if node.op in ("placeholder", "get_attr"):  # untraced; layers reading them lock what they read
             return None
         if node.op == "output":
             self._lock_outputs(node.args[0])
             return None
+        carries = any(isinstance(self.channels(a), (Channels, tuple)) for a in node.all_input_nodes)
+        module = None
         if node.op == "call_module":
-            return self._visit_module(node, meta)
-        return self._visit_function(node, meta)
+            module = self.module(node)
+            self._record_call(node, module)
+        rule = rule_for(node, module)
+        if rule is None or not (carries or rule.reads_untraced):
+            if carries:
+                self.refuse(node, f"module type {type(module).__name__} is not supported" if module is not None
+                            else "operation not modelled")
+            return None
+        self._rules[node.name] = rule
+        out = rule.propagate(self, node)
+        if module is not None and node.target in self.ignored:
+            for info in [self.channels(a) for a in node.all_input_nodes] + [out]:
+                for c in (info if isinstance(info, tuple) else (info,)):
+                    if isinstance(c, Channels):
+                        self._lock(c.atoms, "ignored layer")
+        return out
+
+    def _record_call(self, node, module: nn.Module):
+        """A module with parameters or buffers ties its call sites together (one weight, several
+        inputs), which is refused; a stateless one (an activation called twice) is several calls."""
+        name = node.target
+        if name in self._modules:
+            if any(True for _ in module.parameters()) or any(True for _ in module.buffers()):
+                self.refuse(node, f"module '{name}' is called more than once; its channels would be coupled to "
+                                  "several inputs at once")
+            return
+        self._modules[name] = (module, node)
 
     def _lock_outputs(self, value):
         if isinstance(value, torch.fx.Node):
             info = self._info.get(value.name)
             for c in (info if isinstance(info, tuple) else (info,)):
-                if isinstance(c, _Chan):
+                if isinstance(c, Channels):
                     self._lock(c.atoms, "graph output")
         elif isinstance(value, (tuple, list)):
             for v in value:
@@ -297,194 +340,6 @@ class DependencyGraph:
         elif isinstance(value, dict):
             for v in value.values():
                 self._lock_outputs(v)
-
-    def _visit_module(self, node, meta):
-        name = node.target
-        m = self.gm.get_submodule(name)
-        if name in self._modules:
-            self._refuse(node, f"module '{name}' is called more than once; its channels would be coupled to "
-                               "several inputs at once")
-        self._modules[name] = (m, node)
-        ignored = name in self.ignored
-        if isinstance(m, _CONV):
-            x = self._input_chan(node)
-            if x.axis != 1 or len(x.atoms) != m.in_channels:
-                self._refuse(node, f"expected {m.in_channels} channels on dim 1, found {len(x.atoms)} on "
-                                   f"dim {x.axis}")
-            depthwise = m.groups == m.in_channels == m.out_channels and m.groups > 1
-            if depthwise and not ignored:
-                self._add_member(name, "dw", x.atoms)
-                return _Chan(1, x.atoms)
-            if m.groups > 1 or ignored:
-                why = "ignored layer" if ignored else f"grouped conv (groups={m.groups})"
-                self._lock(x.atoms, why)
-                return _Chan(1, self._new(m.out_channels, locked=why))
-            self._add_member(name, "in", x.atoms)
-            out = self._new(m.out_channels)
-            self._add_member(name, "out", out)
-            return _Chan(1, out)
-        if isinstance(m, _BN):
-            x = self._input_chan(node)
-            if x.axis != 1 or len(x.atoms) != m.num_features:
-                self._refuse(node, f"expected {m.num_features} features on dim 1")
-            self._add_member(name, "bn", x.atoms)
-            if ignored:
-                self._lock(x.atoms, "ignored layer")
-            return x
-        if isinstance(m, nn.Linear):
-            x = self._input_chan(node)
-            if x.axis != len(meta.shape) - 1 or len(x.atoms) != m.in_features:
-                self._refuse(node, f"a Linear needs its {m.in_features} traced features on the last dim")
-            if ignored:
-                self._lock(x.atoms, "ignored layer")
-                return _Chan(x.axis, self._new(m.out_features, locked="ignored layer"))
-            self._add_member(name, "in", x.atoms)
-            out = self._new(m.out_features)
-            self._add_member(name, "out", out)
-            return _Chan(x.axis, out)
-        if isinstance(m, nn.Flatten):
-            return self._reshape(node, meta)
-        if isinstance(m, _PASS_MODULES):
-            x = self._input_chan(node)
-            if isinstance(m, nn.PReLU) and m.num_parameters > 1:
-                self._refuse(node, "PReLU with per-channel parameters is not rewritten")
-            if ignored:
-                self._lock(x.atoms, "ignored layer")
-            return x
-        if any(isinstance(self._chan_of(a), (_Chan, tuple)) for a in node.all_input_nodes):
-            self._refuse(node, f"module type {type(m).__name__} is not supported")
-        return None
-
-    def _visit_function(self, node, meta):
-        op, t = node.op, node.target
-        inputs = [self._chan_of(a) for a in node.all_input_nodes]
-        if not any(isinstance(i, (_Chan, tuple)) for i in inputs):
-            return None  # no channels involved (shapes, constants)
-        is_fn = op == "call_function"
-        if (is_fn and t in _PASS_FUNCTIONS) or (op == "call_method" and t in _PASS_METHODS):
-            return self._input_chan(node)
-        if (is_fn and t in _ELEMENTWISE_FUNCTIONS) or (op == "call_method" and t in _ELEMENTWISE_METHODS):
-            return self._elementwise(node, meta)
-        if (is_fn and t in _RESHAPE_FUNCTIONS) or (op == "call_method" and t in _RESHAPE_METHODS):
-            return self._reshape(node, meta)
-        if is_fn and t is torch.cat:
-            return self._cat(node, meta)
-        if (is_fn and t in _SPLIT_FUNCTIONS) or (op == "call_method" and t in _SPLIT_METHODS):
-            return self._split(node)
-        if is_fn and t is operator.getitem:
-            src = self._chan_of(node.args[0])
-            if isinstance(src, tuple) and isinstance(node.args[1], int):
-                return src[node.args[1]]
-            self._refuse(node, "indexing a tensor that carries channels")
-        if op == "call_method" and t in _REDUCE_METHODS:
-            return self._reduce(node, meta)
-        if (op == "call_method" and t in _SHAPE_METHODS) or (is_fn and t is getattr):
-            return None
-        self._refuse(node, "operation not modelled")
-
-    def _elementwise(self, node, meta):
-        chans, others = [], []
-        for a in list(node.args) + list(node.kwargs.values()):
-            c = self._chan_of(a)
-            if isinstance(c, _Chan):
-                chans.append(c)
-            elif isinstance(a, torch.fx.Node):
-                others.append(a)
-        for a in others:  # a tensor without channel info may only broadcast over the channel axis
-            am = _meta(a)
-            if am is not None:
-                shape = tuple(am.shape)
-                ax = chans[0].axis - (len(meta.shape) - len(shape))
-                if 0 <= ax < len(shape) and shape[ax] != 1:
-                    self._refuse(node, f"operand '{a.name}' has untraced channels")
-        first = chans[0]
-        for c in chans[1:]:
-            if len(c.atoms) != len(first.atoms):
-                self._refuse(node, "operands carry different channel counts")
-            for a, b in zip(first.atoms, c.atoms):
-                self._union(a, b)
-        return _Chan(first.axis, first.atoms)
-
-    def _reshape(self, node, meta):
-        x = self._input_chan(node)
-        in_shape = tuple(_meta(node.args[0]).shape)
-        out_shape = tuple(meta.shape)
-        a = x.axis
-        if node.target in ("view", "reshape", torch.reshape):
-            # a literal size on the channel dim (``x.view(n, 512)``) would be wrong once channels go
-            shape = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) \
-                else node.args[1:]
-            if a < len(shape) and isinstance(shape[a], int) and shape[a] != -1:
-                self._lock(x.atoms, f"size {shape[a]} is hard-coded in node '{node.name}'")
-        if out_shape == in_shape:
-            return x
-        if out_shape[:a + 1] == in_shape[:a + 1] and math.prod(out_shape[a + 1:]) == math.prod(in_shape[a + 1:]):
-            return x  # only the trailing (spatial) dims change
-        if (len(out_shape) == a + 1 and out_shape[:a] == in_shape[:a]
-                and out_shape[a] == math.prod(in_shape[a:])):
-            spatial = math.prod(in_shape[a + 1:])  # channel-major flatten: index = c * spatial + s
-            return _Chan(a, [atom for atom in x.atoms for _ in range(spatial)])
-        self._refuse(node, f"reshape {in_shape} -> {out_shape} mixes the channel dim with others")
-
-    def _cat(self, node, meta):
-        tensors = node.args[0] if node.args else node.kwargs["tensors"]
-        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
-        chans = [self._chan_of(t) for t in tensors]
-        if not all(isinstance(c, _Chan) for c in chans):
-            self._refuse(node, "concatenating a tensor whose channels are not traced")
-        dim = dim % len(meta.shape)
-        if any(c.axis != chans[0].axis for c in chans):
-            self._refuse(node, "inputs carry channels on different dims")
-        if dim == chans[0].axis:
-            return _Chan(dim, [a for c in chans for a in c.atoms])
-        return self._elementwise_union(node, chans)
-
-    def _elementwise_union(self, node, chans):
-        for c in chans[1:]:
-            if len(c.atoms) != len(chans[0].atoms):
-                self._refuse(node, "inputs carry different channel counts")
-            for a, b in zip(chans[0].atoms, c.atoms):
-                self._union(a, b)
-        return chans[0]
-
-    def _split(self, node):
-        """Pieces along the channel axis. ``chunk`` into equal pieces couples the pieces position
-        by position, so every piece loses the same channels and ``chunk(n)`` still splits at the
-        right place after pruning. ``split``/``tensor_split`` carry literal sizes in the model's
-        code, which pruning cannot rewrite: their channels are locked (never pruned)."""
-        x = self._input_chan(node)
-        dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
-        outs = node.meta.get("tensor_meta")
-        if not isinstance(outs, (tuple, list)):
-            self._refuse(node, "split output shapes unknown")
-        ndim = len(outs[0].shape)
-        if dim % ndim != x.axis:
-            return tuple(x for _ in outs)
-        sizes = [o.shape[x.axis] for o in outs]
-        is_chunk = node.target in (torch.chunk, "chunk")
-        if is_chunk and len(set(sizes)) == 1:
-            for piece in range(1, len(sizes)):
-                for i in range(sizes[0]):
-                    self._union(x.atoms[i], x.atoms[piece * sizes[0] + i])
-        else:
-            self._lock(x.atoms, f"split sizes are hard-coded in node '{node.name}'")
-        pieces, start = [], 0
-        for n in sizes:
-            pieces.append(_Chan(x.axis, x.atoms[start:start + n]))
-            start += n
-        return tuple(pieces)
-
-    def _reduce(self, node, meta):
-        x = self._input_chan(node)
-        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-        keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
-        if dims is None:
-            self._refuse(node, "a full reduction mixes channels")
-        ndim = len(_meta(node.args[0]).shape)
-        dims = [d % ndim for d in (dims if isinstance(dims, (tuple, list)) else (dims,))]
-        if x.axis in dims:
-            self._refuse(node, "reducing over the channel dim")
-        return _Chan(x.axis if keepdim else x.axis - sum(d < x.axis for d in dims), x.atoms)
 
     # ----------------------------------------------------------------- groups
     def _build_groups(self):
@@ -560,42 +415,30 @@ class DependencyGraph:
                 size = len(self._member_atoms[Member(name, kind)])
                 if len(idx) >= size:
                     raise ValueError(f"units: removing them would leave {name}.{kind} with no channel")
-            _shrink(module, {k: _keep(len(self._member_atoms[Member(name, k)]), v) for k, v in kinds.items()})
+            pruner_for(module).shrink(module, {k: _keep(self.member_size(Member(name, k)), v)
+                                               for k, v in kinds.items()})
 
     # ----------------------------------------------------------------- costs
     def cost(self, units: Iterable[int] = ()) -> Tuple[int, int]:
         """``(params, flops)`` of the model once ``units`` are removed, computed without touching it.
 
         FLOPs are multiply-accumulates of Conv and Linear layers for one example
-        (the fvcore/thop convention), as :func:`count_params_flops` measures them.
+        (the fvcore/thop convention), as :func:`count_params_flops` measures them;
+        each layer's share comes from its pruner (:meth:`LayerPruner.cost`).
         """
-        removal = self.removal_indices(units)
-        gone = {m: len(v) for m, v in removal.items()}
-        params = sum(p.numel() for p in self.model.parameters())
-        flops = 0
+        removed: Dict[str, Dict[str, int]] = {}
+        for m, idx in self.removal_indices(units).items():
+            removed.setdefault(m.module, {})[m.kind] = len(idx)
+        params, flops = sum(p.numel() for p in self.model.parameters()), 0
         for name, (m, node) in self._modules.items():
-            def n(kind, full):
-                return full - gone.get(Member(name, kind), 0)
-            meta = _meta(node)
-            if isinstance(m, _CONV):
-                k = math.prod(m.kernel_size)
-                spatial = math.prod(meta.shape[2:])
-                if Member(name, "dw") in self._member_atoms:
-                    c = n("dw", m.out_channels)
-                    new_p, mac = c * k + (c if m.bias is not None else 0), c * k * spatial
-                else:
-                    co, ci = n("out", m.out_channels), n("in", m.in_channels)
-                    new_p = co * (ci // m.groups) * k + (co if m.bias is not None else 0)
-                    mac = co * (ci // m.groups) * k * spatial
-                params += new_p - sum(p.numel() for p in m.parameters(recurse=False))
-                flops += mac
-            elif isinstance(m, nn.Linear):
-                co, ci = n("out", m.out_features), n("in", m.in_features)
-                new_p = co * ci + (co if m.bias is not None else 0)
-                params += new_p - sum(p.numel() for p in m.parameters(recurse=False))
-                flops += co * ci * math.prod(meta.shape[1:-1])
-            elif isinstance(m, _BN) and m.affine:
-                params += 2 * n("bn", m.num_features) - 2 * m.num_features
+            pruner = pruner_for(m)
+            if pruner is None:
+                continue
+            meta = node.meta.get("tensor_meta")  # a layer returning a tuple (attention) is costed by its first
+            shape = tuple((meta if isinstance(meta, TensorMetadata) else meta[0]).shape)
+            new_params, macs = pruner.cost(m, shape, removed.get(name, {}))
+            params += new_params - sum(p.numel() for p in m.parameters(recurse=False))
+            flops += macs
         return params, flops
 
 
@@ -605,65 +448,42 @@ def _keep(size: int, removed: List[int]) -> torch.Tensor:
     return mask.nonzero().flatten()
 
 
-def _param(old: nn.Parameter, data: torch.Tensor) -> nn.Parameter:
-    return nn.Parameter(data.detach().clone().contiguous(), requires_grad=old.requires_grad)
-
-
-def _shrink(m: nn.Module, keep: Dict[str, torch.Tensor]):
-    """Rewrites one module to keep only the given indices of each dimension kind."""
-    if isinstance(m, _CONV):
-        if "dw" in keep:
-            k = keep["dw"]
-            m.weight = _param(m.weight, m.weight[k])
-            if m.bias is not None:
-                m.bias = _param(m.bias, m.bias[k])
-            m.in_channels = m.out_channels = m.groups = len(k)
-            return
-        _shrink_weight(m, keep, "out_channels", "in_channels")
-    elif isinstance(m, _BN):
-        k = keep["bn"]
-        if m.affine:
-            m.weight = _param(m.weight, m.weight[k])
-            m.bias = _param(m.bias, m.bias[k])
-        if m.track_running_stats and m.running_mean is not None:
-            m.running_mean = m.running_mean[k].clone()
-            m.running_var = m.running_var[k].clone()
-        m.num_features = len(k)
-    elif isinstance(m, nn.Linear):
-        _shrink_weight(m, keep, "out_features", "in_features")
-
-
-def _shrink_weight(m: nn.Module, keep: Dict[str, torch.Tensor], out_attr: str, in_attr: str):
-    """Keeps rows keep["out"] (and bias entries) and columns keep["in"] of a conv's or Linear's weight."""
-    w = m.weight
-    if "out" in keep:
-        w = w[keep["out"]]
-        if m.bias is not None:
-            m.bias = _param(m.bias, m.bias[keep["out"]])
-        setattr(m, out_attr, len(keep["out"]))
-    if "in" in keep:
-        w = w[:, keep["in"]]
-        setattr(m, in_attr, len(keep["in"]))
-    m.weight = _param(m.weight, w)
-
-
 class _MaskingInterpreter(torch.fx.Interpreter):
+    """Runs the traced model, zeroing the removed channels of every tensor; nodes whose rule knows
+    a better reference (a LayerNorm over the kept channels) compute it through ``Rule.run_masked``."""
+
     def __init__(self, graph: DependencyGraph, removed: set):
         super().__init__(graph.gm)
-        self.g, self.removed = graph, removed
+        self.dependencies, self.removed = graph, removed
+
+    def keep(self, info: Channels) -> torch.Tensor:
+        """Bool per position of ``info.axis``: True where the channel is kept."""
+        return torch.tensor([self.dependencies.find(a) not in self.removed for a in info.atoms])
+
+    def submodule(self, node) -> nn.Module:
+        return self.dependencies.module(node)
+
+    def run_unmasked(self, node, args, kwargs):
+        return getattr(self, node.op)(node.target, args, kwargs)
 
     def _mask(self, value, info):
-        if isinstance(info, _Chan) and isinstance(value, torch.Tensor):
-            keep = torch.tensor([self.g.find(a) not in self.removed for a in info.atoms], dtype=value.dtype)
+        if isinstance(info, Channels) and isinstance(value, torch.Tensor):
             shape = [1] * value.dim()
             shape[info.axis] = -1
-            return value * keep.view(shape)
+            return value * self.keep(info).to(value.dtype).view(shape)
         if isinstance(info, tuple) and isinstance(value, (tuple, list)):
             return type(value)(self._mask(v, i) for v, i in zip(value, info))
         return value
 
     def run_node(self, n):
-        return self._mask(super().run_node(n), self.g._info.get(n.name))
+        rule = self.dependencies._rules.get(n.name)
+        if rule is None:
+            value = super().run_node(n)
+        else:
+            with self._set_current_node(n):
+                args, kwargs = self.fetch_args_kwargs_from_env(n)
+                value = rule.run_masked(self, n, args, kwargs)
+        return self._mask(value, self.dependencies._info.get(n.name))
 
 
 def masked_forward(graph: DependencyGraph, units: Iterable[int], *inputs):
@@ -675,6 +495,10 @@ def masked_forward(graph: DependencyGraph, units: Iterable[int], *inputs):
     removed = {graph.find(u) for u in units}
     with torch.no_grad():
         return _MaskingInterpreter(graph, removed).run(*inputs)
+
+
+# The Conv types whose MACs count_params_flops measures (with Linear).
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 def count_params_flops(model: nn.Module, example_inputs) -> Tuple[int, int]:
@@ -706,8 +530,9 @@ def count_params_flops(model: nn.Module, example_inputs) -> Tuple[int, int]:
 def load_pruned_state_dict(model: nn.Module, state_dict: Dict[str, torch.Tensor], strict: bool = True) -> nn.Module:
     """Loads a pruned model's ``state_dict`` into a freshly constructed (unpruned) ``model``.
 
-    Each Conv, BatchNorm and Linear whose saved weight is smaller is first shrunk
-    to the saved shape (its attributes updated), then the weights are loaded.
+    Each layer with a registered pruner (Conv, BatchNorm, Linear, LayerNorm, ...)
+    whose saved weight is smaller is first shrunk to the saved shape (its
+    attributes updated), then the weights are loaded.
     This reloads a pruned model with ``torch.load(weights_only=True)`` and the
     model's own constructor, without pickling classes.
 
@@ -717,17 +542,14 @@ def load_pruned_state_dict(model: nn.Module, state_dict: Dict[str, torch.Tensor]
     if not isinstance(state_dict, dict):
         raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
     for name, m in model.named_modules():
-        key = f"{name}.weight" if name else "weight"
-        if key not in state_dict or not isinstance(m, _CONV + _BN + (nn.Linear,)):
+        pruner = pruner_for(m)
+        if pruner is None:
+            continue
+        key = f"{name}.{pruner.weight_name}" if name else pruner.weight_name
+        if key not in state_dict:
             continue
         shape = tuple(state_dict[key].shape)
-        if shape == tuple(m.weight.shape):
-            continue
-        if isinstance(m, _BN):
-            _shrink(m, {"bn": torch.arange(shape[0])})
-        elif isinstance(m, _CONV) and m.groups > 1 and m.groups == m.in_channels == m.out_channels:
-            _shrink(m, {"dw": torch.arange(shape[0])})
-        else:
-            _shrink(m, {"out": torch.arange(shape[0]), "in": torch.arange(shape[1])})
+        if shape != tuple(getattr(m, pruner.weight_name).shape):
+            pruner.shrink(m, pruner.saved_keep(m, shape))
     model.load_state_dict(state_dict, strict=strict)
     return model

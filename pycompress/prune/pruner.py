@@ -1,0 +1,566 @@
+"""The pruning engine's driver: a :class:`Target`, a schedule and a criterion, run by a :class:`Pruner`.
+
+- :class:`Target`: how small (a parameter, MAC or per-group channel fraction) and the
+  per-layer constraints on getting there (``round_to``, ``max_layer_ratio``, ``per_layer``).
+- Schedules (objects with their own options): :class:`OneShot`, :class:`Iterative`
+  (Molchanov et al. 2017) and :class:`Phased` (Singh et al. 2019). A schedule is a
+  generator of steps over a :class:`Pruner`; it never looks at the criterion's name.
+- :class:`Pruner`: owns the model, the graph and the history; :meth:`Pruner.step` runs one
+  step of the schedule, :meth:`Pruner.run` all of them.
+- :func:`prune`: the one-call form, returning a pruned copy.
+"""
+
+import copy
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+from pycompress.prune.criteria import Criterion, get_criterion
+from pycompress.prune.graph import DependencyGraph, _as_tuple, count_params_flops
+from pycompress.prune.schedule import group_key, plan_removal, select_units
+from pycompress.train import Trainer, cross_entropy_step, evaluate_classifier
+
+__all__ = ["Target", "FineTune", "Schedule", "OneShot", "Iterative", "Phased", "Pruner", "prune",
+           "induce_sparsity", "choose_threshold"]
+
+
+def _check_fraction(name, v, low_open=True):
+    if v is None:
+        return
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0 < v <= 1 if low_open else 0 <= v < 1):
+        raise ValueError(f"{name} must be a fraction in {'(0, 1]' if low_open else '[0, 1)'}, got {v!r}")
+
+
+def _check_int(name, v, low):
+    if isinstance(v, bool) or not isinstance(v, int) or v < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {v!r}")
+
+
+@dataclass(frozen=True)
+class Target:
+    """How small the pruned model must be, and how each layer may get there.
+
+    Args:
+        params (float): keep this fraction of the dense parameter count.
+        macs (float): keep this fraction of the dense multiply-accumulates.
+        channels (float): instead, remove this fraction of every prunable group's channels.
+        per_layer (bool): rank within each group instead of globally.
+        round_to (int): each group keeps a multiple of this many channels.
+        max_layer_ratio (float): most a group may lose, as a fraction of its original channels.
+    """
+
+    params: Optional[float] = None
+    macs: Optional[float] = None
+    channels: Optional[float] = None
+    per_layer: bool = False
+    round_to: int = 1
+    max_layer_ratio: float = 0.9
+
+    def __post_init__(self):
+        if sum(v is not None for v in (self.params, self.macs, self.channels)) != 1:
+            raise ValueError("Target: give exactly one of params, macs and channels")
+        _check_fraction("Target.params", self.params)
+        _check_fraction("Target.macs", self.macs)
+        _check_fraction("Target.channels", self.channels, low_open=False)
+        _check_int("Target.round_to", self.round_to, 1)
+        _check_fraction("Target.max_layer_ratio", self.max_layer_ratio)
+
+    @property
+    def fraction(self) -> float:
+        """The params or MACs fraction to keep (None for a channel target)."""
+        return self.params if self.params is not None else self.macs
+
+    def caps(self, original_sizes) -> dict:
+        return dict(per_layer=self.per_layer, round_to=self.round_to, max_layer_ratio=self.max_layer_ratio,
+                    original_sizes=original_sizes)
+
+
+@dataclass(frozen=True)
+class FineTune:
+    """Minibatch settings of the fine-tuning between steps (SGD); ``batch_size`` is also the size of
+    the scoring and sparsity-induction minibatches. ``steps=0``: no fine-tuning."""
+
+    steps: int = 0
+    batch_size: int = 32
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+
+    def __post_init__(self):
+        _check_int("fine_tune_steps", self.steps, 0)
+        _check_int("batch_size", self.batch_size, 1)
+
+
+class Schedule:
+    """A pruning schedule: :meth:`run` yields one history record (a dict) per step."""
+
+    def check(self, pruner: "Pruner") -> None:
+        """Raises ValueError when the pruner lacks what this schedule needs (data, a target kind)."""
+        if self.fine_tune.steps and pruner.train_data is None:
+            raise ValueError("fine_tune_steps > 0 needs train_data")
+
+    def run(self, pruner: "Pruner") -> Iterator[dict]:
+        raise NotImplementedError
+
+
+class Iterative(Schedule):
+    """Score, remove, fine-tune, ``steps`` times (Molchanov et al. 2017).
+
+    Each step re-scores the current model and removes the lowest-ranked units down to an
+    intermediate target, geometric between 1 and the final fraction, then fine-tunes. With
+    ``units_per_step`` (the paper's form) each step removes at most that many units and the
+    steps go on until the target is reached.
+
+    Args:
+        steps (int): pruning steps (ignored with ``units_per_step``).
+        units_per_step (int, optional): units removed per step.
+        score_batches (int): minibatches per scoring round of data-driven criteria.
+        fine_tune (FineTune): fine-tuning after each step.
+        seed (int): seeds the scoring minibatches and fine-tuning.
+    """
+
+    def __init__(self, steps: int = 1, *, units_per_step: Optional[int] = None, score_batches: int = 8,
+                 fine_tune: FineTune = FineTune(), seed: int = 0):
+        _check_int("steps", steps, 1)
+        _check_int("score_batches", score_batches, 1)
+        if units_per_step is not None:
+            _check_int("units_per_step", units_per_step, 1)
+        if not isinstance(fine_tune, FineTune):
+            raise TypeError(f"fine_tune must be a FineTune, got {type(fine_tune).__name__}")
+        self.steps, self.units_per_step, self.score_batches = steps, units_per_step, score_batches
+        self.fine_tune, self.seed = fine_tune, seed
+
+    def check(self, pruner):
+        super().check(pruner)
+        if self.units_per_step is not None and pruner.target.channels is not None:
+            raise ValueError("units_per_step needs a params or MACs target (target_params or target_flops), "
+                             "not a channel ratio")
+
+    def _plan(self, pruner, graph, scores, step):
+        target, caps = pruner.target, pruner.caps
+        if target.channels is not None:
+            frac = 1 - (1 - target.channels) ** (step / self.steps)
+            units = []
+            for gi in scores:  # the same fraction of every scorable group
+                original = pruner.original_sizes[group_key(graph.groups[gi])]
+                n = int(round(frac * original)) - (original - len(graph.groups[gi]))
+                units += select_units(graph, {gi: scores[gi]}, max(0, n), **caps)
+            return units, True
+        frac = target.fraction ** (1 if self.units_per_step else step / self.steps)
+        units, reached = plan_removal(graph, scores, **pruner.absolute_target(frac), **caps)
+        if self.units_per_step is not None and len(units) > self.units_per_step:
+            units, reached = select_units(graph, scores, self.units_per_step, **caps), False
+        return units, reached
+
+    def run(self, pruner):
+        step = 0
+        while self.units_per_step is not None or step < self.steps:
+            step += 1
+            graph = pruner.trace()
+            scores = pruner.scores(graph, self.score_batches, self.fine_tune.batch_size, self.seed + step)
+            units, reached = self._plan(pruner, graph, scores, step)
+            if not units and not (reached and self.units_per_step is None):
+                pruner.log(f"prune step {step}: nothing left to remove under the caps; stopping short of the target")
+                return
+            graph.remove(units)
+            params, flops = count_params_flops(pruner.model, pruner.example_inputs)
+            record = {"step": step, "removed_units": len(units), "params": params, "flops": flops,
+                      "target_reached": reached}
+            pruner.fine_tune(self.fine_tune, self.fine_tune.steps, self.seed + step)
+            if pruner.val_data is not None:
+                record["val_accuracy"] = evaluate_classifier(pruner.model, pruner.val_data)["accuracy"]
+            pruner.log(f"prune step {step}{'' if self.units_per_step else f'/{self.steps}'}: -{len(units)} "
+                       f"channels, params {params} ({pruner.dense_params / params:.2f}x), FLOPs {flops} "
+                       f"({pruner.dense_flops / flops:.2f}x)"
+                       f"{'' if reached or self.units_per_step else ' (caps stop short of the target)'}")
+            yield record
+            if self.units_per_step is not None and reached:
+                return
+
+
+class OneShot(Iterative):
+    """Score once, remove the lowest-ranked units until the target is reached (then fine-tune)."""
+
+    def __init__(self, *, score_batches: int = 8, fine_tune: FineTune = FineTune(), seed: int = 0):
+        super().__init__(1, score_batches=score_batches, fine_tune=fine_tune, seed=seed)
+
+
+# ---------------------------------------------------------------------------- Singh et al. 2019
+def _fine_tune(model, train_data, steps, *, batch_size, lr, momentum, weight_decay, seed, step_fn=None):
+    per_epoch = math.ceil(len(train_data) / batch_size)
+    Trainer(model, train_data, step_fn=step_fn, epochs=math.ceil(steps / per_epoch), max_steps=steps,
+            batch_size=batch_size, lr=lr, momentum=momentum, weight_decay=weight_decay, seed=seed,
+            progress=False).fit()
+
+
+def induce_sparsity(model: nn.Module, weights: Sequence[nn.Parameter], train_data, *, l1: float, steps: int,
+                    batch_size: int = 32, lr: float = 0.01, seed: int = 0, loss_fn=None):
+    r"""Singh step 1: trains with :math:`L + \lambda \sum_{W \in \mathcal{L}} \|W\|_1` for ``steps`` minibatches."""
+    if l1 < 0:
+        raise ValueError(f"l1 must be >= 0, got {l1}")
+    base = loss_fn or cross_entropy_step
+    ids = {id(w) for w in weights}
+
+    def step_fn(m, batch):
+        penalty = sum(p.abs().sum() for p in m.parameters() if id(p) in ids)
+        return base(m, batch) + l1 * penalty
+
+    _fine_tune(model, train_data, steps, batch_size=batch_size, lr=lr, momentum=0.9, weight_decay=0.0, seed=seed,
+               step_fn=step_fn)
+
+
+@torch.no_grad()
+def choose_threshold(model: nn.Module, weights: Sequence[nn.Parameter], val_data, *, tolerance: float = 0.01,
+                     multipliers: Sequence[float] = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0)) -> float:
+    r"""Singh step 1b: zero every weight with :math:`|w| < a \cdot \overline{|W|}` (per layer).
+
+    ``a`` is the largest multiplier whose validation accuracy stays within
+    ``tolerance`` of the accuracy before thresholding. The chosen zeroing is
+    applied to ``weights`` in place; returns ``a`` (0.0 if none qualifies).
+    """
+    if val_data is None:
+        raise ValueError("singh needs val_data to choose the sparsity threshold")
+    base = evaluate_classifier(model, val_data)["accuracy"]
+    saved = [w.detach().clone() for w in weights]
+    best = 0.0
+    for a in sorted(multipliers):
+        for w, s in zip(weights, saved):
+            w.copy_(torch.where(s.abs() < a * s.abs().mean(), torch.zeros_like(s), s))
+        if evaluate_classifier(model, val_data)["accuracy"] >= base - tolerance:
+            best = a
+    for w, s in zip(weights, saved):
+        w.copy_(torch.where(s.abs() < best * s.abs().mean(), torch.zeros_like(s), s))
+    return best
+
+
+def _producer_weights(graph: DependencyGraph, groups) -> List[nn.Parameter]:
+    mods = graph.modules()
+    seen, out = set(), []
+    for g in groups:
+        for m in g.members:
+            if m.kind in ("out", "dw") and m.module not in seen:
+                seen.add(m.module)
+                out.append(mods[m.module].weight)
+    return out
+
+
+class Phased(Schedule):
+    """Singh et al. 2019: the prunable groups are split front to back into ``phases`` layer sets;
+    per set, L1 sparsity induction, a threshold chosen on ``val_data``, the criterion's
+    ``unimportant`` units (mostly zero) removed, fine-tuning. Rounds repeat until the target is
+    met or nothing more is flagged.
+
+    Args:
+        phases (int): layer sets per round.
+        l1 (float): the L1 coefficient λ of sparsity induction.
+        sparsity_steps (int): minibatches of sparsity induction per phase.
+        tolerance (float): accuracy the threshold may cost on ``val_data``.
+        rounds (int): passes over the layer sets.
+        sparsity_lr (float, optional): SGD learning rate of sparsity induction (default: ``fine_tune.lr``).
+        fine_tune (FineTune): fine-tuning after each phase.
+        seed (int): seeds sparsity induction and fine-tuning.
+    """
+
+    def __init__(self, phases: int = 3, *, l1: float = 1e-4, sparsity_steps: int = 100, tolerance: float = 0.01,
+                 rounds: int = 3, sparsity_lr: Optional[float] = None, fine_tune: FineTune = FineTune(),
+                 seed: int = 0):
+        for name, v in (("phases", phases), ("sparsity_steps", sparsity_steps), ("rounds", rounds)):
+            _check_int(name, v, 1)
+        if not isinstance(fine_tune, FineTune):
+            raise TypeError(f"fine_tune must be a FineTune, got {type(fine_tune).__name__}")
+        self.phases, self.l1, self.sparsity_steps, self.tolerance = phases, l1, sparsity_steps, tolerance
+        self.rounds, self.fine_tune, self.seed = rounds, fine_tune, seed
+        self.sparsity_lr = fine_tune.lr if sparsity_lr is None else sparsity_lr
+
+    def check(self, pruner):
+        super().check(pruner)
+        if pruner.train_data is None or pruner.val_data is None:
+            raise ValueError("the phased (Singh) schedule needs train_data (sparsity induction) and val_data "
+                             "(threshold)")
+        if not callable(getattr(pruner.criterion, "unimportant", None)):
+            raise TypeError(f"the phased schedule needs a criterion that flags unimportant units (Singh), got "
+                            f"{pruner.criterion!r}")
+        if pruner.target.channels is not None:
+            raise ValueError("the phased schedule needs a params or MACs target")
+
+    def _flagged_units(self, pruner, graph, layer_set, which, target):
+        """The units of ``layer_set``'s groups that the criterion flags as unimportant, at most as
+        many as the target needs; returns (units, number flagged)."""
+        crit, caps = pruner.criterion, pruner.caps
+        scores = crit.scores(graph)
+        gis = {gi for gi, g in enumerate(graph.groups) if group_key(g) in layer_set and gi in scores}
+        flagged = crit.unimportant({gi: scores[gi] for gi in gis})
+        # only flagged units may go: the others get an infinite score and are filtered out
+        masked = {}
+        for gi in gis:
+            s = torch.full_like(scores[gi], math.inf)
+            s[flagged[gi]] = scores[gi][flagged[gi]]
+            masked[gi] = s
+        n_flagged = sum(len(v) for v in flagged.values())
+        units = select_units(graph, masked, n_flagged, **caps)
+        if graph.cost(units)[which] < target:  # do not overshoot: fewest flagged units meeting the target
+            units, _ = plan_removal(graph, masked, **{("target_params" if which == 0 else "target_flops"): target},
+                                    **caps)
+            units = [u for u in units if any(u == graph.groups[gi].units[p] for gi in gis
+                                             for p in flagged[gi].tolist())]
+        return units, n_flagged
+
+    def run(self, pruner):
+        absolute = pruner.absolute_target(pruner.target.fraction)
+        which = 0 if absolute["target_params"] is not None else 1
+        target = absolute["target_params"] if which == 0 else absolute["target_flops"]
+        model, tune = pruner.model, self.fine_tune
+        step = 0
+        for rnd in range(self.rounds):
+            keys = [group_key(g) for g in pruner.trace().prunable_groups()]
+            sets = [keys[i * len(keys) // self.phases:(i + 1) * len(keys) // self.phases]
+                    for i in range(self.phases)]
+            removed_this_round = 0
+            for layer_set in sets:
+                if not layer_set:
+                    continue
+                step += 1
+                graph = pruner.trace()
+                weights = _producer_weights(graph, [g for g in graph.groups if group_key(g) in layer_set])
+                induce_sparsity(model, weights, pruner.train_data, l1=self.l1, steps=self.sparsity_steps,
+                                batch_size=tune.batch_size, lr=self.sparsity_lr, seed=self.seed + step,
+                                loss_fn=pruner.loss_fn)
+                a = choose_threshold(model, weights, pruner.val_data, tolerance=self.tolerance)
+                units, n_flagged = [], 0
+                if a > 0:  # a = 0: every threshold cost accuracy, so this phase zeroes and prunes nothing
+                    units, n_flagged = self._flagged_units(pruner, graph, layer_set, which, target)
+                if units:
+                    graph.remove(units)
+                removed_this_round += len(units)
+                pruner.fine_tune(tune, tune.steps, self.seed + 1000 + step)
+                params, flops = count_params_flops(model, pruner.example_inputs)
+                record = {"step": step, "round": rnd + 1, "layers": [k[0] for k in layer_set],
+                          "threshold_multiplier": a, "flagged": n_flagged, "removed_units": len(units),
+                          "params": params, "flops": flops,
+                          "val_accuracy": evaluate_classifier(model, pruner.val_data)["accuracy"]}
+                pruner.log(f"singh round {rnd + 1} phase {step}: threshold {a} x mean|w|, {n_flagged} flagged, "
+                           f"-{len(units)} channels, params {params} ({pruner.dense_params / params:.2f}x), "
+                           f"FLOPs {flops} ({pruner.dense_flops / flops:.2f}x), val accuracy "
+                           f"{record['val_accuracy']:.4f}")
+                yield record
+                if (params, flops)[which] <= target:
+                    return
+            if removed_this_round == 0:
+                break
+        pruner.log("singh: the target was not reached within the rounds allowed")
+
+
+# ---------------------------------------------------------------------------- the driver
+def _score_batches(data, batch_size: int, n: int, seed: int) -> List[tuple]:
+    """``n`` deterministic random minibatches of ``data`` (for data-driven criteria)."""
+    from pycompress.train import _collate
+
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(len(data), generator=g)
+    out = []
+    for b in range(n):
+        idx = perm[(b * batch_size) % len(data):][:batch_size]
+        if len(idx) == 0:
+            break
+        out.append(_collate(data, idx.tolist()))
+    return out
+
+
+class Pruner:
+    """Prunes ``model`` in place, one schedule step per :meth:`step`.
+
+    Args:
+        model (nn.Module): the model, modified in place (see :func:`prune` for a copy).
+        example_inputs (Tensor | tuple[Tensor]): inputs for tracing and counting.
+        criterion (str | Criterion): a name in ``CRITERIA`` or an instance with its options.
+        schedule (Schedule): :class:`OneShot`, :class:`Iterative`, :class:`Phased`, ...
+        target (Target): the size to reach and the per-layer caps.
+        train_data (Dataset, optional): scoring minibatches and fine-tuning.
+        val_data (Dataset, optional): per-step validation accuracy; Singh's threshold.
+        loss_fn (callable, optional): ``loss_fn(model, batch) -> loss``; default cross-entropy.
+        ignored_layers (iterable of nn.Module | str): layers never pruned.
+        log (callable, optional): receives progress lines.
+
+    Example:
+        >>> pruner = Pruner(model, x, L1(), Iterative(steps=4), Target(params=0.5))
+        >>> while pruner.step() is not None:
+        ...     print(pruner.history[-1]["params"])
+    """
+
+    def __init__(self, model: nn.Module, example_inputs, criterion, schedule: Schedule, target: Target, *,
+                 train_data=None, val_data=None, loss_fn: Optional[Callable] = None, ignored_layers: Iterable = (),
+                 log: Optional[Callable[[str], None]] = None):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if not isinstance(schedule, Schedule):
+            raise TypeError(f"schedule must be a Schedule (OneShot, Iterative, Phased), got {schedule!r}")
+        if not isinstance(target, Target):
+            raise TypeError(f"target must be a Target (e.g. Target(params=0.5)), got {target!r}")
+        self.model, self.example_inputs = model, _as_tuple(example_inputs)
+        self.criterion: Criterion = get_criterion(criterion)
+        self.schedule, self.target = schedule, target
+        self.train_data, self.val_data, self.loss_fn = train_data, val_data, loss_fn
+        if self.criterion.needs_data and train_data is None:
+            raise ValueError(f"criterion {self.criterion.name!r} needs train_data (minibatches to score on)")
+        names = {m: n for n, m in model.named_modules()}
+        self.ignored_layers = [names.get(l, l) if isinstance(l, nn.Module) else l for l in ignored_layers]
+        if not all(isinstance(l, str) for l in self.ignored_layers):
+            raise ValueError("ignored_layers must hold submodules of model or their names")
+        schedule.check(self)
+        self.log = log or (lambda s: None)
+        graph = self.trace()
+        self.dense_params, self.dense_flops = graph.cost()
+        self.original_sizes = {group_key(g): len(g) for g in graph.groups}
+        self.caps = target.caps(self.original_sizes)
+        self.history: List[dict] = []
+        self._steps = schedule.run(self)
+        self.done = False
+
+    def trace(self) -> DependencyGraph:
+        """The dependency graph of the model as it is now."""
+        return DependencyGraph(self.model, self.example_inputs, self.ignored_layers)
+
+    def absolute_target(self, fraction: float) -> Dict[str, Optional[int]]:
+        """``{"target_params": n, "target_flops": None}`` (or the reverse) for a fraction of the dense model."""
+        params = self.target.params is not None
+        return {"target_params": int(fraction * self.dense_params) if params else None,
+                "target_flops": None if params else int(fraction * self.dense_flops)}
+
+    def scores(self, graph: DependencyGraph, n_batches: int, batch_size: int, seed: int):
+        """The criterion's scores, on ``n_batches`` minibatches of ``train_data`` if it needs data."""
+        data = _score_batches(self.train_data, batch_size, n_batches, seed) if self.criterion.needs_data else None
+        return self.criterion.scores(graph, data, self.loss_fn)
+
+    def fine_tune(self, settings: FineTune, steps: int, seed: int):
+        """``steps`` SGD minibatches on ``train_data`` (nothing for 0)."""
+        if steps:
+            _fine_tune(self.model, self.train_data, steps, batch_size=settings.batch_size, lr=settings.lr,
+                       momentum=settings.momentum, weight_decay=settings.weight_decay, seed=seed,
+                       step_fn=self.loss_fn)
+
+    def step(self) -> Optional[dict]:
+        """Runs one schedule step; returns its history record, or None once the schedule is done."""
+        if self.done:
+            return None
+        record = next(self._steps, None)
+        if record is None:
+            self.done = True
+            return None
+        self.history.append(record)
+        return record
+
+    def run(self) -> nn.Module:
+        """Runs every remaining step; returns the (pruned, in place) model."""
+        while self.step() is not None:
+            pass
+        return self.model
+
+
+# ---------------------------------------------------------------------------- prune()
+_LEGACY = {"target_params", "target_flops", "channel_ratio", "steps", "units_per_step", "per_layer", "round_to",
+           "max_layer_ratio", "batch_size", "score_batches", "fine_tune_steps", "lr", "momentum", "weight_decay",
+           "seed", "singh"}
+
+
+def _from_legacy(criterion, target_params=None, target_flops=None, channel_ratio=None, steps=1, units_per_step=None,
+                 per_layer=False, round_to=1, max_layer_ratio=0.9, batch_size=32, score_batches=8,
+                 fine_tune_steps=0, lr=0.01, momentum=0.9, weight_decay=1e-4, seed=0, singh=None):
+    """(criterion, schedule, target) from the keyword form of :func:`prune` before the engine had objects."""
+    if sum(v is not None for v in (target_params, target_flops, channel_ratio)) != 1:
+        raise ValueError("give exactly one of target_params, target_flops and channel_ratio")
+    _check_fraction("target_params", target_params)
+    _check_fraction("target_flops", target_flops)
+    _check_fraction("channel_ratio", channel_ratio, low_open=False)
+    for name, v, lo in (("steps", steps, 1), ("round_to", round_to, 1), ("batch_size", batch_size, 1),
+                        ("score_batches", score_batches, 1), ("fine_tune_steps", fine_tune_steps, 0)):
+        _check_int(name, v, lo)
+    _check_fraction("max_layer_ratio", max_layer_ratio)
+    if units_per_step is not None:
+        _check_int("units_per_step", units_per_step, 1)
+        if channel_ratio is not None:
+            raise ValueError("units_per_step needs target_params or target_flops, not channel_ratio")
+    opts = dict(singh or {})
+    crit = get_criterion(criterion, **({"rho": opts.pop("rho")} if "rho" in opts else {}))
+    target = Target(params=target_params, macs=target_flops, channels=channel_ratio, per_layer=per_layer,
+                    round_to=round_to, max_layer_ratio=max_layer_ratio)
+    tune = FineTune(steps=fine_tune_steps, batch_size=batch_size, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    schedule = crit.default_schedule()
+    if isinstance(schedule, Phased):
+        allowed = {"phases", "l1", "sparsity_steps", "tolerance", "rounds", "lr"}
+        if set(opts) - allowed:
+            raise ValueError(f"singh options must be among {sorted(allowed | {'rho'})}, got "
+                             f"{sorted(set(opts) - allowed)}")
+        if "lr" in opts:
+            opts["sparsity_lr"] = opts.pop("lr")
+        schedule = Phased(**opts, fine_tune=tune, seed=seed)
+    else:
+        schedule = Iterative(steps, units_per_step=units_per_step, score_batches=score_batches, fine_tune=tune,
+                             seed=seed)
+    return crit, schedule, target
+
+
+def prune(model: nn.Module, example_inputs, criterion="taylor", schedule: Optional[Schedule] = None,
+          target: Optional[Target] = None, *, train_data=None, val_data=None, loss_fn: Optional[Callable] = None,
+          ignored_layers: Iterable = (), inplace: bool = False, history: Optional[list] = None,
+          log: Optional[Callable[[str], None]] = None, **legacy) -> nn.Module:
+    """Structurally prunes ``model`` and returns a physically smaller ``nn.Module``.
+
+    Args:
+        model (nn.Module): the (trained) model; copied unless ``inplace``.
+        example_inputs (Tensor | tuple[Tensor]): inputs for tracing and counting.
+        criterion (str | Criterion): ``l1``, ``l2``, ``bn_scale``, ``taylor``, ``taylor_weight``,
+            ``singh``, ``random`` or an instance with its options (``Taylor(flops_lambda=1e-3)``).
+        schedule (Schedule, optional): :class:`OneShot`, :class:`Iterative` or :class:`Phased`;
+            default: the criterion's own (``criterion.default_schedule()``).
+        target (Target): the size to reach, e.g. ``Target(params=0.5, round_to=8)``.
+        train_data (Dataset): minibatches for data-driven criteria and fine-tuning.
+        val_data (Dataset): per-step validation accuracy; the phased schedule's threshold.
+        loss_fn (callable): ``loss_fn(model, batch) -> loss``; default cross-entropy.
+        ignored_layers (iterable of nn.Module | str): layers never pruned.
+        inplace (bool): prune ``model`` itself.
+        history (list, optional): receives one dict per step (params, FLOPs, units).
+        log (callable, optional): receives progress lines.
+        **legacy: deprecated (one release): the keyword form ``target_params=``,
+            ``target_flops=``, ``channel_ratio=``, ``steps=``, ``units_per_step=``, ``per_layer=``,
+            ``round_to=``, ``max_layer_ratio=``, ``batch_size=``, ``score_batches=``,
+            ``fine_tune_steps=``, ``lr=``, ``momentum=``, ``weight_decay=``, ``seed=``, ``singh=``.
+
+    Returns:
+        nn.Module: the pruned model, same class as ``model``.
+
+    Raises:
+        ValueError: bad arguments, untraceable graph (naming the node), or a
+            data-driven criterion without ``train_data``.
+
+    Example:
+        >>> small = prune(model, torch.randn(1, 1, 8, 8), Taylor(), Iterative(10, fine_tune=FineTune(30)),
+        ...               Target(params=0.1), train_data=train_set)
+    """
+    unknown = set(legacy) - _LEGACY
+    if unknown:
+        raise TypeError(f"prune() got an unexpected keyword argument {sorted(unknown)[0]!r}")
+    if target is None and schedule is not None and not legacy:
+        raise ValueError("prune(): target is required, e.g. Target(params=0.5)")
+    if legacy or target is None:
+        if schedule is not None or target is not None:
+            raise TypeError("prune(): give schedule and target objects or the deprecated keywords "
+                            f"({', '.join(sorted(legacy))}), not both")
+        warnings.warn("prune(model, x, criterion, target_params=..., steps=..., ...) is deprecated and will be "
+                      "removed in the next release: pass a schedule and a target, e.g. "
+                      "prune(model, x, 'l1', OneShot(), Target(params=0.5))", DeprecationWarning, stacklevel=2)
+        criterion, schedule, target = _from_legacy(criterion, **legacy)
+    criterion = get_criterion(criterion)
+    schedule = criterion.default_schedule() if schedule is None else schedule
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    model = model if inplace else copy.deepcopy(model)
+    pruner = Pruner(model, example_inputs, criterion, schedule, target, train_data=train_data, val_data=val_data,
+                    loss_fn=loss_fn, ignored_layers=ignored_layers, log=log)
+    pruner.run()
+    if history is not None:
+        history.extend(pruner.history)
+    return model

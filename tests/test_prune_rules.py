@@ -1,0 +1,568 @@
+"""Op rules for the blocks of torchvision's zoo and of the detectors, each rebuilt in plain torch.nn
+(torchvision does not import beside our torch), each checked against the masked original: the
+unpruned model with the removed channels zeroed (LayerNorms over the channels normalise over the
+kept ones), in float64."""
+
+import io
+
+import pytest
+import torch
+import torch.fx
+from torch import nn
+
+from pycompress.prune import (DependencyGraph, L1, OneShot, Rule, Target, get_criterion, load_pruned_state_dict,
+                              masked_forward, plan_removal, prune, register_rule)
+
+
+def _randomize(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Random BatchNorm statistics and norm affines, so a zeroed channel does not stay zero."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            n = m.num_features
+            m.running_mean.copy_(torch.rand(n, generator=g) - 0.5)
+            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+        if isinstance(m, (nn.BatchNorm2d, nn.LayerNorm)):
+            m.weight.data.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+            m.bias.data.copy_(torch.rand(m.bias.shape, generator=g) - 0.5)
+    return model.double().eval()
+
+
+def _outputs(out):
+    return out if isinstance(out, (tuple, list)) else (out,)
+
+
+def _prune_matches_masked(model, x, keep=0.6, seed=None):
+    """Prunes ``model`` in place to ``keep`` of its parameters (L1, one shot) and checks it against the
+    masked original; returns the graph (before removal) and the removed units."""
+    graph = DependencyGraph(model, x)
+    scores = L1().scores(graph)
+    units, reached = plan_removal(graph, scores, target_params=int(keep * graph.cost()[0]))
+    assert reached and units
+    if seed is not None:
+        torch.manual_seed(seed)
+    reference = masked_forward(graph, units, x)
+    graph.remove(units)
+    if seed is not None:
+        torch.manual_seed(seed)
+    with torch.no_grad():
+        out = model(x)
+    for o, r in zip(_outputs(out), _outputs(reference)):
+        assert o.shape == r.shape
+        assert torch.allclose(o, r, rtol=0, atol=1e-9)
+    return graph, units
+
+
+def _x(*shape, seed=1):
+    return torch.rand(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+# ------------------------------------------------------------------ stateless modules reused (ResNet)
+class BasicBlock(nn.Module):
+    """torchvision's ResNet block: one nn.ReLU instance called twice."""
+
+    def __init__(self, cin, cout, stride=1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.downsample = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+                           if stride != 1 or cin != cout else None)
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + identity)
+
+
+class TinyResNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.layer1 = nn.Sequential(BasicBlock(8, 8), BasicBlock(8, 8))
+        self.layer2 = BasicBlock(8, 12, stride=2)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(12, 5)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.pool(self.layer2(self.layer1(self.stem(x)))), 1))
+
+
+def test_stateless_module_called_twice_is_two_calls():
+    model = _randomize(TinyResNet())
+    graph, _ = _prune_matches_masked(model, _x(2, 3, 8, 8))
+    inner = graph.group_of("layer1.0.conv1.out")  # the first relu call couples nothing with the second
+    assert {str(m) for m in inner.members} == {"layer1.0.conv1.out", "layer1.0.bn1.bn", "layer1.0.conv2.in"}
+    assert model.layer1[0].conv1.out_channels < 8
+
+
+def test_module_with_weights_called_twice_is_refused():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.bn = nn.Conv2d(1, 4, 1), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return self.bn(self.bn(self.stem(x)))
+
+    with pytest.raises(ValueError, match="node 'bn_1'.*called more than once"):
+        DependencyGraph(Twice(), torch.rand(1, 1, 4, 4))
+
+
+# ------------------------------------------------------------------ per-sample and elementwise functions
+def stochastic_depth(input, p: float, mode: str, training: bool = True):
+    """torchvision.ops.stochastic_depth, as written there (traced through here, not wrapped)."""
+    if not training or p == 0.0:
+        return input
+    survival_rate = 1.0 - p
+    size = [input.shape[0]] + [1] * (input.ndim - 1) if mode == "row" else [1] * input.ndim
+    noise = torch.empty(size, dtype=input.dtype, device=input.device)
+    noise = noise.bernoulli_(survival_rate)
+    if survival_rate > 0.0:
+        noise.div_(survival_rate)
+    return input * noise
+
+
+class PerSample(nn.Module):
+    def __init__(self, mode="row"):
+        super().__init__()
+        self.mode = mode
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 8, 3, padding=1)
+        self.drops = nn.ModuleList([nn.Dropout(0.0), nn.Dropout2d(0.0), nn.AlphaDropout(0.0),
+                                    nn.FeatureAlphaDropout(0.0)])
+        self.c = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        for d in self.drops:
+            h = d(h)
+        h = nn.functional.dropout2d(h, 0.0, self.training)
+        scale = x.mean(dim=(1, 2, 3), keepdim=True)  # (B, 1, 1, 1)
+        h = h + stochastic_depth(self.b(h) * scale, 0.5, self.mode, self.training)
+        return self.c(h)
+
+
+@pytest.mark.parametrize("mode", ["row", "batch"])
+def test_stochastic_depth_dropout_and_per_sample_scale_pass_channels(mode):
+    model = _randomize(PerSample(mode)).train()  # stochastic depth draws its mask: same seed both runs
+    _prune_matches_masked(model, _x(4, 3, 6, 6), seed=3)
+    assert model.a.out_channels < 8
+
+
+_wrapped_calls = []
+
+
+def sample_gate(x, p: float):
+    """A per-sample function the user keeps opaque to fx (as torchvision does with stochastic_depth)."""
+    _wrapped_calls.append(p)
+    return x * (1 - p)
+
+
+torch.fx.wrap("sample_gate")
+
+
+class Gated(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 6, 1), nn.Conv2d(6, 2, 1)
+
+    def forward(self, x):
+        return self.b(sample_gate(self.a(x), 0.25))
+
+
+def test_a_user_rule_makes_a_wrapped_function_prunable():
+    with pytest.raises(ValueError, match="node 'sample_gate'.*operation not modelled.*register_rule"):
+        DependencyGraph(Gated(), torch.rand(1, 3, 2, 2))
+
+    @register_rule(sample_gate)
+    class SampleGateRule(Rule):
+        def propagate(self, graph, node):
+            return graph.input_channels(node)
+
+    model = _randomize(Gated())
+    _prune_matches_masked(model, _x(2, 3, 4, 4))
+    assert model.a.out_channels < 6 and _wrapped_calls
+
+
+# ------------------------------------------------------------------ channels-last blocks (ConvNeXt)
+class CNBlock(nn.Module):
+    """torchvision's ConvNeXt block: depthwise 7x7, permute to channels-last, LayerNorm and two
+    Linear layers over the last dim, permute back, layer scale, stochastic depth, residual."""
+
+    def __init__(self, dim, layer_scale=1e-1):
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, 7, padding=3, groups=dim)
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.fc1, self.act, self.fc2 = nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim)
+        self.layer_scale = nn.Parameter(torch.ones(dim, 1, 1) * layer_scale)
+
+    def forward(self, x):
+        h = self.dwconv(x).permute(0, 2, 3, 1)
+        h = self.fc2(self.act(self.fc1(self.norm(h))))
+        h = self.layer_scale * torch.permute(h, [0, 3, 1, 2])
+        return x + stochastic_depth(h, 0.1, "row", self.training)
+
+
+class TinyConvNeXt(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 2, 2)
+        self.stem_norm = nn.LayerNorm(8)
+        self.block = CNBlock(8)
+        self.head_norm = nn.LayerNorm(8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = self.stem_norm(self.stem(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        x = self.block(x).mean((2, 3))
+        return self.head(self.head_norm(x))
+
+
+def test_permute_with_channels_last_layernorm_and_linear():
+    model = _randomize(TinyConvNeXt())
+    graph, _ = _prune_matches_masked(model, _x(2, 3, 8, 8), keep=0.7)
+    mlp = graph.group_of("block.fc1.out")
+    assert not mlp.locked and {str(m) for m in mlp.members} == {"block.fc1.out", "block.fc2.in"}
+    # the layer scale is a parameter of the block, not a layer: it locks the trunk it multiplies
+    assert graph.group_of("stem.out").locked and "layer_scale" in graph.group_of("stem.out").reason
+    assert model.block.fc1.out_features < 32
+
+
+def test_layernorm_over_the_channels_prunes_and_reloads():
+    model = nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.GELU(), nn.Linear(8, 2))
+    _randomize(model)
+    x = _x(5, 6)
+    _prune_matches_masked(model, x)
+    assert model[1].normalized_shape == (model[0].out_features,) and model[0].out_features < 8
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    buffer.seek(0)
+    fresh = nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.GELU(), nn.Linear(8, 2)).double().eval()
+    reloaded = load_pruned_state_dict(fresh, torch.load(buffer, weights_only=True))
+    with torch.no_grad():
+        assert torch.equal(reloaded(x), model(x))
+
+
+# ------------------------------------------------------------------ multi-head attention
+class Attention(nn.Module):
+    """ViT/Swin-style attention written out: qkv Linear, split into heads, scaled dot products,
+    merge, output projection. ``layout`` picks how the code sizes the heads:
+
+    - ``"heads"``: ``reshape(B, N, 3, -1, head_dim)``: head_dim fixed -> whole heads are pruned;
+    - ``"head_dims"``: the head dim read from qkv's own shape -> head dims are pruned, the same in
+      every head, in q, k and v;
+    - ``"..._sdpa"``: the same with ``F.scaled_dot_product_attention``;
+    - ``"swin"``: Swin's ``reshape(B, N, 3, heads, C // heads)`` with C the block input's width:
+      the head dim follows the input, not qkv, so qkv's outputs are locked.
+    """
+
+    def __init__(self, dim, num_heads, layout):
+        super().__init__()
+        self.num_heads, self.head_dim, self.layout = num_heads, dim // num_heads, layout
+        self.scale = self.head_dim ** -0.5
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        qkv = self.qkv(x)
+        if self.layout.startswith("heads"):
+            qkv = qkv.reshape(B, N, 3, -1, self.head_dim)
+        elif self.layout.startswith("head_dims"):
+            qkv = qkv.reshape(B, N, 3, self.num_heads, qkv.shape[-1] // (3 * self.num_heads))
+        else:
+            qkv = qkv.reshape(B, N, 3, self.num_heads, C // self.num_heads)
+        qkv = qkv.permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        if self.layout.endswith("sdpa"):
+            out = nn.functional.scaled_dot_product_attention(q, k, v)
+        else:
+            out = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1) @ v
+        return self.proj(out.transpose(1, 2).reshape(B, N, -1))
+
+
+class EncoderBlock(nn.Module):
+    def __init__(self, dim=8, heads=2, layout="heads"):
+        super().__init__()
+        self.embed = nn.Linear(5, dim)
+        self.norm1, self.attn = nn.LayerNorm(dim), Attention(dim, heads, layout)
+        self.norm2, self.fc1, self.fc2 = nn.LayerNorm(dim), nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim)
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, tokens):
+        x = self.embed(tokens)
+        x = x + self.attn(self.norm1(x))
+        x = x + self.fc2(nn.functional.gelu(self.fc1(self.norm2(x))))
+        return self.head(x[:, 0])
+
+
+@pytest.mark.parametrize("layout", ["heads", "head_dims", "heads_sdpa", "head_dims_sdpa"])
+def test_attention_prunes_heads_or_head_dims_consistently(layout, tmp_path):
+    heads = layout.startswith("heads")
+    model = _randomize(EncoderBlock(dim=8, heads=2, layout=layout))
+    x = _x(2, 4, 5)
+    graph = DependencyGraph(model, x)
+    qkv = graph.group_of("attn.qkv.out")
+    assert not qkv.locked
+    # one unit removes the same position from q, k and v: a head (4 dims x 3) or a head dim (2 heads x 3)
+    assert all(len(idx) == (12 if heads else 6) for idx in qkv.indices[next(iter(qkv.indices))])
+    assert len(qkv) == (2 if heads else 4)
+    reference = masked_forward(graph, qkv.units[:1], x)
+    graph.remove(qkv.units[:1])
+    with torch.no_grad():
+        out = model(x)
+    assert torch.allclose(out, reference, rtol=0, atol=1e-9)
+    assert model.attn.qkv.out_features == (12 if heads else 18)
+    _prune_matches_masked(model, x, keep=0.8)  # and the rest of the block prunes too
+    torch.save(model.state_dict(), tmp_path / "sd.pt")
+    fresh = _randomize(EncoderBlock(dim=8, heads=2, layout=layout))
+    reloaded = load_pruned_state_dict(fresh, torch.load(tmp_path / "sd.pt", weights_only=True))
+    exported = torch.export.export(model, (x,))
+    with torch.no_grad():
+        assert torch.equal(reloaded(x), model(x))
+        assert torch.allclose(exported.module()(x), model(x), atol=1e-9)
+
+
+def test_swin_head_split_sized_from_the_block_input_locks_qkv():
+    model = _randomize(EncoderBlock(dim=8, heads=2, layout="swin"))
+    graph = DependencyGraph(model, _x(2, 4, 5))
+    assert graph.group_of("attn.qkv.out").locked
+    assert "read from the shape of a tensor with other channels" in graph.group_of("attn.qkv.out").reason
+    _prune_matches_masked(model, _x(2, 4, 5), keep=0.8)  # the MLP still prunes
+
+
+# ------------------------------------------------------------------ channel shuffle (ShuffleNet-V2)
+def channel_shuffle(x, groups: int):
+    """torchvision's, as written there."""
+    batchsize, num_channels, height, width = x.size()
+    channels_per_group = num_channels // groups
+    x = x.view(batchsize, groups, channels_per_group, height, width)
+    x = torch.transpose(x, 1, 2).contiguous()
+    return x.view(batchsize, num_channels, height, width)
+
+
+def _branch(cin, cout, stride):
+    return nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(),
+                         nn.Conv2d(cout, cout, 3, stride, 1, groups=cout, bias=False), nn.BatchNorm2d(cout),
+                         nn.Conv2d(cout, cout, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
+
+
+class InvertedResidual(nn.Module):
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.stride, half = stride, cout // 2
+        if stride > 1:
+            self.branch1 = nn.Sequential(nn.Conv2d(cin, cin, 3, stride, 1, groups=cin, bias=False),
+                                         nn.BatchNorm2d(cin), nn.Conv2d(cin, half, 1, bias=False),
+                                         nn.BatchNorm2d(half), nn.ReLU())
+        self.branch2 = _branch(cin if stride > 1 else half, half, stride)
+
+    def forward(self, x):
+        if self.stride == 1:
+            x1, x2 = x.chunk(2, dim=1)
+            out = torch.cat((x1, self.branch2(x2)), dim=1)
+        else:
+            out = torch.cat((self.branch1(x), self.branch2(x)), dim=1)
+        return channel_shuffle(out, 2)
+
+
+class TinyShuffleNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Sequential(nn.Conv2d(3, 8, 3, 1, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.stage = nn.Sequential(InvertedResidual(8, 16, 2), InvertedResidual(16, 16, 1))
+        self.conv5 = nn.Sequential(nn.Conv2d(16, 12, 1, bias=False), nn.BatchNorm2d(12), nn.ReLU())
+        self.fc = nn.Linear(12, 4)
+
+    def forward(self, x):
+        return self.fc(self.conv5(self.stage(self.conv1(x))).mean([2, 3]))
+
+
+def test_channel_shuffle_prunes_the_same_positions_in_every_group():
+    model = _randomize(TinyShuffleNet())
+    x = _x(2, 3, 8, 8)
+    graph = DependencyGraph(model, x)
+    trunk = graph.group_of("stage.0.branch1.2.out")
+    # the shuffle interleaves the two branches: one unit is position i of both (and 2 of the 16 trunk channels)
+    assert not trunk.locked and len(trunk) == 4
+    assert {str(m): trunk.indices[m][0] for m in trunk.members if m.module in ("stage.0.branch2.5", "conv5.0")} == \
+        {"stage.0.branch2.5.out": [0, 4], "conv5.0.in": [0, 1, 2, 3]}
+    reference = masked_forward(graph, trunk.units[:1], x)
+    graph.remove(trunk.units[:1])
+    with torch.no_grad():
+        assert torch.allclose(model(x), reference, rtol=0, atol=1e-9)
+    assert (model.stage[0].branch1[2].out_channels, model.stage[1].branch2[0].in_channels,
+            model.conv5[0].in_channels) == (6, 6, 12)
+    _prune_matches_masked(model, x, keep=0.7)
+
+
+# ------------------------------------------------------------------ detectors (issue 14 stand-ins)
+def space_to_depth(x):
+    """YOLOv2's passthrough (reorg): (B, C, H, W) -> (B, 4C, H/2, W/2)."""
+    B, C, H, W = x.shape
+    x = x.view(B, C, H // 2, 2, W // 2, 2).permute(0, 3, 5, 1, 2, 4)
+    return x.reshape(B, 4 * C, H // 2, W // 2)
+
+
+def _cbr(cin, cout, stride=1):
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.LeakyReLU(0.1))
+
+
+class TinyYOLO(nn.Module):
+    """Backbone, a passthrough from a finer map concatenated with the deeper one, and a head whose
+    raw map ``(B, A*(5+C), H, W)`` is viewed as ``(B, A, 5+C, H, W)``: its channels are fixed."""
+
+    anchors, classes = 2, 3
+
+    def __init__(self):
+        super().__init__()
+        self.fine = nn.Sequential(_cbr(3, 6), _cbr(6, 8, 2))
+        self.deep = nn.Sequential(nn.MaxPool2d(2), _cbr(8, 10), _cbr(10, 10))
+        self.reduce = _cbr(8, 4)
+        self.fuse = _cbr(4 * 4 + 10, 12)
+        self.head = nn.Conv2d(12, self.anchors * (5 + self.classes), 1)
+
+    def forward(self, x):
+        fine = self.fine(x)
+        fused = self.fuse(torch.cat([space_to_depth(self.reduce(fine)), self.deep(fine)], 1))
+        out = self.head(fused)
+        B, _, H, W = out.shape
+        return out.view(B, self.anchors, 5 + self.classes, H, W).permute(0, 1, 3, 4, 2)
+
+
+class TinySSD(nn.Module):
+    """Feature maps at three scales, one classification and one box conv per map, each permuted to
+    channels-last, reshaped to ``(B, -1, k)`` and concatenated across scales."""
+
+    def __init__(self, classes=4, anchors=(2, 3, 2)):
+        super().__init__()
+        self.classes = classes
+        self.stages = nn.ModuleList([_cbr(3, 8, 2), _cbr(8, 10, 2), _cbr(10, 12, 2)])
+        self.cls = nn.ModuleList(nn.Conv2d(c, a * classes, 3, padding=1) for c, a in zip((8, 10, 12), anchors))
+        self.box = nn.ModuleList(nn.Conv2d(c, a * 4, 3, padding=1) for c, a in zip((8, 10, 12), anchors))
+
+    def forward(self, x):
+        scores, boxes = [], []
+        for stage, cls, box in zip(self.stages, self.cls, self.box):
+            x = stage(x)
+            B = x.shape[0]
+            scores.append(cls(x).permute(0, 2, 3, 1).reshape(B, -1, self.classes))
+            boxes.append(box(x).permute(0, 2, 3, 1).reshape(B, -1, 4))
+        return torch.cat(scores, 1), torch.cat(boxes, 1)
+
+
+@pytest.mark.parametrize("make, heads", [(TinyYOLO, ["head"]),
+                                         (TinySSD, [f"{h}.{i}" for h in ("cls", "box") for i in range(3)])])
+def test_detector_heads_stay_fixed_and_everything_upstream_prunes(make, heads):
+    model = _randomize(make())
+    x = _x(2, 3, 16, 16)
+    with torch.no_grad():
+        shapes = [o.shape for o in _outputs(model(x))]
+    graph = DependencyGraph(model, x)
+    assert all(graph.group_of(f"{h}.out").locked for h in heads)
+    upstream = [g for g in graph.groups if g.reason != "graph input"
+                and not any(m.module in heads and m.kind == "out" for m in g.members)]
+    assert upstream and not any(g.locked for g in upstream)
+    _prune_matches_masked(model, x, keep=0.6)
+    with torch.no_grad():
+        assert [o.shape for o in _outputs(model(x))] == shapes
+
+
+def test_passthrough_repeats_each_channel_four_times_in_the_fused_conv():
+    graph = DependencyGraph(TinyYOLO(), torch.rand(1, 3, 16, 16))
+    group = graph.group_of("reduce.0.out")
+    fuse_in = next(m for m in group.members if str(m) == "fuse.0.in")
+    assert group.indices[fuse_in][1] == [1, 5, 9, 13]  # channel 1 of each of the 2x2 space-to-depth blocks
+    deep = graph.group_of("deep.2.0.out")
+    assert deep.indices[next(m for m in deep.members if str(m) == "fuse.0.in")][0] == [16]
+
+
+# ------------------------------------------------------------------ still refused, by name and reason
+class PerChannelPReLU(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.act = nn.Conv2d(1, 4, 1), nn.PReLU(4)
+
+    def forward(self, x):
+        return self.act(self.a(x))
+
+
+class SlicesChannels(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(1, 4, 1)
+
+    def forward(self, x):
+        return self.a(x).permute(0, 2, 3, 1)[..., 1:]
+
+
+@pytest.mark.parametrize("model, message", [
+    (PerChannelPReLU(), "node 'act'.*per-channel parameters"),
+    (SlicesChannels(), "node 'getitem'.*on its channel dim"),
+])
+def test_unprunable_patterns_name_the_node_and_the_reason(model, message):
+    with pytest.raises(ValueError, match=message):
+        DependencyGraph(model, torch.rand(1, 1, 4, 4))
+
+
+def test_mixing_reshapes_and_channel_reductions_lock_instead_of_failing():
+    class Mixer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Conv2d(1, 4, 1), nn.Conv1d(16, 2, 1), nn.Conv2d(4, 3, 1)
+
+        def forward(self, x):
+            h = self.a(x)
+            mixed = self.b(h.reshape(h.shape[0], 16, -1))  # channels and rows merged, read as channels
+            g = self.c(h * h.softmax(1).amax(1, keepdim=True))
+            return mixed, g
+
+    graph = DependencyGraph(Mixer(), torch.rand(1, 1, 4, 4))
+    assert graph.group_of("a.out").locked and "size 16 is hard-coded" in graph.group_of("a.out").reason
+    assert {"b.in", "c.in"} <= {str(m) for m in graph.group_of("a.out").members}
+
+
+def test_prune_api_on_a_zoo_block_with_the_default_schedule():
+    model = TinyResNet().eval()
+    x = torch.rand(2, 3, 8, 8)
+    small = prune(model, x, get_criterion("l2"), OneShot(), Target(params=0.5, round_to=2))
+    assert type(small) is TinyResNet and small(x).shape == (2, 5)
+
+
+class MHABlock(nn.Module):
+    """torchvision's ViT encoder block: LayerNorm, nn.MultiheadAttention (batch first), residual."""
+
+    def __init__(self, dim=8, heads=2):
+        super().__init__()
+        self.embed = nn.Linear(5, dim)
+        self.ln = nn.LayerNorm(dim)
+        self.attention = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, tokens):
+        x = self.embed(tokens)
+        y = self.ln(x)
+        y, _ = self.attention(y, y, y, need_weights=False)
+        return self.head((x + y)[:, 0])
+
+
+def test_multihead_attention_module_prunes_the_same_dims_in_every_head(tmp_path):
+    model = _randomize(MHABlock())
+    x = _x(2, 4, 5)
+    graph = DependencyGraph(model, x)
+    group = graph.group_of("attention.embed")
+    assert not group.locked and len(group) == 4 and group.indices[next(iter(group.indices))][1] == [1, 5]
+    _prune_matches_masked(model, x, keep=0.7)
+    mha = model.attention
+    assert mha.embed_dim < 8 and mha.embed_dim == mha.head_dim * mha.num_heads == model.ln.normalized_shape[0]
+    torch.save(model.state_dict(), tmp_path / "sd.pt")
+    reloaded = load_pruned_state_dict(_randomize(MHABlock()), torch.load(tmp_path / "sd.pt", weights_only=True))
+    exported = torch.export.export(model, (x,))
+    with torch.no_grad():
+        assert torch.equal(reloaded(x), model(x))
+        assert torch.allclose(exported.module()(x), model(x), atol=1e-9)
