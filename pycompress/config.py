@@ -135,7 +135,6 @@ class DistillConfig(WorkflowConfig):
     """``pycompress distill`` and ``pycompress train-teacher`` (its ``teacher``, ``data`` and seed)."""
 
     seeds: List[int] = field(default_factory=lambda: [0, 1, 2])
-    output: str = "distill_report.json"
     strategies: List[str] = field(default_factory=lambda: ["hinton"])
     baseline: bool = True
     cache_teacher: bool = True
@@ -191,6 +190,8 @@ CRITERIA = ("taylor", "taylor_weight", "l1", "l2", "bn_scale", "singh", "random"
 class PruneConfig(WorkflowConfig):
     """``pycompress prune``: dense training -> :func:`pycompress.prune.prune` -> fine-tuning -> report."""
 
+    progress: bool = False       # a long experiment logs per stage; bars on request
+
     model: ModelConfig = field(default_factory=lambda: ModelConfig(model="vgg"))
     data: DataConfig = field(default_factory=lambda: DataConfig(dataset="digits"))
     weights: str = ""            # a trained state_dict to start from
@@ -221,6 +222,8 @@ class PruneConfig(WorkflowConfig):
 @dataclass
 class BlockSparsifyConfig(WorkflowConfig):
     """``pycompress block-sparsify``: block-sparse copies of a model at several sparsities against the dense one."""
+
+    progress: bool = False
 
     model: ModelConfig = field(default_factory=lambda: ModelConfig(model="resnet"))
     data: DataConfig = field(default_factory=lambda: DataConfig(dataset="digits"))  # "none": latency only
@@ -295,13 +298,13 @@ def from_dict(default: C, data: Mapping, prefix: str = "") -> C:
     """
     if not isinstance(data, Mapping):
         raise ValueError(f"{prefix[:-1] or 'config'} must be a table of keys, got {type(data).__name__}")
-    fields = {f.name for f in dataclasses.fields(default)}
+    fields = [f.name for f in dataclasses.fields(default)]  # declaration order, for the error message
     hints = typing.get_type_hints(type(default))
     changes = {}
     for key, value in data.items():
         if key not in fields:
             where = f" in {prefix[:-1]}" if prefix else ""
-            raise ValueError(f"unknown config key {prefix + key!r}; allowed keys{where}: {', '.join(sorted(fields))}")
+            raise ValueError(f"unknown config key {prefix + key!r}; allowed keys{where}: {', '.join(fields)}")
         typ = hints[key]
         if dataclasses.is_dataclass(typ):
             changes[key] = from_dict(getattr(default, key), value, f"{prefix}{key}.")
@@ -394,10 +397,10 @@ def load_config(default: C, path: Optional[str] = None, overrides: Sequence[str]
 def replace(cfg: C, **changes) -> C:
     """``cfg`` with fields replaced by keyword (Python API); a nested dataclass field takes a dict or an
     instance. Unknown names raise ``TypeError`` naming them and the allowed ones."""
-    fields = {f.name for f in dataclasses.fields(cfg)}
-    unknown = sorted(set(changes) - fields)
+    fields = [f.name for f in dataclasses.fields(cfg)]
+    unknown = sorted(set(changes) - set(fields))
     if unknown:
-        raise TypeError(f"unexpected argument {unknown[0]!r}; allowed: {', '.join(sorted(fields))}")
+        raise TypeError(f"unexpected argument {unknown[0]!r}; allowed: {', '.join(fields)}")
     as_dict = {k: v for k, v in changes.items() if not dataclasses.is_dataclass(v)}
     instances = {k: v for k, v in changes.items() if dataclasses.is_dataclass(v)}
     return from_dict(dataclasses.replace(cfg, **instances), as_dict)

@@ -55,7 +55,7 @@ def add_common_flags(parser: argparse.ArgumentParser, output_help: str = "JSON r
     seed = g.add_mutually_exclusive_group()
     seed.add_argument("--seed", type=int, help="the run's seed")
     seed.add_argument("--seeds", type=numbers(int), help="comma-separated seeds, e.g. 0,1,2")
-    g.add_argument("--output", "--out", dest="output", metavar="PATH", help=output_help)
+    g.add_argument("--output", "--out", "--report", dest="output", metavar="PATH", help=output_help)
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="tqdm progress bars")
     g.add_argument("--checkpoint-dir", metavar="DIR", help="atomic, resumable checkpoints here")
     g.add_argument("--resume", action="store_true", default=None, help="continue from --checkpoint-dir")
