@@ -277,7 +277,9 @@ def _type_ok(value, typ) -> bool:
 
 
 def _type_name(typ) -> str:
-    return getattr(typ, "__name__", None) or str(typ).replace("typing.", "")
+    if typing.get_origin(typ) is None and hasattr(typ, "__name__"):
+        return typ.__name__
+    return str(typ).replace("typing.", "")
 
 
 def _coerce(value, typ):
