@@ -209,29 +209,10 @@ class Trainer:
             raise TypeError(f"train_data must be an indexable Dataset, got {type(train_data).__name__}")
         if len(train_data) == 0:
             raise ValueError("train_data is empty")
-        if config is not None and not isinstance(config, TrainConfig):
-            raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
-        if amp_dtype is not None:
-            if amp_dtype not in AMP_DTYPES.values():
-                raise ValueError(f"amp_dtype must be None, torch.bfloat16 or torch.float16, got {amp_dtype!r}")
-            warnings.warn("Trainer(amp_dtype=...) is deprecated; use amp='bf16' or 'fp16'", DeprecationWarning,
-                          stacklevel=2)
-            recipe["amp"] = next(k for k, v in AMP_DTYPES.items() if v == amp_dtype)
-        if recipe.get("clip_grad_norm", 0) is None:  # the old spelling of "off"
-            recipe["clip_grad_norm"] = 0.0
-        for name, value in (("optimizer", optimizer), ("scheduler", scheduler)):
-            if isinstance(value, str):
-                recipe[name] = value
-        cfg = replace(config or TrainConfig(), **recipe)
-        for name in ("epochs", "batch_size", "grad_accum"):
-            v = getattr(cfg, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
-        for name, v in (("max_steps", cfg.max_steps), ("checkpoint_every", checkpoint_every)):
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                raise ValueError(f"{name} must be None or an int >= 1, got {v!r}")
-        if cfg.lr <= 0:
-            raise ValueError(f"lr must be a float > 0, got {cfg.lr!r}")
+        cfg = _trainer_config(config, optimizer, scheduler, amp_dtype, recipe)
+        if checkpoint_every is not None and (isinstance(checkpoint_every, bool) or
+                                             not isinstance(checkpoint_every, int) or checkpoint_every < 1):
+            raise ValueError(f"checkpoint_every must be None or an int >= 1, got {checkpoint_every!r}")
         self.device = torch.device(device)
         if cfg.amp == "fp16" and self.device.type != "cuda":
             raise ValueError("amp='fp16' (amp_dtype=torch.float16) needs a CUDA device; use 'bf16' on CPU")
@@ -412,6 +393,33 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if self.scheduler is not None:
             self.scheduler.step()
+
+
+def _trainer_config(config, optimizer, scheduler, amp_dtype, recipe: dict) -> TrainConfig:
+    """The Trainer's TrainConfig: ``config`` with the keyword fields and the older spellings applied, checked."""
+    if config is not None and not isinstance(config, TrainConfig):
+        raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+    if amp_dtype is not None:
+        if amp_dtype not in AMP_DTYPES.values():
+            raise ValueError(f"amp_dtype must be None, torch.bfloat16 or torch.float16, got {amp_dtype!r}")
+        warnings.warn("Trainer(amp_dtype=...) is deprecated; use amp='bf16' or 'fp16'", DeprecationWarning,
+                      stacklevel=3)
+        recipe["amp"] = next(k for k, v in AMP_DTYPES.items() if v == amp_dtype)
+    if recipe.get("clip_grad_norm", 0) is None:  # the old spelling of "off"
+        recipe["clip_grad_norm"] = 0.0
+    for name, value in (("optimizer", optimizer), ("scheduler", scheduler)):
+        if isinstance(value, str):
+            recipe[name] = value
+    cfg = replace(config or TrainConfig(), **recipe)
+    for name in ("epochs", "batch_size", "grad_accum"):
+        v = getattr(cfg, name)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+    if cfg.max_steps is not None and (isinstance(cfg.max_steps, bool) or cfg.max_steps < 1):
+        raise ValueError(f"max_steps must be None or an int >= 1, got {cfg.max_steps!r}")
+    if cfg.lr <= 0:
+        raise ValueError(f"lr must be a float > 0, got {cfg.lr!r}")
+    return cfg
 
 
 class _NullContext:

@@ -58,6 +58,11 @@ def run_parsed(args) -> int:
         return 2
 
 
+def run_standalone(command: str, argv=None) -> int:
+    """One subcommand on its own, e.g. ``python -m pycompress.cli.prune``."""
+    return run_parsed(build_parser(only=command).parse_args(argv))
+
+
 def main(argv=None) -> int:
     return run_parsed(build_parser().parse_args(argv))
 

@@ -10,7 +10,7 @@ import json
 import os
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-__all__ = ["add_common_flags", "common_values", "numbers", "json_object", "load_object", "build_model",
+__all__ = ["add_common_flags", "common_values", "add_model_and_training_flags", "model_and_training_values", "numbers", "json_object", "load_object", "build_model",
            "load_data", "atomic_write_json", "format_table", "MODELS", "DATASETS"]
 
 # short names accepted wherever a model or a data set is given by import path
@@ -67,6 +67,32 @@ def common_values(args) -> Dict[str, Any]:
     return {"seeds": [args.seed] if args.seed is not None else args.seeds, "device": args.device,
             "output": args.output, "progress": args.progress, "checkpoint_dir": args.checkpoint_dir,
             "resume": args.resume}
+
+
+def add_model_and_training_flags(parser: argparse.ArgumentParser, default_model: str, dense_epochs: int,
+                                 finetune_epochs: int, data_help: str = ""):
+    """The model / data / weights and dense-training / fine-tuning flags of the compression experiments
+    (``prune``, ``block-sparsify``); :func:`model_and_training_values` maps them to config keys."""
+    g = parser.add_argument_group("model and data")
+    g.add_argument("--model", help=f"one of {', '.join(MODELS)} or an import path 'pkg.mod:factory' "
+                                   f"(default {default_model})")
+    g.add_argument("--model-kwargs", type=json_object, help="JSON keyword arguments of the factory")
+    g.add_argument("--data", help="'digits' (default) or 'pkg.mod:fn' returning (train, val, test)" + data_help)
+    g.add_argument("--weights", help="trained state_dict to start from")
+    t = parser.add_argument_group("training")
+    t.add_argument("--dense-epochs", type=int, help=f"train the dense model first (default {dense_epochs})")
+    t.add_argument("--finetune-epochs", type=int, help=f"fine-tuning epochs (default {finetune_epochs})")
+    t.add_argument("--lr", type=float, help="dense training learning rate (default 0.05)")
+    t.add_argument("--finetune-lr", type=float, help="default 0.01")
+    t.add_argument("--batch-size", type=int, help="default 32")
+
+
+def model_and_training_values(args) -> Dict[str, Any]:
+    """Config keys of :func:`add_model_and_training_flags`' flags."""
+    return {"model.model": args.model, "model.kwargs": args.model_kwargs, "data.dataset": args.data,
+            "weights": args.weights, "dense.epochs": args.dense_epochs, "dense.lr": args.lr,
+            "finetune.epochs": args.finetune_epochs, "finetune.lr": args.finetune_lr,
+            "dense.batch_size": args.batch_size, "finetune.batch_size": args.batch_size}
 
 
 # ---------------------------------------------------------------------------- loaders

@@ -14,15 +14,12 @@ On your own model and data, given as import paths ``package.module:callable``
         --criterion l1 --target-flops 0.5
 """
 
-from pycompress.cli.common import MODELS
+from pycompress.cli.common import add_model_and_training_flags, common_values, model_and_training_values
 from pycompress.config import CRITERIA
 
 
 def configure(parser):
-    g = parser.add_argument_group("model and data")
-    g.add_argument("--model", help=f"one of {', '.join(MODELS)} or an import path 'pkg.mod:factory' (default vgg)")
-    g.add_argument("--data", help="'digits' (default) or 'pkg.mod:fn' returning (train, val, test)")
-    g.add_argument("--weights", help="trained state_dict to start from (with --dense-epochs 0 to skip training)")
+    add_model_and_training_flags(parser, "vgg", 30, 20)
     g = parser.add_argument_group("pruning")
     g.add_argument("--criterion", choices=CRITERIA, help="default taylor")
     t = g.add_mutually_exclusive_group()
@@ -45,32 +42,22 @@ def configure(parser):
     g.add_argument("--singh-steps", type=int, help="sparsity-induction steps per phase")
     g.add_argument("--singh-rho", type=float, help="'mostly zero' fraction")
     g.add_argument("--singh-rounds", type=int)
-    g = parser.add_argument_group("training")
-    g.add_argument("--dense-epochs", type=int, help="train the dense model first (default 30; 0: use --weights)")
-    g.add_argument("--finetune-epochs", type=int, help="default 20")
-    g.add_argument("--lr", type=float, help="dense training learning rate (default 0.05)")
-    g.add_argument("--finetune-lr", type=float, help="default 0.01")
-    g.add_argument("--batch-size", type=int, help="default 32")
     g.add_argument("--save", help="write the pruned, fine-tuned state_dict here (reload with "
                                   "pycompress.prune.load_pruned_state_dict)")
 
 
 def load(args):
     """The :class:`PruneConfig` of parsed ``args``: defaults, file, flags, then ``--set``."""
-    from pycompress.cli.common import common_values
     from pycompress.config import PruneConfig, load_config
 
-    values = {**common_values(args), "model.model": args.model, "data.dataset": args.data, "weights": args.weights,
-              "save": args.save, "criterion": args.criterion, "target_params": args.target_params,
+    values = {**common_values(args), **model_and_training_values(args), "save": args.save, "criterion": args.criterion, "target_params": args.target_params,
               "target_flops": args.target_flops, "channel_ratio": args.channel_ratio, "steps": args.steps,
               "units_per_step": args.units_per_step, "per_layer": args.per_layer, "exclude": args.exclude,
               "round_to": args.round_to, "max_layer_ratio": args.max_layer_ratio,
               "score_batches": args.score_batches, "fine_tune_steps": args.fine_tune_steps,
               "flops_lambda": args.flops_lambda, "singh.phases": args.singh_phases, "singh.l1": args.singh_l1,
               "singh.sparsity_steps": args.singh_steps, "singh.rho": args.singh_rho,
-              "singh.rounds": args.singh_rounds, "dense.epochs": args.dense_epochs, "dense.lr": args.lr,
-              "finetune.epochs": args.finetune_epochs, "finetune.lr": args.finetune_lr,
-              "dense.batch_size": args.batch_size, "finetune.batch_size": args.batch_size}
+              "singh.rounds": args.singh_rounds}
     return load_config(PruneConfig(), args.config, args.overrides, values)
 
 
@@ -83,9 +70,9 @@ def run(args) -> int:
 
 def main(argv=None) -> int:
     """Runs the subcommand on its own (``python -m pycompress.cli.prune``)."""
-    from pycompress.cli import build_parser, run_parsed
+    from pycompress.cli import run_standalone
 
-    return run_parsed(build_parser(only="prune").parse_args(argv))
+    return run_standalone("prune", argv)
 
 
 if __name__ == "__main__":
