@@ -104,6 +104,8 @@ class WorkflowConfig:
     def __post_init__(self):
         if not self.seeds:
             raise ValueError("seeds must list at least one seed")
+        if self.resume and not self.checkpoint_dir:
+            raise ValueError("resume (--resume) needs checkpoint_dir (--checkpoint-dir)")
 
     def single_seed(self) -> int:
         """The seed of a workflow that runs once; refuses several."""

@@ -97,3 +97,10 @@ def test_block_sparse_layers_count_the_kept_blocks():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert count_macs(sparse, x) == round(count_macs(dense, x) * sparse.density)
+
+
+def test_resume_without_checkpoint_dir_is_refused_by_name(capsys):
+    from pycompress.cli import main
+
+    assert main(["prune", "--target-params", "0.5", "--resume"]) == 2
+    assert "resume (--resume) needs checkpoint_dir (--checkpoint-dir)" in capsys.readouterr().err
