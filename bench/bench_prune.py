@@ -16,7 +16,8 @@ import torch
 
 from bench.common import write_rows
 from pycompress.models import ResNetStyle
-from pycompress.prune import OneShot, Target, compare_latency, count_params_flops, prune
+from pycompress.cost import compare_latency, measure_cost
+from pycompress.prune import OneShot, Target, prune
 
 
 def main(argv=None):
@@ -36,7 +37,8 @@ def main(argv=None):
         x = torch.randn(1, *shape)
         small = prune(dense, x, "l1", OneShot(), Target(channels=ratio, per_layer=True, round_to=round_to)).eval()
         lat = compare_latency({"dense": dense, "pruned": small}, shape, (1, 32), repeats=args.repeats)
-        (pd, fd), (ps, fs) = count_params_flops(dense, x), count_params_flops(small, x)
+        dc, sc = measure_cost(dense, x), measure_cost(small, x)
+        (pd, fd), (ps, fs) = (dc.params, dc.flops), (sc.params, sc.flops)
         for bs in (1, 32):
             d, s = lat["dense"][f"batch{bs}_ms"], lat["pruned"][f"batch{bs}_ms"]
             rows.append({"model": name, "channel_ratio": ratio, "round_to": round_to, "batch": bs,

@@ -10,7 +10,7 @@ a distillation strategy plugs in a closure that also runs a (frozen) teacher::
             t = teacher(x)
         return kd_loss(model(x), t, y, temperature=4.0, alpha=0.5)
 
-    Trainer(student, train_set, step_fn=kd_step, eval_data=val_set, epochs=5).fit()
+    Trainer(student, train_set, TrainConfig(epochs=5), step_fn=kd_step, eval_data=val_set).fit()
 
 What it guarantees
 ------------------
@@ -31,9 +31,11 @@ What it guarantees
 - **Gradient accumulation** (``grad_accum``): the loss of each micro-batch is
   divided by ``grad_accum``; one optimizer step per ``grad_accum`` micro-batches
   (the last, shorter group of an epoch also steps).
-- **Mixed precision** (``amp_dtype``): ``torch.autocast`` around the step
-  function. Off by default. ``torch.bfloat16`` works on CPU and CUDA;
-  ``torch.float16`` only on CUDA, with a ``GradScaler``.
+- **Mixed precision** (``amp``): ``torch.autocast`` around the step
+  function. Off by default. ``"bf16"`` works on CPU and CUDA;
+  ``"fp16"`` only on CUDA, with a ``GradScaler``.
+- **Schedulers**: the Trainer builds the one its config names
+  (``scheduler="cosine"``), since only it knows the run's optimizer-step count.
 - **Evaluation** after every epoch with ``eval_fn(model, eval_data)`` (default:
   accuracy and mean cross-entropy), logged to ``history`` and the progress bar.
 
@@ -53,7 +55,8 @@ on rank 0 only (:attr:`Trainer.is_main`), with a barrier after each write.
 import math
 import os
 import random
-from typing import Callable, Dict, List, Optional
+import warnings
+from typing import Callable, Dict, List, Optional, Union
 
 import numpy as np
 import torch
@@ -62,7 +65,13 @@ from torch import nn
 from torch.utils.data import Dataset, DistributedSampler, TensorDataset
 from torch.utils.data._utils.collate import default_collate
 
-__all__ = ["Trainer", "fit", "evaluate_classifier", "seed_everything", "cross_entropy_step", "atomic_save"]
+from pycompress.config import TrainConfig, replace
+
+__all__ = ["Trainer", "TrainConfig", "fit", "evaluate_classifier", "seed_everything", "cross_entropy_step",
+           "atomic_save", "collate", "make_optimizer", "is_main_process", "world_size", "resolve_device",
+           "init_distributed"]
+
+AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def cross_entropy_step(model: nn.Module, batch) -> torch.Tensor:
@@ -86,11 +95,42 @@ def atomic_save(obj, path: str):
     os.replace(tmp, path)
 
 
-def _collate(dataset: Dataset, idx: List[int]):
+def collate(dataset: Dataset, idx: List[int]):
+    """The batch of ``dataset``'s items ``idx`` (one gather per tensor for a TensorDataset)."""
     if isinstance(dataset, TensorDataset):  # fast path: one gather per tensor
         i = torch.as_tensor(idx)
         return tuple(t[i] for t in dataset.tensors)
     return default_collate([dataset[i] for i in idx])
+
+
+def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
+    """The optimizer ``cfg.optimizer`` names (``sgd`` | ``adam`` | ``adamw``) over ``params``."""
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
+    return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def is_main_process() -> bool:
+    """True on the process that logs and writes (rank 0, or no process group)."""
+    dist = torch.distributed
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def world_size() -> int:
+    """Processes in the current group (1 without one)."""
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def resolve_device(device) -> torch.device:
+    """``auto`` picks CUDA when available; under torchrun on CUDA, this rank's ``cuda:LOCAL_RANK``."""
+    if str(device) == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return device
 
 
 def _to(batch, device):
@@ -112,7 +152,7 @@ def evaluate_classifier(model: nn.Module, data: Dataset, batch_size: int = 256) 
     correct, loss, n = 0, 0.0, 0
     try:
         for start in range(0, len(data), batch_size):
-            x, y = _to(_collate(data, list(range(start, min(start + batch_size, len(data))))), device)
+            x, y = _to(collate(data, list(range(start, min(start + batch_size, len(data))))), device)
             out = model(x)
             loss += float(F.cross_entropy(out, y, reduction="sum"))
             correct += int((out.argmax(1) == y).sum())
@@ -128,88 +168,90 @@ class Trainer:
     Args:
         model (nn.Module): trained in place.
         train_data (Dataset): indexable data; batches are collated from its items.
+        config (TrainConfig, optional): the recipe (epochs, max_steps, batch_size,
+            optimizer, lr, momentum, weight_decay, grad_accum, amp, scheduler,
+            clip_grad_norm, drop_last); default :class:`pycompress.config.TrainConfig`.
+            Keyword arguments named like its fields replace them
+            (``Trainer(m, d, epochs=3, lr=0.05)``).
         step_fn (callable): ``step_fn(model, batch) -> scalar loss``; default
             :func:`cross_entropy_step`.
         eval_data (Dataset, optional): evaluated after every epoch.
         eval_fn (callable): ``eval_fn(model, eval_data) -> dict``; default
             :func:`evaluate_classifier`.
-        epochs (int): number of passes over ``train_data``.
-        max_steps (int, optional): stop after this many optimizer steps in total
-            (e.g. Molchanov's "a few minibatches" of fine-tuning).
-        batch_size (int): micro-batch size.
-        optimizer (callable, optional): ``optimizer(params) -> Optimizer``; default
-            SGD with ``lr``, ``momentum``, ``weight_decay``.
-        scheduler (callable, optional): ``scheduler(optimizer) -> LRScheduler``,
-            stepped after every optimizer step.
-        grad_accum (int): micro-batches per optimizer step.
-        amp_dtype (torch.dtype, optional): autocast dtype; None disables it.
-        clip_grad_norm (float, optional): max gradient norm.
+        optimizer (str | callable, optional): a name overriding ``config.optimizer``, or
+            ``optimizer(params) -> Optimizer`` (then ``lr``, ``momentum`` and
+            ``weight_decay`` are the factory's business).
+        scheduler (str | callable, optional): a name overriding ``config.scheduler``
+            (``"cosine"`` anneals over this run's optimizer steps, counted here), or
+            ``scheduler(optimizer) -> LRScheduler``; stepped after every optimizer step.
         device (str | torch.device): where to train.
         seed (int): seeds all RNGs and the data order.
-        drop_last (bool): drop the last incomplete batch of each epoch.
         checkpoint_path (str, optional): where to write checkpoints.
         checkpoint_every (int, optional): also checkpoint every this many steps.
         progress (bool): show a tqdm bar (on the main rank only).
+        amp_dtype (torch.dtype, optional): deprecated spelling of ``amp``.
 
     Example:
-        >>> t = Trainer(model, train_set, eval_data=val_set, epochs=3, lr=0.05,
+        >>> t = Trainer(model, train_set, TrainConfig(epochs=3, lr=0.05), eval_data=val_set,
         ...             checkpoint_path="ckpt.pt", checkpoint_every=50)
         >>> history = t.fit(resume=True)   # picks up ckpt.pt if it exists
     """
 
-    def __init__(self, model: nn.Module, train_data: Dataset, *, step_fn: Optional[Callable] = None,
-                 eval_data: Optional[Dataset] = None, eval_fn: Optional[Callable] = None, epochs: int = 1,
-                 max_steps: Optional[int] = None, batch_size: int = 32, optimizer: Optional[Callable] = None,
-                 lr: float = 0.01, momentum: float = 0.9, weight_decay: float = 0.0,
-                 scheduler: Optional[Callable] = None, grad_accum: int = 1, amp_dtype: Optional[torch.dtype] = None,
-                 clip_grad_norm: Optional[float] = None, device="cpu", seed: int = 0, drop_last: bool = False,
+    def __init__(self, model: nn.Module, train_data: Dataset, config: Optional[TrainConfig] = None, *,
+                 step_fn: Optional[Callable] = None, eval_data: Optional[Dataset] = None,
+                 eval_fn: Optional[Callable] = None, optimizer: Union[None, str, Callable] = None,
+                 scheduler: Union[None, str, Callable] = None, device="cpu", seed: int = 0,
                  checkpoint_path: Optional[str] = None, checkpoint_every: Optional[int] = None,
-                 progress: bool = True):
+                 progress: bool = True, amp_dtype: Optional[torch.dtype] = None, **recipe):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if not hasattr(train_data, "__len__") or not hasattr(train_data, "__getitem__"):
             raise TypeError(f"train_data must be an indexable Dataset, got {type(train_data).__name__}")
         if len(train_data) == 0:
             raise ValueError("train_data is empty")
-        for name, v in (("epochs", epochs), ("batch_size", batch_size), ("grad_accum", grad_accum)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
-        for name, v in (("max_steps", max_steps), ("checkpoint_every", checkpoint_every)):
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                raise ValueError(f"{name} must be None or an int >= 1, got {v!r}")
-        if not isinstance(lr, (int, float)) or lr <= 0:
-            raise ValueError(f"lr must be a float > 0, got {lr!r}")
-        if amp_dtype not in (None, torch.bfloat16, torch.float16):
-            raise ValueError(f"amp_dtype must be None, torch.bfloat16 or torch.float16, got {amp_dtype!r}")
+        cfg = _trainer_config(config, optimizer, scheduler, amp_dtype, recipe)
+        if checkpoint_every is not None and (isinstance(checkpoint_every, bool) or
+                                             not isinstance(checkpoint_every, int) or checkpoint_every < 1):
+            raise ValueError(f"checkpoint_every must be None or an int >= 1, got {checkpoint_every!r}")
         self.device = torch.device(device)
-        if amp_dtype == torch.float16 and self.device.type != "cuda":
-            raise ValueError("amp_dtype=torch.float16 needs a CUDA device; use torch.bfloat16 on CPU")
+        if cfg.amp == "fp16" and self.device.type != "cuda":
+            raise ValueError("amp='fp16' (amp_dtype=torch.float16) needs a CUDA device; use 'bf16' on CPU")
         if checkpoint_every is not None and checkpoint_path is None:
             raise ValueError("checkpoint_every needs checkpoint_path")
+        self.config = cfg
         self.module = model.to(self.device)  # the bare model: evaluated and checkpointed
         self.model = _wrap_distributed(self.module, self.device)  # what the step function runs
         self.train_data, self.eval_data = train_data, eval_data
         self.step_fn = step_fn or cross_entropy_step
         self.eval_fn = eval_fn or evaluate_classifier
-        self.epochs, self.max_steps, self.batch_size = epochs, max_steps, batch_size
-        self.grad_accum, self.amp_dtype, self.clip_grad_norm = grad_accum, amp_dtype, clip_grad_norm
-        self.seed, self.drop_last = seed, drop_last
+        self.epochs, self.max_steps, self.batch_size = cfg.epochs, cfg.max_steps, cfg.batch_size
+        self.grad_accum, self.amp_dtype = cfg.grad_accum, AMP_DTYPES.get(cfg.amp)
+        self.clip_grad_norm = cfg.clip_grad_norm or None
+        self.seed, self.drop_last = seed, cfg.drop_last
         self.checkpoint_path, self.checkpoint_every, self.progress = checkpoint_path, checkpoint_every, progress
         params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = (optimizer(params) if optimizer is not None else
-                          torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay))
-        self.scheduler = scheduler(self.optimizer) if scheduler is not None else None
-        self.scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+        self.optimizer = optimizer(params) if callable(optimizer) else make_optimizer(cfg, params)
+        if callable(scheduler):
+            self.scheduler = scheduler(self.optimizer)
+        elif cfg.scheduler == "cosine":
+            self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=self.total_steps())
+        else:
+            self.scheduler = None
+        self.scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
         # position: `batch` micro-batches of epoch `epoch` are done; `step` optimizer steps in total
         self.epoch, self.batch, self.step = 0, 0, 0
         self.history: List[dict] = []
+
+    def total_steps(self) -> int:
+        """Optimizer steps of the whole run (this rank's share of the data, ``max_steps`` included)."""
+        total = math.ceil(len(self.epoch_batches(0)) / self.grad_accum) * self.epochs
+        return total if self.max_steps is None else min(total, self.max_steps)
 
     # ------------------------------------------------------------------ ranks
     @property
     def is_main(self) -> bool:
         """True on the process that logs and writes checkpoints (rank 0, or no process group)."""
-        dist = torch.distributed
-        return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+        return is_main_process()
 
     def epoch_batches(self, epoch: int) -> List[List[int]]:
         """The micro-batches (lists of dataset indices) of ``epoch``: the one place data order is decided."""
@@ -299,10 +341,7 @@ class Trainer:
             seed_everything(self.seed)
         from tqdm.auto import tqdm
 
-        per_epoch = math.ceil(len(self.epoch_batches(0)) / self.grad_accum)
-        total = per_epoch * self.epochs
-        if self.max_steps is not None:
-            total = min(total, self.max_steps)
+        total = self.total_steps()
         bar = tqdm(total=total, initial=min(self.step, total), disable=not (self.progress and self.is_main),
                    desc="train", leave=False)
         autocast = (torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype is not None
@@ -315,7 +354,7 @@ class Trainer:
                     # one optimizer step over up to grad_accum micro-batches
                     group = batches[self.batch:self.batch + self.grad_accum]
                     for idx in group:
-                        batch = _to(_collate(self.train_data, idx), self.device)
+                        batch = _to(collate(self.train_data, idx), self.device)
                         with autocast:
                             loss = self.step_fn(self.model, batch) / len(group)
                         if not torch.isfinite(loss):
@@ -356,6 +395,33 @@ class Trainer:
             self.scheduler.step()
 
 
+def _trainer_config(config, optimizer, scheduler, amp_dtype, recipe: dict) -> TrainConfig:
+    """The Trainer's TrainConfig: ``config`` with the keyword fields and the older spellings applied, checked."""
+    if config is not None and not isinstance(config, TrainConfig):
+        raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+    if amp_dtype is not None:
+        if amp_dtype not in AMP_DTYPES.values():
+            raise ValueError(f"amp_dtype must be None, torch.bfloat16 or torch.float16, got {amp_dtype!r}")
+        warnings.warn("Trainer(amp_dtype=...) is deprecated; use amp='bf16' or 'fp16'", DeprecationWarning,
+                      stacklevel=3)
+        recipe["amp"] = next(k for k, v in AMP_DTYPES.items() if v == amp_dtype)
+    if recipe.get("clip_grad_norm", 0) is None:  # the old spelling of "off"
+        recipe["clip_grad_norm"] = 0.0
+    for name, value in (("optimizer", optimizer), ("scheduler", scheduler)):
+        if isinstance(value, str):
+            recipe[name] = value
+    cfg = replace(config or TrainConfig(), **recipe)
+    for name in ("epochs", "batch_size", "grad_accum"):
+        v = getattr(cfg, name)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+    if cfg.max_steps is not None and (isinstance(cfg.max_steps, bool) or cfg.max_steps < 1):
+        raise ValueError(f"max_steps must be None or an int >= 1, got {cfg.max_steps!r}")
+    if cfg.lr <= 0:
+        raise ValueError(f"lr must be a float > 0, got {cfg.lr!r}")
+    return cfg
+
+
 class _NullContext:
     def __enter__(self):
         return self
@@ -393,6 +459,15 @@ def _wrap_distributed(model: nn.Module, device: torch.device) -> nn.Module:
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
-def fit(model: nn.Module, train_data: Dataset, resume: bool = False, **kwargs) -> List[dict]:
-    """Functional form: ``Trainer(model, train_data, **kwargs).fit(resume)``."""
-    return Trainer(model, train_data, **kwargs).fit(resume=resume)
+def fit(model: nn.Module, train_data: Dataset, resume: bool = False, config: Optional[TrainConfig] = None,
+        **kwargs) -> List[dict]:
+    """Functional form: ``Trainer(model, train_data, config, **kwargs).fit(resume)``."""
+    return Trainer(model, train_data, config, **kwargs).fit(resume=resume)
+
+
+def __getattr__(name):
+    if name == "_collate":  # the old private name, imported by other modules before it became public
+        warnings.warn("pycompress.train._collate is deprecated; use pycompress.train.collate", DeprecationWarning,
+                      stacklevel=2)
+        return collate
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -68,26 +68,26 @@ def main():
     if "strategies" in only:
         start = time.time()
         r = distill(student_cnn, teachers, data.train, ["hinton", "logits", "noisy_teacher", "munge", "ensemble"],
-                    report_path=os.path.join(args.out, "strategies.json"), **common)
+                    output=os.path.join(args.out, "strategies.json"), **common)
         print(f"strategies: {time.time() - start:.0f} s\n")
     if "munge_curve" in only:
         start = time.time()
         runs = {f"{gen} x{f}": Munge(transfer_factor=float(f), generator=gen)
                 for gen in ("mixup", "munge") for f in args.factors.split(",")}
-        distill(student_cnn, teachers[0], data.train, runs, report_path=os.path.join(args.out, "munge_curve.json"),
+        distill(student_cnn, teachers[0], data.train, runs, output=os.path.join(args.out, "munge_curve.json"),
                 **common)
         print(f"munge curve: {time.time() - start:.0f} s\n")
     if "hinton_temperature" in only:
         start = time.time()
         runs = {f"hinton T={t}": Hinton(temperature=float(t)) for t in args.temperatures.split(",")}
         distill(student_cnn, teachers[0], data.train, runs,
-                report_path=os.path.join(args.out, "hinton_temperature.json"), **common)
+                output=os.path.join(args.out, "hinton_temperature.json"), **common)
         print(f"hinton temperature: {time.time() - start:.0f} s\n")
     if "munge_steps_control" in only:
         start = time.time()
         runs = {"munge x0, 5x epochs": Munge(transfer_factor=0.0)}
         distill(student_cnn, teachers[0], data.train, runs,
-                report_path=os.path.join(args.out, "munge_steps_control.json"), **{**common, "epochs": 5 * args.epochs})
+                output=os.path.join(args.out, "munge_steps_control.json"), **{**common, "epochs": 5 * args.epochs})
         print(f"munge steps control: {time.time() - start:.0f} s\n")
     if "baseline_steps" in only:
         start = time.time()

@@ -16,7 +16,8 @@ import pycompress
 from pycompress._extension import cpu_bf16_dot
 from pycompress.models.nets import ResNetStyle
 from pycompress.nn import BlockSparseConv2d, BlockSparseLinear
-from pycompress.prune import block_sparsify, fold_batchnorm
+from pycompress.config import DataConfig
+from pycompress.sparsity import block_sparsify, fold_batchnorm
 
 OP = torch.ops.pycompress.block_sparse_conv2d
 TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.bfloat16: dict(atol=5e-2, rtol=5e-2)}
@@ -341,7 +342,7 @@ def test_block_sparsify_resnet_matches_its_masked_dense_self():
     torch.manual_seed(6)
     model = ResNetStyle(width=16, in_channels=3).eval()
     x = torch.randn(2, 3, 16, 16)
-    report = block_sparsify(model, 0.75, exclude="fc", example_input=x)
+    report = block_sparsify(model, 0.75, exclude="fc", example_input=x, inplace=True)
     names = [r.name for r in report.layers]
     assert "fc" not in names and "stages.0.conv1" in names
     assert isinstance(model.stages[0].conv1, BlockSparseConv2d)
@@ -357,7 +358,7 @@ def test_block_sparsified_model_compiles_and_exports():
     kernel, and torch.export keeps it as one pycompress::block_sparse_conv2d node."""
     torch.manual_seed(9)
     model = _trained_bn(ResNetStyle(width=8, in_channels=3))
-    block_sparsify(model, 0.75, fold_bn=True)
+    block_sparsify(model, 0.75, fold_bn=True, inplace=True)
     x = torch.randn(2, 3, 12, 12)
     with torch.no_grad():
         ref = model(x)
@@ -372,7 +373,7 @@ def test_block_sparsified_model_compiles_and_exports():
 def test_block_sparsify_include_and_skips():
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3, groups=8), nn.Conv2d(8, 16, 1), nn.Flatten(),
                           nn.Linear(16, 4))
-    report = block_sparsify(model, 0.25, block_size=(8, 4), include=["0", "1", "2"])
+    report = block_sparsify(model, 0.25, block_size=(8, 4), include=["0", "1", "2"], inplace=True)
     kinds = {r.name: r.kernel for r in report.layers}
     assert kinds["0"].startswith("skipped") and "bk=4" in kinds["0"]
     assert kinds["1"] == "skipped (groups=8)"
@@ -400,7 +401,7 @@ def test_fold_batchnorm_keeps_the_function_and_finds_the_single_use_relu():
     x = torch.randn(2, 3, 12, 12)
     with torch.no_grad():
         ref = model(x)
-    folded = fold_batchnorm(model)
+    folded = fold_batchnorm(model, inplace=True)
     by_conv = {f.conv: f for f in folded}
     # Every conv of the net is followed by its own BN; only the stem's ReLU is a module.
     assert set(by_conv) == {n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
@@ -428,7 +429,7 @@ def test_fold_batchnorm_leaves_shared_and_branching_modules_alone():
     x = torch.randn(2, 4, 6, 6)
     with torch.no_grad():
         ref = model(x)
-    folded = fold_batchnorm(model)
+    folded = fold_batchnorm(model, inplace=True)
     assert [(f.conv, f.bn, f.relu) for f in folded] == [("b", "bn_b", None)]
     assert isinstance(model.bn_a, nn.BatchNorm2d) and isinstance(model.shared, nn.BatchNorm2d)
     with torch.no_grad():
@@ -437,7 +438,7 @@ def test_fold_batchnorm_leaves_shared_and_branching_modules_alone():
 
 def test_fold_batchnorm_rejects_training_mode_and_untraceable_models():
     with pytest.raises(ValueError, match="eval"):
-        fold_batchnorm(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
+        fold_batchnorm(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), inplace=True)
 
     class Branchy(nn.Module):
         def __init__(self):
@@ -448,16 +449,16 @@ def test_fold_batchnorm_rejects_training_mode_and_untraceable_models():
             return self.conv(x) if x.sum() > 0 else x
 
     with pytest.raises(ValueError, match="traceable"):
-        fold_batchnorm(Branchy().eval())
+        fold_batchnorm(Branchy().eval(), inplace=True)
     with pytest.raises(ValueError, match="eval"):
-        block_sparsify(ResNetStyle(width=8, in_channels=3), 0.5, fold_bn=True)
+        block_sparsify(ResNetStyle(width=8, in_channels=3), 0.5, fold_bn=True, inplace=True)
 
 
 def test_block_sparsify_with_folded_bn_matches_the_folded_masked_dense_model():
     torch.manual_seed(8)
     model = _trained_bn(ResNetStyle(width=16, in_channels=3))
     x = torch.randn(2, 3, 16, 16)
-    report = block_sparsify(model, 0.75, exclude="fc", fold_bn=True, example_input=x)
+    report = block_sparsify(model, 0.75, exclude="fc", fold_bn=True, example_input=x, inplace=True)
     fused = {r.name: r.fused for r in report.layers}
     assert fused["stem.0"] == "bn+relu" and fused["stages.0.conv1"] == "bn"
     assert "bn+relu" in str(report)
@@ -495,19 +496,19 @@ def test_triton_kernel_matches_masked_dense(case, device):
 def test_fold_batchnorm_into_block_sparse_layers_scales_the_kept_blocks():
     torch.manual_seed(10)
     model = _trained_bn(ResNetStyle(width=16))
-    block_sparsify(model, 0.6)
+    block_sparsify(model, 0.6, inplace=True)
     x = torch.randn(2, 1, 8, 8)
     with torch.no_grad():
         ref = model(x)
         masks = {n: m.block_mask().clone() for n, m in model.named_modules() if isinstance(m, BlockSparseConv2d)}
-        folded = fold_batchnorm(model)
+        folded = fold_batchnorm(model, inplace=True)
         assert len(folded) == 15 and {f.relu for f in folded} == {None, "stem.2"}
         assert model.stem[0].relu and isinstance(model.stem[2], nn.Identity)
         for n, m in model.named_modules():
             if isinstance(m, BlockSparseConv2d):
                 assert torch.equal(m.block_mask(), masks[n])  # pruned blocks stay pruned
         torch.testing.assert_close(model(x), ref, atol=1e-5, rtol=1e-5)
-        assert fold_batchnorm(model) == []  # nothing left to fold
+        assert fold_batchnorm(model, inplace=True) == []  # nothing left to fold
 
 
 @pytest.mark.parametrize("affine,bias", [(False, False), (True, True)])
@@ -518,11 +519,11 @@ def test_fold_batchnorm_into_block_sparse_without_affine_or_bias(affine, bias):
     with torch.no_grad():
         model[1].running_mean.uniform_(-1, 1)
         model[1].running_var.uniform_(0.5, 2)
-    block_sparsify(model, 0.5)
+    block_sparsify(model, 0.5, inplace=True)
     x = torch.randn(2, 8, 6, 6)
     with torch.no_grad():
         ref = model(x)
-        assert [(f.conv, f.bn, f.relu) for f in fold_batchnorm(model)] == [("0", "1", "2")]
+        assert [(f.conv, f.bn, f.relu) for f in fold_batchnorm(model, inplace=True)] == [("0", "1", "2")]
         torch.testing.assert_close(model(x), ref, atol=1e-5, rtol=1e-5)
 
 
@@ -532,7 +533,7 @@ def test_block_sparsify_cli_reports_accuracy_latency_and_flops(tmp_path):
     out = tmp_path / "report.json"
     assert main(["block-sparsify", "--model", "resnet", "--model-kwargs", '{"width": 8}', "--sparsity", "0.5,0.9",
                  "--exclude", "fc", "--dense-epochs", "1", "--finetune-epochs", "1", "--fold-bn",
-                 "--batch-sizes", "1,4", "--repeats", "2", "--out", str(out)]) == 0
+                 "--batch-sizes", "1,4", "--repeats", "2", "--output", str(out)]) == 0
     import json
 
     report = json.loads(out.read_text())
@@ -540,9 +541,9 @@ def test_block_sparsify_cli_reports_accuracy_latency_and_flops(tmp_path):
     assert list(rows) == ["dense", "0.5 sparse", "0.9 sparse"]
     assert rows["0.9 sparse"]["density"] < rows["0.5 sparse"]["density"] < 1.0
     assert 0.8 < rows["0.9 sparse"]["flops_saved"] < 0.95
-    for r in rows.values():
-        assert 0.0 <= r["accuracy"] <= 1.0 and r["batch1_ms"] > 0 and r["batch4_ms"] > 0
-    assert rows["0.9 sparse"]["speedup_batch4"] > 0
+    # one epoch on digits beats the 10 % of chance by far; the sparse rows report their own latency
+    assert all(r["accuracy"] > 0.3 for r in rows.values()), rows
+    assert rows["0.9 sparse"]["speedup_batch4"] == rows["dense"]["batch4_ms"] / rows["0.9 sparse"]["batch4_ms"]
     assert all(layer["name"] != "fc" for layer in rows["0.5 sparse"]["layers"])
 
 
@@ -552,15 +553,54 @@ def test_block_sparsify_cli_reports_accuracy_latency_and_flops(tmp_path):
     (["--data", "none", "--input-shape", "1,8,8", "--finetune-epochs", "1"], "training needs --data"),
     (["--block-size", "8"], "bo,bk"),
 ])
-def test_block_sparsify_cli_rejects_bad_options(argv, message):
-    from pycompress.prune.block_sparse_cli import main
+def test_block_sparsify_cli_rejects_bad_options(argv, message, capsys):
+    import re
 
-    with pytest.raises(SystemExit, match=message):
-        main(argv)
+    from pycompress.cli.block_sparsify import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pycompress block-sparsify: error: ") and re.search(message, err), err
+
+
+def test_block_sparsify_experiment_python_api_matches_its_config():
+    from pycompress.config import BlockSparsifyConfig
+    from pycompress.sparsity import block_sparsify_experiment
+
+    model = ResNetStyle(width=8)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = BlockSparsifyConfig(data=DataConfig(dataset="none"), input_shape=[1, 8, 8], sparsities=[0.75],
+                              batch_sizes=[2], repeats=1, exclude=["fc"])
+    report = block_sparsify_experiment(model, config=cfg)
+    assert [r["model"] for r in report["rows"]] == ["dense", "0.75 sparse"]
+    assert 0.7 < report["rows"][1]["flops_saved"] < 0.8 and report["rows"][1]["accuracy"] is None
+    # the dense model is left as it was: the sparse one is a converted copy
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_converters_copy_unless_inplace():
+    model = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU()).eval()
+    report = block_sparsify(model, 0.5, inplace=False)
+    assert isinstance(model[0], nn.Conv2d) and isinstance(report.model[0], BlockSparseConv2d)
+    folded = fold_batchnorm(model, inplace=False)
+    assert isinstance(model[1], nn.BatchNorm2d) and isinstance(folded.model[1], nn.Identity)
+    with pytest.warns(DeprecationWarning, match="inplace=True"):
+        block_sparsify(model, 0.5)
+    assert isinstance(model[0], BlockSparseConv2d)
+
+
+def test_old_import_path_warns():
+    import importlib
+    import sys
+
+    sys.modules.pop("pycompress.prune.block_sparse", None)
+    with pytest.warns(DeprecationWarning, match="pycompress.sparsity"):
+        old = importlib.import_module("pycompress.prune.block_sparse")
+    assert old.block_sparsify is block_sparsify
 
 
 def test_block_sparsify_cli_rejects_unparsable_numbers(capsys):
-    from pycompress.prune.block_sparse_cli import main
+    from pycompress.cli.block_sparsify import main
 
     with pytest.raises(SystemExit):
         main(["--sparsity", "0.5,lots"])

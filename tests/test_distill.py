@@ -15,8 +15,8 @@ from torch.utils.data import TensorDataset
 
 from pycompress.cli import main
 from pycompress.distill import STRATEGIES, Ensemble, Hinton, LogitRegression, Munge, NoisyTeacher, distill
-from pycompress.distill.config import apply_overrides, config_from_dict, load_config
-from pycompress.distill.imports import load_data, load_object
+from pycompress.cli.common import load_data, load_object
+from pycompress.config import DistillConfig, apply_overrides, from_dict, load_config, read_config_file
 from pycompress.distill.munge import make_transfer_set, munge, nearest_neighbours, noise_mixup
 from pycompress.distill.workflow import _with_teacher_logits
 from pycompress.train import Trainer
@@ -205,7 +205,7 @@ def test_distill_report_and_table(tmp_path, capsys):
     report_path = tmp_path / "r.json"
     teachers = [linear_net(scale=5.0, seed=9), linear_net(scale=5.0, seed=8)]
     result = distill(lambda: linear_net(seed=1), teachers, d, sorted(STRATEGIES), eval_data=small_data(40, 1),
-                     seeds=[0, 1], epochs=1, batch_size=32, progress=False, report_path=str(report_path),
+                     seeds=[0, 1], epochs=1, batch_size=32, progress=False, output=str(report_path),
                      strategy_options={"munge": {"transfer_factor": 1.0}})
     table = capsys.readouterr().out
     report = json.loads(report_path.read_text())
@@ -258,9 +258,34 @@ def test_unknown_strategy_option_is_rejected():
         distill(linear_net(), linear_net(), small_data(), "hinton", strategy_options={"hinton": {"temprature": 2}})
 
 
+def config_from_dict(data):
+    return from_dict(DistillConfig(), data)
+
+
 def test_config_unknown_top_level_key():
-    with pytest.raises(ValueError, match=r"unknown config key 'epochs'; allowed keys: strategies, seeds"):
+    with pytest.raises(ValueError, match=r"unknown config key 'epochs'; allowed keys: seeds, device, .*strategies"):
         config_from_dict({"epochs": 3})
+
+
+def test_config_file_whose_top_level_is_not_a_mapping_is_rejected_by_name(tmp_path):
+    path = tmp_path / "list.yaml"
+    path.write_text("- 1\n- 2\n")
+    with pytest.raises(ValueError, match=f"config file '{path}' must hold a mapping.*got a list"):
+        read_config_file(str(path))
+
+
+def test_partial_section_keeps_the_workflows_own_defaults():
+    cfg = config_from_dict({"teacher": {"train": {"lr": 0.01}}})
+    assert (cfg.teacher.train.lr, cfg.teacher.train.epochs, cfg.train.epochs) == (0.01, 15, 30)
+
+
+def test_python_api_and_config_share_defaults():
+    import inspect
+
+    from pycompress.distill.workflow import distill as distill_fn
+    # distill() has no defaults of its own for training: DistillConfig's are the only ones
+    assert "epochs" not in inspect.signature(distill_fn).parameters
+    assert DistillConfig().train.epochs == 30 and DistillConfig().seeds == [0, 1, 2]
 
 
 def test_config_unknown_nested_key():
@@ -293,17 +318,25 @@ def test_config_missing_module():
         load_object("no_such_pkg.models:net", "teacher.model")
 
 
-def test_cli_missing_teacher(tmp_path):
-    with pytest.raises(ValueError, match="missing teacher.*train-teacher"):
-        main(["distill", "--output", str(tmp_path / "r.json")])
+def test_cli_missing_teacher(tmp_path, capsys):
+    assert main(["distill", "--output", str(tmp_path / "r.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pycompress distill: error: missing teacher" in err and "train-teacher" in err
+    with pytest.raises(ValueError, match="missing teacher"):  # --debug: the exception itself
+        main(["distill", "--output", str(tmp_path / "r.json"), "--debug"])
+
+
+def test_cli_bad_config_file_names_it(tmp_path, capsys):
+    assert main(["distill", "--config", str(tmp_path / "nope.toml")]) == 2
+    assert f"config file '{tmp_path / 'nope.toml'}' does not exist" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- config files and CLI
 def test_overrides_parse_toml_values():
-    data = apply_overrides({}, ["strategy.hinton.temperature=8", "seeds=[0, 1]", "train.device=cpu",
-                                "train.progress=false"])
-    assert data == {"strategy": {"hinton": {"temperature": 8}}, "seeds": [0, 1],
-                    "train": {"device": "cpu", "progress": False}}
+    data = apply_overrides({}, ["strategy.hinton.temperature=8", "seeds=[0, 1]", "device=cpu",
+                                "progress=false"])
+    assert data == {"strategy": {"hinton": {"temperature": 8}}, "seeds": [0, 1], "device": "cpu",
+                    "progress": False}
     cfg = config_from_dict(data)
     assert cfg.strategy["hinton"]["temperature"] == 8 and cfg.train.epochs == 30
 
@@ -311,7 +344,9 @@ def test_overrides_parse_toml_values():
 def test_yaml_and_toml_configs_agree(tmp_path):
     (tmp_path / "c.toml").write_text('strategies = ["logits"]\n[train]\nlr = 0.1\n[strategy.munge]\np = 0.3\n')
     (tmp_path / "c.yaml").write_text("strategies: [logits]\ntrain:\n  lr: 0.1\nstrategy:\n  munge:\n    p: 0.3\n")
-    assert load_config(str(tmp_path / "c.toml")) == load_config(str(tmp_path / "c.yaml"))
+    toml = load_config(DistillConfig(), str(tmp_path / "c.toml"))
+    assert toml == load_config(DistillConfig(), str(tmp_path / "c.yaml"))
+    assert toml.train.lr == 0.1 and toml.strategies == ["logits"]
 
 
 def test_load_data_accepts_digits_splits():
@@ -324,6 +359,7 @@ def test_cli_train_teacher_then_distill(tmp_path, capsys):
     cfg.write_text(f"""
 strategies = ["hinton", "munge"]
 seeds = [0]
+progress = false
 output = "{tmp_path / 'report.json'}"
 [teacher]
 model = "pycompress.models:VGGStyle"
@@ -333,10 +369,8 @@ checkpoints = ["{tmp_path / 'teacher.pt'}"]
 dataset = "tests.test_distill:tiny_splits"
 [teacher.train]
 epochs = 1
-progress = false
 [train]
 epochs = 1
-progress = false
 [strategy.munge]
 transfer_factor = 0.5
 generator = "munge"
@@ -354,8 +388,23 @@ def test_distill_runs_in_bf16_autocast_with_grad_accum():
     result = distill(lambda: linear_net(seed=1), linear_net(scale=5.0, seed=9), small_data(), "hinton", seeds=[0],
                      epochs=2, batch_size=16, grad_accum=2, amp="bf16", progress=False, print_table=False)
     assert result.report["training"]["amp"] == "bf16"
-    assert 0.0 <= result.report["runs"]["hinton"]["mean"] <= 1.0
+    # the report's accuracy is the returned student's, on the training set (no eval or test data given)
+    from pycompress.train import evaluate_classifier
+    student = result.students["hinton"][0]
+    assert result.report["runs"]["hinton"]["accuracy"] == [evaluate_classifier(student, small_data())["accuracy"]]
     assert all(p.dtype == torch.float32 for p in result.students["hinton"][0].parameters())
+
+
+def test_old_keyword_names_still_work_with_a_deprecation_warning(tmp_path):
+    with pytest.warns(DeprecationWarning, match="report_path"):
+        distill(lambda: linear_net(seed=1), linear_net(seed=9), small_data(), [], seeds=[0], epochs=1,
+                progress=False, print_table=False, report_path=str(tmp_path / "r.json"))
+    assert json.loads((tmp_path / "r.json").read_text())["runs"]["baseline"]["accuracy"]
+
+
+def test_unknown_keyword_is_a_type_error_naming_it():
+    with pytest.raises(TypeError, match="'learning_rate'"):
+        distill(linear_net(), linear_net(), small_data(), "hinton", learning_rate=0.1)
 
 
 def test_baseline_only_run():

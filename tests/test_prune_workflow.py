@@ -104,7 +104,7 @@ def test_bf16_autocast_trains_on_cpu():
     data = TensorDataset(torch.randn(32, 5), torch.randint(0, 3, (32,)))
     model = nn.Linear(5, 3)
     before = model.weight.detach().clone()
-    fit(model, data, batch_size=8, amp_dtype=torch.bfloat16, progress=False)
+    fit(model, data, batch_size=8, amp="bf16", progress=False)
     assert not torch.equal(before, model.weight)
 
 
@@ -125,7 +125,8 @@ def test_atomic_save_leaves_no_temporary(tmp_path):
 @pytest.mark.parametrize("kwargs, match", [
     (dict(epochs=0), "epochs"), (dict(batch_size=0), "batch_size"), (dict(grad_accum=0), "grad_accum"),
     (dict(max_steps=0), "max_steps"), (dict(lr=0), "lr"), (dict(amp_dtype=torch.float32), "amp_dtype"),
-    (dict(amp_dtype=torch.float16), "CUDA"), (dict(checkpoint_every=3), "checkpoint_path"),
+    (dict(amp="fp16"), "CUDA"), (dict(amp="fp32"), "amp must be one of"), (dict(scheduler="step"), "scheduler"),
+    (dict(checkpoint_every=3), "checkpoint_path"),
 ])
 def test_bad_trainer_arguments(kwargs, match):
     data = TensorDataset(torch.randn(4, 5), torch.randint(0, 3, (4,)))
@@ -219,37 +220,62 @@ def test_compare_latency_reports_every_model_and_batch():
     out = compare_latency({"a": nn.Linear(4, 4), "b": nn.Linear(4, 2)}, (4,), batch_sizes=(1, 3), repeats=2,
                           warmup=1)
     assert set(out) == {"a", "b"} and set(out["a"]) == {"threads", "batch1_ms", "batch3_ms"}
-    assert out["a"]["threads"] == torch.get_num_threads() and out["b"]["batch3_ms"] > 0
+    assert out["a"]["threads"] == torch.get_num_threads()
 
 
 # ------------------------------------------------------------------ CLI
 def test_cli_on_a_user_model_and_dataset_given_by_import_path(tmp_path, capsys):
-    from pycompress.prune.cli import main
+    from pycompress.cli.prune import main
 
     out = tmp_path / "r.json"
     save = tmp_path / "m.pt"
     rc = main(["--model", "pycompress.models:MobileNetStyle", "--data", "test_prune_workflow:small_splits",
                "--criterion", "bn_scale", "--target-flops", "0.6", "--dense-epochs", "1", "--finetune-epochs", "1",
-               "--out", str(out), "--save", str(save)])
+               "--output", str(out), "--save", str(save)])
     assert rc == 0
     report = json.loads(out.read_text())
     assert report["fine_tuned"]["flops"] <= 0.6 * report["dense"]["flops"]
-    assert report["config"]["model"] == "pycompress.models:MobileNetStyle"
+    assert all(report[s]["flops"] == 2 * report[s]["macs"] for s in ("dense", "pruned", "fine_tuned"))
+    assert report["config"]["model"]["model"] == "pycompress.models:MobileNetStyle"
     assert "fine_tuned" in capsys.readouterr().out
     from pycompress.prune import load_pruned_state_dict
     reloaded = load_pruned_state_dict(MobileNetStyle(), torch.load(save, weights_only=True))
     assert count_params_flops(reloaded, torch.rand(1, 1, 8, 8))[0] == report["fine_tuned"]["params"]
 
 
-def test_cli_is_registered_and_refuses_missing_target():
-    from pycompress.cli import SUBCOMMANDS
-    from pycompress.prune.cli import main
+def test_cli_is_registered_and_refuses_missing_target(capsys):
+    from pycompress.cli import SUBCOMMANDS, main
 
-    assert SUBCOMMANDS["prune"][0] == "pycompress.prune.cli"
-    with pytest.raises(SystemExit, match="target"):
-        main(["--dense-epochs", "0"])
+    assert SUBCOMMANDS["prune"][0] == "pycompress.cli.prune"
+    assert main(["prune", "--dense-epochs", "0", "--finetune-epochs", "0",
+                 "--data", "test_prune_workflow:small_splits"]) == 2
+    assert "pycompress prune: error: give exactly one of target_params" in capsys.readouterr().err
+    assert main(["prune", "--model", "nomodule", "--target-params", "0.5"]) == 2
+    assert "model.model must be an import path" in capsys.readouterr().err
     with pytest.raises(ValueError, match="import path"):
-        main(["--model", "nomodule", "--target-params", "0.5"])
+        main(["prune", "--model", "nomodule", "--target-params", "0.5", "--debug"])
+
+
+def test_old_prune_cli_module_still_runs_with_a_deprecation_warning():
+    import importlib
+    import sys
+
+    sys.modules.pop("pycompress.prune.cli", None)
+    with pytest.warns(DeprecationWarning, match="pycompress.cli.prune"):
+        old = importlib.import_module("pycompress.prune.cli")
+    from pycompress.cli.prune import main
+    assert old.main is main
+
+
+def test_run_experiment_config_and_old_keywords_build_the_same_config():
+    from pycompress.config import PruneConfig, TrainConfig
+    from pycompress.prune.workflow import _prune_config
+
+    new = PruneConfig(target_params=0.5, seeds=[3], dense=TrainConfig(epochs=2, lr=0.05, weight_decay=1e-4,
+                                                                        scheduler="cosine", batch_size=16),
+                      finetune=TrainConfig(epochs=20, lr=0.01, weight_decay=1e-4, scheduler="cosine", batch_size=16))
+    old = _prune_config(None, dict(target_params=0.5, seed=3, dense_epochs=2, batch_size=16))
+    assert old == new
 
 
 def test_units_per_step_removes_a_few_maps_per_iteration_until_the_target(digits):

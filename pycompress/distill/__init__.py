@@ -8,12 +8,13 @@ Python API::
                      eval_data=data.val, test_data=data.test, seeds=[0, 1, 2])
 
 Command line: ``pycompress train-teacher`` and ``pycompress distill`` (see
-:mod:`pycompress.distill.cli` and :mod:`pycompress.distill.config`).
+:mod:`pycompress.cli.distill`); both build a :class:`pycompress.config.DistillConfig`.
 """
 
 from pycompress.distill.strategies import (STRATEGIES, Ensemble, Hinton, LogitRegression, Munge, NoisyTeacher,
                                            Strategy, make_strategy)
-from pycompress.distill.workflow import DistillResult, distill, format_table, train_teacher
+from pycompress.distill.workflow import (DistillResult, distill, distill_from_config, format_table, train_teacher,
+                                         train_teacher_from_config)
 
-__all__ = ["distill", "train_teacher", "DistillResult", "format_table", "STRATEGIES", "Strategy", "Hinton",
-           "LogitRegression", "NoisyTeacher", "Munge", "Ensemble", "make_strategy"]
+__all__ = ["distill", "distill_from_config", "train_teacher", "train_teacher_from_config", "DistillResult",
+           "format_table", "STRATEGIES", "Strategy", "Hinton", "LogitRegression", "NoisyTeacher", "Munge", "Ensemble", "make_strategy"]

@@ -8,11 +8,11 @@ Under ``torchrun`` the same code runs data-parallel (see
 """
 
 import copy
-import json
-import math
+import dataclasses
 import os
 import re
 import statistics
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Union
 
@@ -22,13 +22,13 @@ from torch.utils.data import Dataset, TensorDataset
 
 from pycompress.distill.munge import label_with_teacher, stack_inputs
 from pycompress.distill.strategies import STRATEGIES, Strategy, make_strategy
-from pycompress.train import Trainer, atomic_save, evaluate_classifier, init_distributed
+from pycompress.cli.common import atomic_write_json, build_model, format_table as _table, load_data
+from pycompress.config import DistillConfig, TeacherConfig, TrainConfig, replace, to_dict
+from pycompress.train import (Trainer, atomic_save, evaluate_classifier, init_distributed, is_main_process,
+                              make_optimizer as _make_optimizer, resolve_device, world_size)
 
-__all__ = ["distill", "DistillResult", "train_teacher", "format_table", "make_optimizer", "load_state_dict"]
-
-OPTIMIZERS = ("adam", "adamw", "sgd")
-SCHEDULERS = ("none", "cosine")
-AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+__all__ = ["distill", "distill_from_config", "DistillResult", "train_teacher", "train_teacher_from_config",
+           "format_table", "load_state_dict"]
 
 
 @dataclass
@@ -44,40 +44,19 @@ class DistillResult:
     students: Dict[str, List[nn.Module]] = field(default_factory=dict)
 
 
-def _is_main() -> bool:
-    dist = torch.distributed
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-
-def _world_size() -> int:
-    dist = torch.distributed
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def resolve_device(device: Union[str, torch.device]) -> torch.device:
-    """``auto`` picks CUDA when available; under torchrun on CUDA, this rank's ``cuda:LOCAL_RANK``."""
-    if str(device) == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-    return device
-
-
 def make_optimizer(name: str, lr: float, momentum: float = 0.9, weight_decay: float = 0.0) -> Callable:
-    """``params -> Optimizer`` for ``name`` in ``adam`` | ``adamw`` | ``sgd``."""
-    if name not in OPTIMIZERS:
-        raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {name!r}")
-    if name == "sgd":
-        return lambda params: torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    cls = torch.optim.Adam if name == "adam" else torch.optim.AdamW
-    return lambda params: cls(params, lr=lr, weight_decay=weight_decay)
+    """Deprecated: name the optimizer in the TrainConfig (``optimizer="adam"``)."""
+    warnings.warn("pycompress.distill.workflow.make_optimizer is deprecated; set TrainConfig.optimizer",
+                  DeprecationWarning, stacklevel=2)
+    cfg = TrainConfig(optimizer=name, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    return lambda params: _make_optimizer(cfg, params)
 
 
 def load_state_dict(model: nn.Module, path: str) -> nn.Module:
     """Loads a state_dict file into ``model``: a bare state_dict or a Trainer checkpoint (its ``model``)."""
     if not os.path.exists(path):
-        raise ValueError(f"teacher checkpoint {path!r} does not exist; train one with `pycompress train-teacher`")
+        raise FileNotFoundError(f"teacher checkpoint {path!r} does not exist; train one with "
+                                "`pycompress train-teacher`")
     state = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
@@ -85,52 +64,52 @@ def load_state_dict(model: nn.Module, path: str) -> nn.Module:
     return model
 
 
-def _trainer_kwargs(epochs, batch_size, optimizer, lr, momentum, weight_decay, grad_accum, amp, scheduler,
-                    clip_grad_norm, device, progress) -> dict:
-    if amp not in AMP:
-        raise ValueError(f"amp must be one of {', '.join(AMP)}, got {amp!r}")
-    if scheduler not in SCHEDULERS:
-        raise ValueError(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {scheduler!r}")
-    return dict(epochs=epochs, batch_size=batch_size,
-                optimizer=optimizer if callable(optimizer) else make_optimizer(optimizer, lr, momentum, weight_decay),
-                lr=lr, grad_accum=grad_accum, amp_dtype=AMP[amp], clip_grad_norm=clip_grad_norm or None,
-                device=device, progress=progress, _scheduler=scheduler)
+def _recipe(default: TrainConfig, config: Optional[TrainConfig], optimizer, recipe: dict) -> tuple:
+    """The TrainConfig of a Python call (``config`` or ``default``, with ``recipe`` fields replaced) and the
+    optimizer factory, if ``optimizer`` is a callable rather than a name."""
+    if isinstance(optimizer, str):
+        recipe["optimizer"] = optimizer
+    if recipe.get("clip_grad_norm", 0) is None:
+        recipe["clip_grad_norm"] = 0.0
+    return replace(config or default, **recipe), optimizer if callable(optimizer) else None
 
 
-def _fit(model, train_data, *, seed, step_fn=None, eval_data=None, checkpoint_path=None, resume=False, **kw):
-    scheduler = kw.pop("_scheduler")
-    if scheduler == "cosine":
-        per_rank = math.ceil(len(train_data) / _world_size())
-        steps = kw["epochs"] * math.ceil(math.ceil(per_rank / kw["batch_size"]) / kw["grad_accum"])
-        kw["scheduler"] = lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
-    trainer = Trainer(model, train_data, step_fn=step_fn, eval_data=eval_data, seed=seed,
-                      checkpoint_path=checkpoint_path, **kw)
-    return trainer.fit(resume=resume)
-
-
-def train_teacher(teacher: nn.Module, train_data: Dataset, *, eval_data: Optional[Dataset] = None,
-                  test_data: Optional[Dataset] = None, seed: int = 0, epochs: int = 15, batch_size: int = 64,
-                  optimizer: Union[str, Callable] = "adam", lr: float = 1e-3, momentum: float = 0.9,
-                  weight_decay: float = 0.0, grad_accum: int = 1, amp: str = "none", scheduler: str = "none",
-                  clip_grad_norm: Optional[float] = None, device="cpu", output: Optional[str] = None,
-                  checkpoint_path: Optional[str] = None, resume: bool = False, progress: bool = True) -> dict:
+def train_teacher(teacher: nn.Module, train_data: Dataset, config: Optional[TrainConfig] = None, *,
+                  eval_data: Optional[Dataset] = None, test_data: Optional[Dataset] = None, seed: int = 0,
+                  device="cpu", output: Optional[str] = None, checkpoint_path: Optional[str] = None,
+                  resume: bool = False, progress: bool = True, optimizer: Union[None, str, Callable] = None,
+                  **recipe) -> dict:
     """Trains ``teacher`` with cross-entropy on the shared Trainer; optionally saves its state_dict.
+
+    Args:
+        config (TrainConfig, optional): default ``TeacherConfig().train`` (15 epochs, Adam, lr 1e-3);
+            keyword arguments named like its fields replace them.
 
     Returns:
         dict: ``parameters``, ``accuracy`` (on ``test_data``, else ``eval_data``, else
         ``train_data``), ``evaluated_on`` and ``history``.
     """
     init_distributed()
-    device = resolve_device(device)
-    kw = _trainer_kwargs(epochs, batch_size, optimizer, lr, momentum, weight_decay, grad_accum, amp, scheduler,
-                         clip_grad_norm, device, progress)
-    history = _fit(teacher, train_data, seed=seed, eval_data=eval_data, checkpoint_path=checkpoint_path,
-                   resume=resume, **kw)
+    cfg, opt = _recipe(TeacherConfig().train, config, optimizer, recipe)
+    history = Trainer(teacher, train_data, cfg, eval_data=eval_data, seed=seed, device=resolve_device(device),
+                      optimizer=opt, checkpoint_path=checkpoint_path, progress=progress).fit(resume=resume)
     split, data = _eval_split(train_data, eval_data, test_data)
     acc = evaluate_classifier(teacher, data)["accuracy"]
-    if output and _is_main():
+    if output and is_main_process():
         atomic_save(teacher.state_dict(), output)
     return {"parameters": _n_params(teacher), "accuracy": acc, "evaluated_on": split, "history": history}
+
+
+def train_teacher_from_config(cfg: DistillConfig, output: str) -> dict:
+    """``pycompress train-teacher``: builds the teacher and data of ``cfg`` and trains it with ``cfg.teacher.train``."""
+    train, val, test = load_data(cfg.data.dataset, cfg.data.kwargs)
+    seed = cfg.single_seed()
+    torch.manual_seed(seed)
+    teacher = build_model(cfg.teacher.model, cfg.teacher.kwargs, "teacher.model")
+    ckpt = os.path.join(cfg.checkpoint_dir, f"teacher_seed{seed}.pt") if cfg.checkpoint_dir else None
+    return train_teacher(teacher, train, cfg.teacher.train, eval_data=val, test_data=test, seed=seed,
+                         device=cfg.device, output=output, checkpoint_path=ckpt, resume=cfg.resume,
+                         progress=cfg.progress)
 
 
 def _eval_split(train, val, test):
@@ -205,14 +184,11 @@ def _summary(values: Sequence[float]) -> dict:
 
 
 def distill(student: Union[nn.Module, Callable[[], nn.Module]], teacher: Union[nn.Module, Sequence[nn.Module], None],
-            train_data: Dataset, strategy: Union[str, Strategy, Sequence, Dict[str, Union[str, Strategy]]] = "hinton",
-            *, strategy_options: Optional[Dict[str, dict]] = None, eval_data: Optional[Dataset] = None,
-            test_data: Optional[Dataset] = None, seeds: Sequence[int] = (0,), baseline: bool = True,
-            epochs: int = 10, batch_size: int = 64, optimizer: Union[str, Callable] = "adam", lr: float = 3e-3,
-            momentum: float = 0.9, weight_decay: float = 0.0, grad_accum: int = 1, amp: str = "none",
-            scheduler: str = "none", clip_grad_norm: Optional[float] = None, device="cpu",
-            cache_teacher: bool = True, checkpoint_dir: Optional[str] = None, resume: bool = False,
-            progress: bool = True, report_path: Optional[str] = None, print_table: bool = True) -> DistillResult:
+            train_data: Dataset, strategy: Union[None, str, Strategy, Sequence, Dict[str, Union[str, Strategy]]] = None,
+            config: Optional[DistillConfig] = None, *, strategy_options: Optional[Dict[str, dict]] = None,
+            eval_data: Optional[Dataset] = None, test_data: Optional[Dataset] = None,
+            optimizer: Union[None, str, Callable] = None, print_table: bool = True,
+            report_path: Optional[str] = None, **options) -> DistillResult:
     """Distils ``teacher`` into ``student`` with one or more strategies, against a no-distillation baseline.
 
     For each seed, the baseline student (cross-entropy only, if ``baseline``) and
@@ -228,25 +204,23 @@ def distill(student: Union[nn.Module, Callable[[], nn.Module]], teacher: Union[n
         train_data (Dataset): items ``(x, y)`` with integer class labels.
         strategy: a name in :data:`STRATEGIES`, a :class:`Strategy`, a list of those,
             or a dict ``label -> name | Strategy``; empty (baseline only) needs ``baseline``.
-        strategy_options (dict): ``name -> {option: value}`` for strategies given by name.
+            Default: ``config.strategies``.
+        config (DistillConfig, optional): every setting, with the defaults of the CLI and
+            the config file (``DistillConfig()``: seeds 0, 1, 2; 30 epochs of Adam at lr 3e-3).
+        strategy_options (dict): ``name -> {option: value}`` for strategies given by name
+            (default ``config.strategy``).
         eval_data (Dataset, optional): evaluated after every epoch.
         test_data (Dataset, optional): final accuracy (else ``eval_data``, else ``train_data``).
-        seeds (list[int]): one run per seed and strategy.
-        baseline (bool): also train the student without distillation.
-        epochs, batch_size, lr, momentum, weight_decay, grad_accum, clip_grad_norm: Trainer settings.
-        optimizer (str | callable): ``adam`` | ``adamw`` | ``sgd`` or ``params -> Optimizer``.
-        amp (str): ``none`` | ``bf16`` | ``fp16`` (CUDA only) autocast.
-        scheduler (str): ``none`` | ``cosine`` (annealed to 0 over the run).
-        device (str): ``cpu``, ``cuda``, ``cuda:1`` or ``auto``.
-        cache_teacher (bool): compute the teacher's logits on the training set once
-            instead of every step; needs fixed data (no random augmentation in
-            ``train_data``).
-        checkpoint_dir (str, optional): one resumable checkpoint per run here.
-        resume (bool): continue each run from its checkpoint (finished runs are not
-            retrained).
-        progress (bool): tqdm bars.
-        report_path (str, optional): where to write the JSON report.
+        optimizer (str | callable): a name for ``train.optimizer`` or ``params -> Optimizer``.
         print_table (bool): print the results table (rank 0).
+        report_path (str): deprecated spelling of ``output``.
+        **options: fields of :class:`DistillConfig` (``seeds``, ``baseline``, ``cache_teacher``,
+            ``device``, ``output``, ``progress``, ``checkpoint_dir``, ``resume``, ``train``) or of
+            its :class:`TrainConfig` ``train`` (``epochs``, ``lr``, ``batch_size``, ...), replacing
+            those of ``config``. ``cache_teacher`` computes the teacher's logits on the
+            training set once (needs data without random augmentation); ``resume``
+            continues each run from its checkpoint in ``checkpoint_dir`` (finished runs are
+            not retrained); ``output`` is the JSON report ("" = none).
 
     Returns:
         DistillResult: the report and the trained students.
@@ -264,9 +238,14 @@ def distill(student: Union[nn.Module, Callable[[], nn.Module]], teacher: Union[n
         >>> result.report["runs"]["hinton"]["mean"]
     """
     init_distributed()
-    if isinstance(seeds, int) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
-        raise ValueError(f"seeds must be a non-empty list of ints, got {seeds!r}")
-    strategies = _normalise_strategies(strategy, strategy_options, baseline)
+    if report_path is not None:
+        warnings.warn("distill(report_path=...) is deprecated; use output=", DeprecationWarning, stacklevel=2)
+        options["output"] = report_path
+    cfg = _distill_config(config, optimizer, options)
+    opt = optimizer if callable(optimizer) else None
+    seeds, train_cfg = cfg.seeds, cfg.train
+    strategies = _normalise_strategies(cfg.strategies if strategy is None else strategy,
+                                       cfg.strategy if strategy_options is None else strategy_options, cfg.baseline)
     teachers = list(teacher) if isinstance(teacher, (list, tuple)) else ([] if teacher is None else [teacher])
     if not teachers:
         raise ValueError("missing teacher: distill needs a trained teacher; pass teacher= (train one with "
@@ -277,10 +256,7 @@ def distill(student: Union[nn.Module, Callable[[], nn.Module]], teacher: Union[n
     for label, s in strategies.items():
         if len(teachers) < s.teachers_required:
             raise ValueError(f"strategy {label!r} needs at least {s.teachers_required} teachers, got {len(teachers)}")
-    device = resolve_device(device)
-    kw = _trainer_kwargs(epochs, batch_size, optimizer, lr, momentum, weight_decay, grad_accum, amp, scheduler,
-                         clip_grad_norm, device, progress)
-
+    device = resolve_device(cfg.device)
     for t in teachers:
         t.to(device).eval().requires_grad_(False)
     probe = _first_inputs(train_data).to(device)
@@ -293,10 +269,9 @@ def distill(student: Union[nn.Module, Callable[[], nn.Module]], teacher: Union[n
 
     split, eval_split = _eval_split(train_data, eval_data, test_data)
     report = {"evaluated_on": split, "seeds": list(seeds),
-              "training": {"epochs": epochs, "batch_size": batch_size, "global_batch": batch_size * _world_size(),
-                           "grad_accum": grad_accum, "optimizer": optimizer if isinstance(optimizer, str) else
-                           repr(optimizer), "lr": lr, "weight_decay": weight_decay, "scheduler": scheduler,
-                           "amp": amp, "world_size": _world_size(), "cache_teacher": cache_teacher},
+              "training": {**to_dict(train_cfg), "optimizer": train_cfg.optimizer if opt is None else repr(opt),
+                           "global_batch": train_cfg.batch_size * world_size(), "world_size": world_size(),
+                           "cache_teacher": cfg.cache_teacher},
               "teacher": {"parameters": _n_params(teachers[0]),
                           "accuracy": evaluate_classifier(teachers[0], eval_split)["accuracy"]},
               "runs": {}}
@@ -309,17 +284,18 @@ def distill(student: Union[nn.Module, Callable[[], nn.Module]], teacher: Union[n
         result.students[label] = []
         for seed in seeds:
             model = _new_student(student, seed)
-            ckpt = (os.path.join(checkpoint_dir, f"{re.sub(r'[^A-Za-z0-9_.=-]+', '_', label)}_seed{seed}.pt")
-                    if checkpoint_dir else None)
-            history = _fit(model, data_for_seed(seed), seed=seed, step_fn=step_fn, eval_data=eval_data,
-                           checkpoint_path=ckpt, resume=resume, **kw)
+            ckpt = (os.path.join(cfg.checkpoint_dir, f"{re.sub(r'[^A-Za-z0-9_.=-]+', '_', label)}_seed{seed}.pt")
+                    if cfg.checkpoint_dir else None)
+            history = Trainer(model, data_for_seed(seed), train_cfg, step_fn=step_fn, eval_data=eval_data,
+                              optimizer=opt, seed=seed, device=device, checkpoint_path=ckpt,
+                              progress=cfg.progress).fit(resume=cfg.resume)
             accs.append(evaluate_classifier(model, eval_split)["accuracy"])
             if history and "accuracy" in history[-1]:
                 val_accs.append(history[-1]["accuracy"])
             result.students[label].append(model)
         return accs, val_accs
 
-    if baseline:
+    if cfg.baseline:
         accs, val_accs = run("baseline", None, lambda seed: train_data)
         report["runs"]["baseline"] = {"strategy": None, "options": {}, **_summary(accs), "val_accuracy": val_accs}
         report["student"] = {"parameters": _n_params(result.students["baseline"][0])}
@@ -328,7 +304,7 @@ def distill(student: Union[nn.Module, Callable[[], nn.Module]], teacher: Union[n
             return s.teacher_logits(teachers, x.to(device))
 
         # MUNGE labels its own (larger) set in prepare(); the others can reuse one pass of the teacher
-        cache = cache_teacher and type(s).prepare is Strategy.prepare
+        cache = cfg.cache_teacher and type(s).prepare is Strategy.prepare
         cached = _with_teacher_logits(train_data, teacher_fn) if cache else train_data
         accs, val_accs = run(label, s.step_fn(teacher_fn, cached=cache),
                              lambda seed, s=s, cached=cached, tf=teacher_fn: s.prepare(cached, tf, seed))
@@ -340,15 +316,46 @@ def distill(student: Union[nn.Module, Callable[[], nn.Module]], teacher: Union[n
         report["runs"][label] = entry
         report.setdefault("student", {"parameters": _n_params(result.students[label][0])})
 
-    if _is_main():
-        if report_path:
-            os.makedirs(os.path.dirname(os.path.abspath(report_path)), exist_ok=True)
-            with open(report_path + ".tmp", "w") as f:
-                json.dump(report, f, indent=2)
-            os.replace(report_path + ".tmp", report_path)
+    if is_main_process():
+        if cfg.output:
+            atomic_write_json(report, cfg.output)
         if print_table:
             print(format_table(report))
     return result
+
+
+def _distill_config(config: Optional[DistillConfig], optimizer, options: dict) -> DistillConfig:
+    """``config`` (default ``DistillConfig()``) with Python keyword options: DistillConfig fields, or
+    TrainConfig fields of its ``train`` section."""
+    cfg = config or DistillConfig()
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    recipe = {k: options.pop(k) for k in list(options) if k in train_fields and k != "train"}
+    for key in ("checkpoint_dir", "output"):
+        if key in options and options[key] is None:
+            options[key] = ""
+    if "seeds" in options and not isinstance(options["seeds"], int):
+        options["seeds"] = list(options["seeds"])
+    if "seeds" in options and (not options["seeds"] or not all(
+            isinstance(s, int) and not isinstance(s, bool) for s in options["seeds"])):
+        raise ValueError(f"seeds must be a non-empty list of ints, got {options['seeds']!r}")
+    cfg = replace(cfg, **options)
+    train, _ = _recipe(cfg.train, None, optimizer, recipe)
+    return dataclasses.replace(cfg, train=train)
+
+
+def distill_from_config(cfg: DistillConfig) -> DistillResult:
+    """``pycompress distill``: builds the teacher(s), student and data that ``cfg`` names, then :func:`distill`."""
+    if not cfg.teacher.checkpoints:
+        raise ValueError("missing teacher: set teacher.checkpoints in the config or pass --teacher-checkpoint "
+                         "(train one with `pycompress train-teacher --output teacher.pt`)")
+    teachers = [load_state_dict(build_model(cfg.teacher.model, cfg.teacher.kwargs, "teacher.model"), path)
+                for path in cfg.teacher.checkpoints]
+    train, val, test = load_data(cfg.data.dataset, cfg.data.kwargs)
+
+    def student():
+        return build_model(cfg.student.model, cfg.student.kwargs, "student.model")
+
+    return distill(student, teachers, train, config=cfg, eval_data=val, test_data=test)
 
 
 @torch.no_grad()
@@ -385,6 +392,4 @@ def format_table(report: dict) -> str:
         if "teacher_accuracy" in r:
             rows.append((f"  ({label} teachers combined)", "", f"{r['teacher_accuracy']:.4f}", "", ""))
     head = ("model", "parameters", f"{report['evaluated_on']} accuracy", "runs", "vs baseline")
-    widths = [max(len(str(row[i])) for row in rows + [head]) for i in range(len(head))]
-    line = lambda row: "| " + " | ".join(str(c).ljust(w) for c, w in zip(row, widths)) + " |"  # noqa: E731
-    return "\n".join([line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows])
+    return _table(head, rows, markdown=True)

@@ -14,7 +14,7 @@
   :func:`run_experiment` adds training, fine-tuning and the params / FLOPs / latency / accuracy report.
 """
 
-from pycompress.prune.block_sparse import FoldedBatchNorm, block_sparsify, fold_batchnorm
+from pycompress.sparsity.convert import FoldedBatchNorm, block_sparsify, fold_batchnorm  # moved; re-exported
 from pycompress.prune.criteria import (CRITERIA, BNScale, Criterion, L1, L2, Random, Singh, Taylor, TaylorWeight,
                                        get_criterion, register_criterion)
 from pycompress.prune.graph import (Channels, DependencyGraph, Group, Member, count_params_flops,

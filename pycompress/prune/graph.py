@@ -37,7 +37,6 @@ computes when every pruned channel of every intermediate tensor is set to zero
 (:func:`masked_forward`).
 """
 
-import math
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -48,6 +47,7 @@ from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 from pycompress.prune.pruners import pruner_for
 from pycompress.prune.rules import rule_for
+from pycompress.cost import measure_cost
 
 __all__ = ["DependencyGraph", "Group", "Member", "Channels", "masked_forward", "count_params_flops",
            "load_pruned_state_dict"]
@@ -497,34 +497,11 @@ def masked_forward(graph: DependencyGraph, units: Iterable[int], *inputs):
         return _MaskingInterpreter(graph, removed).run(*inputs)
 
 
-# The Conv types whose MACs count_params_flops measures (with Linear).
-_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-
-
 def count_params_flops(model: nn.Module, example_inputs) -> Tuple[int, int]:
-    """Measures ``(parameters, FLOPs per example)`` with forward hooks.
-
-    FLOPs are multiply-accumulates of Conv (``out elements x in/groups x kernel``)
-    and Linear (``out elements x in_features``) layers, divided by the batch size.
-    """
-    inputs = _as_tuple(example_inputs)
-    total = [0]
-
-    def hook(m, args, out):
-        per_out = m.weight.shape[1] * math.prod(m.weight.shape[2:]) if isinstance(m, _CONV) else m.in_features
-        total[0] += out.numel() * per_out
-
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, _CONV + (nn.Linear,))]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(*inputs)
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
-    return sum(p.numel() for p in model.parameters()), total[0] // inputs[0].shape[0]
+    """``(parameters, MACs per example)``, the pair the pruning history stores; measured by
+    :func:`pycompress.cost.measure_cost` (whose ``flops`` are 2 x MACs)."""
+    cost = measure_cost(model, example_inputs)
+    return cost.params, cost.macs
 
 
 def load_pruned_state_dict(model: nn.Module, state_dict: Dict[str, torch.Tensor], strict: bool = True) -> nn.Module:

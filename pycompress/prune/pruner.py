@@ -466,10 +466,11 @@ _LEGACY = {"target_params", "target_flops", "channel_ratio", "steps", "units_per
            "seed", "singh"}
 
 
-def _from_legacy(criterion, target_params=None, target_flops=None, channel_ratio=None, steps=1, units_per_step=None,
+def objects_from_options(criterion, target_params=None, target_flops=None, channel_ratio=None, steps=1, units_per_step=None,
                  per_layer=False, round_to=1, max_layer_ratio=0.9, batch_size=32, score_batches=8,
                  fine_tune_steps=0, lr=0.01, momentum=0.9, weight_decay=1e-4, seed=0, singh=None):
-    """(criterion, schedule, target) from the keyword form of :func:`prune` before the engine had objects."""
+    """(criterion, schedule, target) from flat options: what a :class:`~pycompress.config.PruneConfig` and the
+    deprecated keyword form of :func:`prune` both give."""
     if sum(v is not None for v in (target_params, target_flops, channel_ratio)) != 1:
         raise ValueError("give exactly one of target_params, target_flops and channel_ratio")
     _check_fraction("target_params", target_params)
@@ -552,7 +553,7 @@ def prune(model: nn.Module, example_inputs, criterion="taylor", schedule: Option
         warnings.warn("prune(model, x, criterion, target_params=..., steps=..., ...) is deprecated and will be "
                       "removed in the next release: pass a schedule and a target, e.g. "
                       "prune(model, x, 'l1', OneShot(), Target(params=0.5))", DeprecationWarning, stacklevel=2)
-        criterion, schedule, target = _from_legacy(criterion, **legacy)
+        criterion, schedule, target = objects_from_options(criterion, **legacy)
     criterion = get_criterion(criterion)
     schedule = criterion.default_schedule() if schedule is None else schedule
     if not isinstance(model, nn.Module):

@@ -618,7 +618,7 @@ class ScaledDotProductAttentionRule(Rule):
         infos = [graph.channels(a) for a in args]
         ndims = [len(graph.shape(a)) for a in args]
         out_ndim, out = len(graph.shape(node)), None
-        (cq, ck, cv), (nq, nk, nv) = infos, ndims
+        cq, ck, cv = infos
         last = [isinstance(c, graph.Channels) and c.axis == n - 1 for c, n in zip(infos, ndims)]
         if last[0] and last[1] and len(cq.atoms) == len(ck.atoms):
             graph.union_all(cq.atoms, ck.atoms)

@@ -5,76 +5,93 @@ JSON/table report. The engine it drives (:func:`prune`, the schedules, :func:`in
 
 import copy
 import json
-import math
-import statistics
+import os
 import time
-from typing import Callable, Dict, Optional, Sequence
+import warnings
+from typing import Callable, Optional
 
 import torch
 from torch import nn
 
-from pycompress.prune.graph import _as_tuple, count_params_flops
-from pycompress.prune.pruner import choose_threshold, induce_sparsity, prune  # re-exported: the old home
-from pycompress.train import Trainer, evaluate_classifier
+from pycompress.config import PruneConfig, TrainConfig, from_dict, to_dict
+from pycompress.cost import compare_latency, measure_cost, measure_latency  # noqa: F401  (old import path)
+from pycompress.prune.graph import _as_tuple
+from pycompress.prune.criteria import Taylor
+from pycompress.prune.pruner import objects_from_options
+from pycompress.prune.pruner import choose_threshold, induce_sparsity, prune  # noqa: F401  (re-exported: the old home)
+from pycompress.train import Trainer, atomic_save, evaluate_classifier, resolve_device
 
 __all__ = ["prune", "induce_sparsity", "choose_threshold", "measure_latency", "compare_latency", "run_experiment",
-           "format_report"]
+           "prune_experiment", "format_report"]
 
 
-# ---------------------------------------------------------------------------- measurement
-@torch.inference_mode()
-def measure_latency(model: nn.Module, input_shape: Sequence[int], batch_sizes: Sequence[int] = (1, 32),
-                    repeats: int = 30, warmup: int = 5) -> Dict[str, float]:
-    """Median CPU forward time (ms) per batch size, eval mode, ``torch.get_num_threads()`` threads."""
-    return compare_latency({"model": model}, input_shape, batch_sizes, repeats, warmup)["model"]
-
-
-@torch.inference_mode()
-def compare_latency(models: Dict[str, nn.Module], input_shape: Sequence[int], batch_sizes: Sequence[int] = (1, 32),
-                    repeats: int = 30, warmup: int = 5) -> Dict[str, Dict[str, float]]:
-    """Median forward times (ms) of several models, interleaved (A B A B ...) so machine noise hits all alike."""
-    out = {name: {"threads": torch.get_num_threads()} for name in models}
-    for bs in batch_sizes:
-        x = torch.randn(bs, *input_shape)
-        times = {name: [] for name in models}
-        modes = {name: m.training for name, m in models.items()}
-        for m in models.values():
-            m.eval()
-        for r in range(warmup + repeats):
-            for name, m in models.items():
-                t = time.perf_counter()
-                m(x)
-                if r >= warmup:
-                    times[name].append(time.perf_counter() - t)
-        for name, m in models.items():
-            m.train(modes[name])
-            out[name][f"batch{bs}_ms"] = 1e3 * statistics.median(times[name])
-    return out
-
-
+# ---------------------------------------------------------------------------- the experiment
 def train_cosine(model: nn.Module, train_data, val_data, *, epochs: int, lr: float, batch_size: int = 32,
                  seed: int = 0, checkpoint_path: Optional[str] = None, progress: bool = False,
                  resume: bool = False) -> None:
-    """SGD (momentum 0.9, weight decay 1e-4) with a cosine schedule over ``epochs``, evaluated
-    on ``val_data`` each epoch: the dense training and fine-tuning of the pruning workflows."""
-    Trainer(model, train_data, eval_data=val_data, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=1e-4,
-            seed=seed, checkpoint_path=checkpoint_path, progress=progress,
-            scheduler=lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(
-                opt, epochs * math.ceil(len(train_data) / batch_size))).fit(resume=resume)
+    """Deprecated: ``Trainer(model, train_data, TrainConfig(..., scheduler="cosine"))`` (SGD, momentum 0.9,
+    weight decay 1e-4, cosine over the run), which is what this did."""
+    warnings.warn("pycompress.prune.workflow.train_cosine is deprecated; use Trainer with "
+                  "TrainConfig(scheduler='cosine')", DeprecationWarning, stacklevel=2)
+    cfg = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=1e-4, scheduler="cosine")
+    Trainer(model, train_data, cfg, eval_data=val_data, seed=seed, checkpoint_path=checkpoint_path,
+            progress=progress).fit(resume=resume)
 
 
 def _stage(model, example_inputs, test_data) -> dict:
-    params, flops = count_params_flops(model, example_inputs)
-    return {"params": params, "flops": flops, **({"accuracy": evaluate_classifier(model, test_data)["accuracy"]}
-                                                  if test_data is not None else {})}
+    return {**measure_cost(model, example_inputs).as_dict(),
+            **({"accuracy": evaluate_classifier(model, test_data)["accuracy"]} if test_data is not None else {})}
 
 
-def run_experiment(model: nn.Module, example_inputs, train_data, val_data, test_data, *, dense_epochs: int = 0,
-                   finetune_epochs: int = 0, dense_lr: float = 0.05, finetune_lr: float = 0.01, batch_size: int = 32,
-                   seed: int = 0, checkpoint_dir: Optional[str] = None, resume: bool = False,
-                   model_factory: Optional[Callable[[], nn.Module]] = None, latency_batch_sizes=(1, 32),
-                   log: Optional[Callable[[str], None]] = None, progress: bool = False, **prune_kwargs) -> dict:
+# old run_experiment keyword -> (PruneConfig key path(s)); one name per concept from now on
+_LEGACY = {"dense_epochs": ("dense.epochs",), "dense_lr": ("dense.lr",), "finetune_epochs": ("finetune.epochs",),
+           "finetune_lr": ("finetune.lr",), "lr": ("finetune.lr",),
+           "batch_size": ("dense.batch_size", "finetune.batch_size"), "ignored_layers": ("exclude",)}
+
+
+def _prune_config(config: Optional[PruneConfig], options: dict) -> PruneConfig:
+    data: dict = {}
+    for key, value in options.items():
+        if key == "seed":
+            data["seeds"] = [value]
+        elif key == "singh":
+            data["singh"] = dict(value or {})
+        elif key in ("checkpoint_dir", "output", "weights", "save") and value is None:
+            data[key] = ""
+        elif key in _LEGACY:
+            if key in ("ignored_layers",):
+                warnings.warn(f"run_experiment({key}=...) is deprecated; use exclude=", DeprecationWarning,
+                              stacklevel=3)
+            for path in _LEGACY[key]:
+                head, _, leaf = path.partition(".")
+                if leaf:
+                    data.setdefault(head, {})[leaf] = value
+                else:
+                    data[head] = list(value)
+        elif key in ("exclude", "latency_batch_sizes"):
+            data[key] = list(value)
+        else:
+            data[key] = value
+    return from_dict(config or PruneConfig(), data)
+
+
+def run_experiment(model: nn.Module, example_inputs, train_data, val_data, test_data,
+                   config: Optional[PruneConfig] = None, *, criterion=None,
+                   model_factory: Optional[Callable[[], nn.Module]] = None, eval_data=None,
+                   log: Optional[Callable[[str], None]] = None, **options) -> dict:
     """Dense training (optional) -> :func:`prune` -> fine-tuning, measured at each stage.
+
+    Args:
+        config (PruneConfig, optional): every setting, with the CLI's defaults; keyword
+            ``options`` named like its fields replace them (``target_params=0.1``,
+            ``dense={"epochs": 5}``). The older spellings ``dense_epochs``, ``dense_lr``,
+            ``finetune_epochs``, ``finetune_lr``, ``batch_size``, ``seed`` and
+            ``ignored_layers`` still work.
+        criterion (str | Criterion, optional): overrides ``config.criterion``, e.g. a
+            configured :class:`Taylor` instance.
+        model_factory (callable): rebuilds the unpruned model, to reload a pruned
+            checkpoint on resume.
+        eval_data: the validation split (``val_data`` is the positional spelling).
 
     With ``checkpoint_dir`` every phase checkpoints: ``dense.pt`` and
     ``finetune.pt`` (Trainer checkpoints) and ``pruned.pt`` (the pruned
@@ -82,75 +99,115 @@ def run_experiment(model: nn.Module, example_inputs, train_data, val_data, test_
     interrupted ones (reloading the pruned model needs ``model_factory``).
 
     Returns:
-        dict: ``{"config", "dense", "pruned", "fine_tuned", "history", "latency"}``; each
-        stage holds params, FLOPs and test accuracy; ``latency`` holds interleaved
-        median CPU times of the dense and final models.
+        dict: ``{"config", "dense", "pruned", "fine_tuned", "history", "prune_seconds", "model"}``; each
+        stage holds ``params``, ``macs``, ``flops`` (= 2 x MACs), test ``accuracy`` and the interleaved
+        median CPU latencies (``batch{b}_ms``) of the dense and final models.
     """
-    import os
-
     from pycompress.prune.graph import load_pruned_state_dict
-    from pycompress.train import atomic_save
 
+    cfg = _prune_config(config, options)
+    val_data = eval_data if eval_data is not None else val_data
+    seed = cfg.single_seed()
     log = log or print
     example_inputs = _as_tuple(example_inputs)
-    ck = (lambda name: os.path.join(checkpoint_dir, name)) if checkpoint_dir else (lambda name: None)
+    ck = (lambda name: os.path.join(cfg.checkpoint_dir, name)) if cfg.checkpoint_dir else (lambda name: None)
+    device = resolve_device(cfg.device)
     torch.manual_seed(seed)
-    if dense_epochs:
-        train_cosine(model, train_data, val_data, epochs=dense_epochs, lr=dense_lr, batch_size=batch_size,
-                     seed=seed, checkpoint_path=ck("dense.pt"), progress=progress, resume=resume)
+    if cfg.dense.epochs:
+        Trainer(model, train_data, cfg.dense, eval_data=val_data, seed=seed, device=device,
+                checkpoint_path=ck("dense.pt"), progress=cfg.progress).fit(resume=cfg.resume)
+    model.cpu()
     dense = _stage(model, example_inputs, test_data)
     log(f"dense: {dense}")
     history: list = []
     t0 = time.perf_counter()
-    if resume and ck("pruned.pt") and os.path.exists(ck("pruned.pt")):
+    if cfg.resume and ck("pruned.pt") and os.path.exists(ck("pruned.pt")):
         if model_factory is None:
             raise ValueError("resume after pruning needs model_factory to rebuild the pruned model")
         saved = torch.load(ck("pruned.pt"), weights_only=True)
         pruned = load_pruned_state_dict(model_factory(), saved["state_dict"])
         history = saved["history"]
     else:
-        pruned = prune(model, example_inputs, train_data=train_data, val_data=val_data, batch_size=batch_size,
-                       seed=seed, history=history, log=log, **prune_kwargs)
+        if criterion is None:
+            criterion = Taylor(flops_lambda=cfg.flops_lambda) if cfg.criterion == "taylor" else cfg.criterion
+        criterion, schedule, target = objects_from_options(
+            criterion, target_params=cfg.target_params, target_flops=cfg.target_flops,
+            channel_ratio=cfg.channel_ratio, steps=cfg.steps, units_per_step=cfg.units_per_step,
+            per_layer=cfg.per_layer, round_to=cfg.round_to, max_layer_ratio=cfg.max_layer_ratio,
+            batch_size=cfg.finetune.batch_size, score_batches=cfg.score_batches,
+            fine_tune_steps=cfg.fine_tune_steps, lr=cfg.finetune.lr, momentum=cfg.finetune.momentum,
+            weight_decay=cfg.finetune.weight_decay, seed=seed,
+            singh=to_dict(cfg.singh) if cfg.criterion == "singh" else None)
+        pruned = prune(model, example_inputs, criterion, schedule, target, train_data=train_data,
+                       val_data=val_data, ignored_layers=cfg.exclude, history=history, log=log)
         if ck("pruned.pt"):
             atomic_save({"state_dict": pruned.state_dict(), "history": history}, ck("pruned.pt"))
     prune_seconds = time.perf_counter() - t0
     after = _stage(pruned, example_inputs, test_data)
     log(f"pruned: {after}")
     final = copy.deepcopy(pruned)
-    if finetune_epochs:
-        train_cosine(final, train_data, val_data, epochs=finetune_epochs, lr=finetune_lr, batch_size=batch_size,
-                     seed=seed + 1, checkpoint_path=ck("finetune.pt"), progress=progress, resume=resume)
+    if cfg.finetune.epochs:
+        Trainer(final, train_data, cfg.finetune, eval_data=val_data, seed=seed + 1, device=device,
+                checkpoint_path=ck("finetune.pt"), progress=cfg.progress).fit(resume=cfg.resume)
+        final.cpu()
     tuned = _stage(final, example_inputs, test_data)
     log(f"fine-tuned: {tuned}")
     shape = tuple(example_inputs[0].shape[1:])
-    latency = compare_latency({"dense": model, "pruned": final}, shape, latency_batch_sizes)
+    latency = compare_latency({"dense": model, "pruned": final}, shape, cfg.latency_batch_sizes)
     for stage, key in ((dense, "dense"), (after, "pruned"), (tuned, "pruned")):
-        stage.update({k: v for k, v in latency[key].items()})
-    config = {k: (v if isinstance(v, (int, float, str, bool, type(None), list, dict)) else repr(v))
-              for k, v in prune_kwargs.items()}
-    config.update(dense_epochs=dense_epochs, finetune_epochs=finetune_epochs, dense_lr=dense_lr,
-                  finetune_lr=finetune_lr, batch_size=batch_size, seed=seed)
-    return {"config": config, "dense": dense, "pruned": after, "fine_tuned": tuned, "history": history,
+        stage.update(latency[key])
+    return {"config": to_dict(cfg), "dense": dense, "pruned": after, "fine_tuned": tuned, "history": history,
             "prune_seconds": prune_seconds, "model": final}
+
+
+def prune_experiment(cfg: PruneConfig) -> dict:
+    """``pycompress prune``: builds the model and data ``cfg`` names, runs :func:`run_experiment`, prints the
+    table, writes the report (``cfg.output``) and the pruned state_dict (``cfg.save``) atomically."""
+    from pycompress.cli.common import atomic_write_json, build_model, load_data
+
+    seed = cfg.single_seed()
+    train, val, test = load_data(cfg.data.dataset, cfg.data.kwargs, seed=seed)
+
+    def factory():
+        torch.manual_seed(seed)
+        return build_model(cfg.model.model, cfg.model.kwargs, "model.model")
+
+    model = factory()
+    if cfg.weights:
+        model.load_state_dict(torch.load(cfg.weights, weights_only=True))
+    report = run_experiment(model, train[0][0].unsqueeze(0), train, val, test, cfg, model_factory=factory)
+    print(format_report(report))
+    if cfg.output:
+        atomic_write_json(report_dict(report), cfg.output)
+    if cfg.save:
+        atomic_save(report["model"].state_dict(), cfg.save)
+    return report
 
 
 def format_report(report: dict) -> str:
     """A plain-text table of the report's three stages."""
-    rows = [("stage", "params", "FLOPs (MAC)", "accuracy", "latency b1 ms", "latency b32 ms")]
+    from pycompress.cli.common import format_table
+
     dense = report["dense"]
+    batch_sizes = [k[len("batch"):-len("_ms")] for k in dense if k.startswith("batch") and k.endswith("_ms")]
+    rows = []
     for key in ("dense", "pruned", "fine_tuned"):
         s = report[key]
-        rows.append((key, f"{s['params']} ({dense['params'] / s['params']:.1f}x)",
-                     f"{s['flops']} ({dense['flops'] / s['flops']:.1f}x)",
-                     f"{100 * s['accuracy']:.2f}%" if "accuracy" in s else "-",
-                     f"{s.get('batch1_ms', float('nan')):.3f}", f"{s.get('batch32_ms', float('nan')):.3f}"))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
+        rows.append([key, f"{s['params']} ({dense['params'] / s['params']:.1f}x)",
+                     f"{s['macs']} ({dense['macs'] / s['macs']:.1f}x)", f"{s['flops']}",
+                     f"{100 * s['accuracy']:.2f}%" if "accuracy" in s else "-"]
+                    + [f"{s[f'batch{b}_ms']:.3f}" for b in batch_sizes])
+    head = ["stage", "params", "MACs", "FLOPs (2 MACs)", "accuracy"] + [f"latency b{b} ms" for b in batch_sizes]
     threads = dense.get("threads")
-    return "\n".join(lines) + (f"\n(latency: median of interleaved runs, {threads} threads)" if threads else "")
+    return format_table(head, rows) + (f"\n(latency: median of interleaved runs, {threads} threads)"
+                                       if threads else "")
+
+
+def report_dict(report: dict) -> dict:
+    """The report without the model object (what is written as JSON)."""
+    return {k: v for k, v in report.items() if k != "model"}
 
 
 def report_json(report: dict) -> str:
     """The report without the model object, as JSON."""
-    return json.dumps({k: v for k, v in report.items() if k != "model"}, indent=2)
+    return json.dumps(report_dict(report), indent=2)

@@ -1,0 +1,7 @@
+"""``python -m pycompress.cli ...`` (e.g. under ``torchrun``): the same as the ``pycompress`` command."""
+
+import sys
+
+from pycompress.cli import main
+
+sys.exit(main())

@@ -1,0 +1,31 @@
+"""``pycompress distill``: baseline and distilled students over seeds, one report.
+
+Config: :class:`pycompress.config.DistillConfig` (file, ``--set``, the flags below)::
+
+    pycompress distill --teacher-checkpoint teacher.pt --strategy hinton,logits --seeds 0,1,2
+"""
+
+
+def configure(parser):
+    parser.add_argument("--strategy", type=lambda s: [x.strip() for x in s.split(",") if x.strip()],
+                        help="comma-separated strategies: hinton, logits, noisy_teacher, munge, ensemble")
+    parser.add_argument("--teacher-checkpoint", action="append", default=None, metavar="PATH",
+                        help="teacher state_dict (repeat for an ensemble)")
+    parser.add_argument("--epochs", type=int, help="student epochs (train.epochs)")
+
+
+def load(args):
+    """The :class:`DistillConfig` of parsed ``args``: defaults, file, flags, then ``--set``."""
+    from pycompress.cli.common import common_values
+    from pycompress.config import DistillConfig, load_config
+
+    values = {**common_values(args), "strategies": args.strategy, "teacher.checkpoints": args.teacher_checkpoint,
+              "train.epochs": args.epochs}
+    return load_config(DistillConfig(), args.config, args.overrides, values)
+
+
+def run(args) -> int:
+    from pycompress.distill.workflow import distill_from_config
+
+    distill_from_config(load(args))
+    return 0

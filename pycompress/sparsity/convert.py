@@ -1,0 +1,299 @@
+"""Whole-model conversion to block-sparse layers (:func:`block_sparsify`), and BatchNorm
+folding for inference (:func:`fold_batchnorm`).
+
+Like :func:`pycompress.prune.prune`, both convert a deep copy unless ``inplace=True``
+and hand back the converted model (``result.model``). For one release the
+default ``inplace=None`` still converts in place, with a DeprecationWarning.
+"""
+
+import copy
+import fnmatch
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Union
+
+import torch
+from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_conv_bn_weights
+
+from pycompress.cost import layer_macs
+from pycompress.nn.block_sparse import DEFAULT_DENSE_THRESHOLD, BlockSparseConv2d, BlockSparseLinear
+from pycompress.ops.block_sparse import block_rows
+
+Selector = Union[None, str, Sequence[str], Callable[[str, nn.Module], bool]]
+
+
+@dataclass
+class LayerReport:
+    name: str
+    kind: str               # "conv2d" | "linear"
+    gemm_shape: tuple       # (out, in/groups * kh * kw)
+    block_size: Optional[tuple]
+    density: float          # kept fraction of blocks (1.0 when skipped)
+    kernel: str             # "block-sparse", "dense fallback (...)" or "skipped (...)"
+    dense_flops: Optional[int] = None   # per forward of example_input, when given
+    sparse_flops: Optional[int] = None  # nonzero-block FLOPs actually computed
+    fused: str = ""         # "bn", "bn+relu" or "" (see fold_bn)
+
+    @property
+    def flops_saved(self) -> Optional[int]:
+        if self.dense_flops is None:
+            return None
+        return self.dense_flops - self.sparse_flops
+
+
+@dataclass
+class BlockSparsifyReport:
+    layers: List[LayerReport] = field(default_factory=list)
+    model: Optional[nn.Module] = field(default=None, repr=False, compare=False)  # the converted model
+
+    @property
+    def dense_flops(self) -> Optional[int]:
+        vals = [r.dense_flops for r in self.layers if r.dense_flops is not None]
+        return sum(vals) if vals else None
+
+    @property
+    def flops_saved(self) -> Optional[int]:
+        vals = [r.flops_saved for r in self.layers if r.flops_saved is not None]
+        return sum(vals) if vals else None
+
+    def __str__(self) -> str:
+        lines = [f"{'layer':<28} {'kind':<7} {'gemm (out, k)':<14} {'block':<8} {'density':>7} "
+                 f"{'GFLOP dense':>11} {'saved':>6} {'fused':<7}  kernel"]
+        for r in self.layers:
+            fl = f"{r.dense_flops / 1e9:11.3f}" if r.dense_flops is not None else f"{'-':>11}"
+            saved = f"{r.flops_saved / r.dense_flops:6.1%}" if r.dense_flops else f"{'-':>6}"
+            block = "x".join(map(str, r.block_size)) if r.block_size else "-"
+            lines.append(f"{r.name:<28} {r.kind:<7} {str(r.gemm_shape):<14} {block:<8} {r.density:7.3f} "
+                         f"{fl} {saved} {r.fused or '-':<7}  {r.kernel}")
+        if self.dense_flops:
+            lines.append(f"total: {self.dense_flops / 1e9:.3f} GFLOP dense, {self.flops_saved / 1e9:.3f} saved "
+                         f"({self.flops_saved / self.dense_flops:.1%})")
+        return "\n".join(lines)
+
+
+def _matches(selector: Selector, name: str, module: nn.Module) -> bool:
+    if callable(selector):
+        return bool(selector(name, module))
+    patterns = [selector] if isinstance(selector, str) else list(selector)
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+@dataclass
+class FoldedBatchNorm:
+    conv: str
+    bn: str
+    relu: Optional[str] = None  # the nn.ReLU module that alone consumes the BN's output
+
+
+class FoldReport(list):
+    """The folded pairs (a list of :class:`FoldedBatchNorm`) and ``model``, the folded model."""
+
+    def __init__(self, folded=(), model: Optional[nn.Module] = None):
+        super().__init__(folded)
+        self.model = model
+
+
+def _conversion_target(model: nn.Module, inplace: Optional[bool], fn: str) -> nn.Module:
+    if inplace is None:
+        warnings.warn(f"{fn}() converts in place by default for one more release; pass inplace=True to keep "
+                      "that, or inplace=False for a converted copy (the future default)", DeprecationWarning,
+                      stacklevel=3)
+        return model
+    return model if inplace else copy.deepcopy(model)
+
+
+class _LeafTracer(torch.fx.Tracer):
+    """Records block-sparse layers as calls, like torch.nn's own modules (their forward checks shapes)."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, (BlockSparseConv2d, BlockSparseLinear)) or super().is_leaf_module(m, qualname)
+
+
+def _fold_into_block_sparse(conv: BlockSparseConv2d, bn: nn.BatchNorm2d) -> None:
+    """conv <- bn(conv) in place: each output channel's kept weights and bias scaled and shifted."""
+    with torch.no_grad():
+        # torch's own fusion on a per-channel weight of ones gives (scale, bias), with its
+        # handling of a missing conv bias and of a BN without affine parameters.
+        scale, bias = fuse_conv_bn_weights(torch.ones_like(bn.running_mean).unsqueeze(1), conv.bias,
+                                           bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias)
+        rows = conv.row_ptr.numel() - 1
+        bo = conv.block_size[0]
+        padded = torch.ones(rows * bo, dtype=scale.dtype, device=scale.device)
+        padded[:conv.out_channels] = scale.squeeze(1)
+        # values (nnzb, bk, bo): block b holds output channels block_row(b) * bo + [0, bo)
+        values = conv.values * padded.view(rows, 1, bo)[block_rows(conv.row_ptr)]
+        conv._set_bsr(values.contiguous(), conv.col_idx, conv.row_ptr)
+        conv.bias = nn.Parameter(bias.detach())
+
+
+def _fuse_relu(model: nn.Module, conv: BlockSparseConv2d, relu: str) -> None:
+    """Moves the single-use nn.ReLU module ``relu`` that follows ``conv`` into its kernel's store."""
+    conv.relu = True
+    _set_submodule(model, relu, nn.Identity())
+
+
+def fold_batchnorm(model: nn.Module, convs: Optional[Sequence[str]] = None,
+                   inplace: Optional[bool] = None) -> FoldReport:
+    """Folds every BatchNorm2d that directly follows a conv into that conv, in place.
+
+    For inference: the conv's weight and bias absorb the BN's running statistics and
+    affine parameters and the BN becomes ``nn.Identity``, so the model computes the
+    same function with one op fewer per pair. ``nn.Conv2d`` goes through
+    ``torch.nn.utils.fusion.fuse_conv_bn_eval``; a :class:`BlockSparseConv2d` has its
+    kept blocks scaled (pruned blocks stay zero), and also takes a single-use
+    ``nn.ReLU`` that follows the BN into its kernel's store. A pair is folded only
+    when the conv's output feeds that BN alone and each module is called once
+    (shared modules are left alone), and the BN tracks running statistics. The
+    model must be in eval mode and torch.fx-traceable.
+
+    Args:
+        model (nn.Module): converted in a copy, or in place with ``inplace=True``.
+        convs (sequence of str, optional): qualified names of the convs that may
+            absorb a BN; default every conv.
+
+    Returns:
+        FoldReport: the list of folded pairs (FoldedBatchNorm), each with the single-use
+        ``nn.ReLU`` module that consumes the BN's output, if any (left in place after an
+        ``nn.Conv2d``; :func:`block_sparsify` fuses it once the conv is converted);
+        ``.model`` is the folded model.
+    """
+    if model.training:
+        raise ValueError("fold_batchnorm folds eval-mode statistics: call model.eval() first")
+    model = _conversion_target(model, inplace, "fold_batchnorm")
+    try:
+        graph = _LeafTracer().trace(model)
+    except Exception as exc:  # fx raises many types for untraceable code
+        raise ValueError(f"fold_batchnorm needs a torch.fx-traceable model; tracing failed with "
+                         f"{type(exc).__name__}: {exc}") from exc
+    modules = dict(model.named_modules())
+    calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
+    allowed = None if convs is None else set(convs)
+
+    def single_module_user(node, kind):
+        """The node's only user, when it is the only call of a module of type ``kind``."""
+        if len(node.users) != 1:
+            return None
+        user = next(iter(node.users))
+        ok = (user.op == "call_module" and isinstance(modules.get(user.target), kind) and calls[user.target] == 1
+              and user.args[:1] == (node,))
+        return user if ok else None
+
+    folded = []
+    conv_types = (nn.Conv2d, BlockSparseConv2d)
+    for node in graph.nodes:
+        if node.op != "call_module" or not isinstance(modules[node.target], conv_types) or calls[node.target] != 1:
+            continue
+        if allowed is not None and node.target not in allowed:
+            continue
+        bn_node = single_module_user(node, nn.BatchNorm2d)
+        if bn_node is None:
+            continue
+        conv, bn = modules[node.target], modules[bn_node.target]
+        if bn.running_mean is None or bn.num_features != conv.out_channels or getattr(conv, "relu", False):
+            continue  # (a conv with a fused ReLU has BN after the ReLU: not foldable)
+        relu_node = single_module_user(bn_node, nn.ReLU)
+        if isinstance(conv, BlockSparseConv2d):
+            _fold_into_block_sparse(conv, bn)
+            if relu_node is not None:
+                _fuse_relu(model, conv, relu_node.target)
+        else:
+            _set_submodule(model, node.target, fuse_conv_bn_eval(conv, bn))
+        _set_submodule(model, bn_node.target, nn.Identity())
+        folded.append(FoldedBatchNorm(node.target, bn_node.target, relu_node.target if relu_node else None))
+    return FoldReport(folded, model)
+
+
+def block_sparsify(model: nn.Module, sparsity: float = 0.9, block_size=None, include: Selector = None,
+                   exclude: Selector = None, dense_threshold: float = DEFAULT_DENSE_THRESHOLD,
+                   example_input: Optional[torch.Tensor] = None, fold_bn: bool = False,
+                   inplace: Optional[bool] = None) -> BlockSparsifyReport:
+    """Replaces ``model``'s Conv2d and Linear layers by block-sparse ones (in a copy unless ``inplace``).
+
+    Each layer is pruned to ``sparsity`` by block L2 norm (see
+    :meth:`pycompress.nn.BlockSparseConv2d.from_dense`). A layer is skipped, and
+    listed as such, when its GEMM view has fewer columns than one block
+    (e.g. a 3-channel stem), when bk does not divide them, when groups > 1, or for
+    non-zeros padding modes.
+
+    Args:
+        model (nn.Module): the model; converted in a deep copy unless ``inplace=True``.
+        sparsity (float): fraction of blocks to prune per layer, in [0, 1].
+        block_size ((int, int), optional): (bo, bk); default per layer.
+        include: fnmatch pattern(s) on qualified module names, or a callable
+            ``(name, module) -> bool``; only matching layers convert. Default all.
+        exclude: same form; matching layers are kept dense.
+        dense_threshold (float): passed to the new modules.
+        example_input (Tensor, optional): run once through the dense model to count
+            each layer's FLOPs (the report's dense and saved FLOPs).
+        fold_bn (bool): for inference (eval mode): first fold each BatchNorm2d that
+            follows a converted conv into it (:func:`fold_batchnorm`), so blocks are
+            ranked on the weights that are actually applied, and fuse a single-use
+            ``nn.ReLU`` after it into the sparse kernel's store. Folded BNs and fused
+            ReLUs become ``nn.Identity``; functional ``torch.relu`` calls stay.
+
+        inplace (bool): convert ``model`` itself (see the module docstring for the default).
+
+    Returns:
+        BlockSparsifyReport: per-layer density, kernel and FLOPs (2 x MACs, from
+        :mod:`pycompress.cost`); ``.model`` is the converted model; ``str()`` is a table.
+
+    Example:
+        >>> report = block_sparsify(model, 0.9, exclude="fc", inplace=False)
+        >>> sparse = report.model
+        >>> print(report)
+    """
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity <= 1.0:
+        raise ValueError(f"sparsity must be a number in [0, 1], got {sparsity!r}")
+    model = _conversion_target(model, inplace, "block_sparsify")
+    candidates = [(n, m) for n, m in model.named_modules()
+                  if isinstance(m, (nn.Conv2d, nn.Linear)) and (include is None or _matches(include, n, m))
+                  and not (exclude is not None and _matches(exclude, n, m))]
+    fused: Dict[str, FoldedBatchNorm] = {}
+    if fold_bn:
+        names = [n for n, m in candidates if isinstance(m, nn.Conv2d)]
+        fused = {f.conv: f for f in fold_batchnorm(model, names, inplace=True)}
+        candidates = [(n, model.get_submodule(n)) for n, _ in candidates]
+    flops = ({} if example_input is None else
+             {n: 2 * macs for n, macs in layer_macs(model, example_input, [n for n, _ in candidates]).items()})
+    report = BlockSparsifyReport(model=model)
+    for name, mod in candidates:
+        conv = isinstance(mod, nn.Conv2d)
+        k = mod.weight[0].numel()
+        gemm = (mod.weight.shape[0], k)
+        skip = None
+        if conv and mod.groups != 1:
+            skip = f"groups={mod.groups}"
+        elif conv and mod.padding_mode != "zeros":
+            skip = f"padding_mode={mod.padding_mode}"
+        new = None
+        if skip is None:
+            try:
+                cls = BlockSparseConv2d if conv else BlockSparseLinear
+                new = cls.from_dense(mod, sparsity, block_size, dense_threshold=dense_threshold)
+            except ValueError as exc:
+                skip = str(exc).split(";")[0]
+        if new is not None and new.density == 1.0 and sparsity > 0:
+            skip, new = "too few blocks to prune", None
+        kind = "conv2d" if conv else "linear"
+        fold = fused.get(name)
+        if new is None:
+            report.layers.append(LayerReport(name, kind, gemm, None, 1.0, f"skipped ({skip})",
+                                             flops.get(name), flops.get(name), "bn" if fold else ""))
+            continue
+        _set_submodule(model, name, new)
+        if fold is not None and fold.relu is not None:
+            _fuse_relu(model, new, fold.relu)
+        reason = new.dense_reason()
+        dense = flops.get(name)
+        sparse = None if dense is None else (dense if reason else round(dense * new.density))
+        report.layers.append(LayerReport(name, kind, gemm, new.block_size, new.density,
+                                         "block-sparse" if reason is None else f"dense fallback ({reason})",
+                                         dense, sparse, "" if fold is None else "bn+relu" if fold.relu else "bn"))
+    return report
