@@ -14,6 +14,7 @@ SUBCOMMANDS = {
     "prune": ("pycompress.prune.cli", "structural pruning -> fine-tuning, with a params/FLOPs/latency/accuracy report"),
     "block-sparsify": ("pycompress.prune.block_sparse_cli",
                        "block-sparse layers at several sparsities: latency vs dense, FLOPs and accuracy"),
+    "train-detector": ("pycompress.detection.cli", "train a detector (YOLO- or SSD-style) and report COCO mAP"),
 }
 
 
