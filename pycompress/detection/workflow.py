@@ -52,6 +52,7 @@ class DetectionTrainConfig:
     latency_batch_sizes: List[int] = field(default_factory=lambda: [1, 32])
     seed: int = 0
     device: str = "cpu"
+    num_threads: int = 0                     # torch.set_num_threads (0: leave torch's default); 1 is faster on a busy machine
     output: str = "detector_report.json"     # the JSON report ('' for none)
     save_model: str = ""                     # the trained state_dict ('' for none)
     checkpoint_dir: str = ""                 # resumable Trainer checkpoint here ('' for none)
@@ -105,7 +106,7 @@ def _validate(cfg: DetectionTrainConfig):
     for name in ("epochs", "batch_size"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
-    for name in ("max_steps", "warmup_steps", "checkpoint_every"):
+    for name in ("max_steps", "warmup_steps", "checkpoint_every", "num_threads"):
         if getattr(cfg, name) < 0:
             raise ValueError(f"{name} must be >= 0, got {getattr(cfg, name)}")
     if cfg.resume and not cfg.checkpoint_dir:
@@ -132,6 +133,8 @@ def train_detector(cfg: DetectionTrainConfig, command: Optional[str] = None) -> 
     from pycompress.train import Trainer, atomic_save, init_distributed, seed_everything
 
     _validate(cfg)
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
     init_distributed()
     train, val, test = load_data(cfg.dataset, cfg.dataset_kwargs)
     seed_everything(cfg.seed)
