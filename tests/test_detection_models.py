@@ -9,7 +9,6 @@ from pycompress.data import digit_detection
 from pycompress.detection import coco_map, evaluate
 from pycompress.detection.workflow import DetectionTrainConfig, detection_step, load_detection_config
 from pycompress.models.detection import DETECTORS, build_detector, detector_names
-from pycompress.train import Trainer
 
 SMALL = {"yolo_teacher": dict(width=4), "tiny_yolo": dict(width=4), "deep_narrow_yolo": dict(width=4),
          "ssd": dict(width=4)}

@@ -4,7 +4,6 @@ import contextlib
 import io
 from typing import Dict
 
-import numpy as np
 import torch
 
 __all__ = ["evaluate", "coco_map"]
