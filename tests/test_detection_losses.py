@@ -82,7 +82,7 @@ def reference_ssd_loss(loc, conf, loc_t, cls_t, ratio=3.0):
         pos = [k for k in range(n) if cls_t[b, k] > 0]
         neg = [k for k in range(n) if cls_t[b, k] == 0]
         keep = min(int(ratio * max(len(pos), 1)), len(neg))
-        hard = sorted(neg, key=lambda k: (-float(ce[k]), k))[:keep]
+        hard = sorted(neg, key=lambda k: (-float(ce[k].detach()), k))[:keep]
         total = loc.new_zeros(())
         for k in pos:
             d = (loc[b, k] - loc_t[b, k]).abs()
