@@ -197,7 +197,7 @@ class YOLOTeacher(YOLODetector):
         **kwargs: of :class:`YOLODetector`.
     """
 
-    def __init__(self, width: int = 24, **kwargs):
+    def __init__(self, width: int = 16, **kwargs):
         super().__init__(**kwargs)
         w = width
         self.stem = nn.Sequential(conv_bn_leaky(self.in_channels, w), nn.MaxPool2d(2),  # /2
@@ -224,7 +224,7 @@ class TinyYOLO(YOLODetector):
         width (int): channels of the first conv (then 2x, 4x, 8x, 8x).
     """
 
-    def __init__(self, width: int = 8, **kwargs):
+    def __init__(self, width: int = 6, **kwargs):
         super().__init__(**kwargs)
         w = width
         self.features = nn.Sequential(conv_bn_leaky(self.in_channels, w), nn.MaxPool2d(2),
@@ -247,7 +247,7 @@ class DeepNarrowYOLO(YOLODetector):
         width (int): channels of the first conv.
     """
 
-    def __init__(self, width: int = 8, **kwargs):
+    def __init__(self, width: int = 5, **kwargs):
         super().__init__(**kwargs)
         w = width
         self.stem = nn.Sequential(conv_bn_leaky(self.in_channels, w), nn.MaxPool2d(2),
