@@ -15,7 +15,8 @@ def main(names):
     print("|---|---|---|---|---|---|---|---|")
     for n, r in reports.items():
         lat = r["latency_ms"]
-        print(f"| `{n}.json` | {r['params']:,} | {r['macs'] / 1e6:.1f} M ({base / r['macs']:.1f}x fewer) | "
+        ratio = f" ({base / r['macs']:.1f}x fewer)" if r["macs"] != base else ""
+        print(f"| `{n}.json` | {r['params']:,} | {r['macs'] / 1e6:.1f} M{ratio} | "
               f"{r['test']['AP50']:.3f} | {r['test']['AP']:.3f} | {r['train']['images_per_second']:.1f} | "
               f"{r['train']['seconds'] / 60:.1f} min | {lat['batch1_ms']:.1f} / {lat['batch32_ms']:.0f} |")
 
