@@ -166,7 +166,7 @@ def test_a_few_steps_lower_the_loss_and_empty_images_work(name):
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     assert all(map(torch.isfinite, map(torch.tensor, losses)))
     assert losses[-1] < 0.7 * losses[0]
     assert step.images == 16 * 15
@@ -262,3 +262,19 @@ def test_train_detector_resume_is_bit_identical(tmp_path):
                                         save_model=str(tmp_path / "resumed.pt")))
     a, b = torch.load(tmp_path / "full.pt"), torch.load(tmp_path / "resumed.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_train_detector_cli(tmp_path, capsys):
+    from pycompress.cli import main
+
+    out = tmp_path / "report.json"
+    assert main(["train-detector", "--set", "detector=tiny_yolo", "--set", "detector_kwargs={width = 4, image_size = 32}",
+                 "--set", "dataset_kwargs={num_images = {train = 8, val = 4, test = 4, unlabeled = 1}, "
+                 "image_size = 32, max_size = 16}", "--set", "epochs=1", "--set", "batch_size=4",
+                 "--set", "latency_batch_sizes=[1]", "--seed", "1", "--output", str(out), "--no-progress"]) == 0
+    import json
+    report = json.loads(out.read_text())
+    assert report["config"]["seed"] == 1 and report["command"].startswith("pycompress train-detector")
+    assert "TinyYOLO" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="unknown config key"):
+        main(["train-detector", "--set", "epoch=1"])

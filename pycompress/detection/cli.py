@@ -11,7 +11,6 @@ applied after the config file. Runs unchanged under ``torchrun --nproc_per_node=
 import argparse
 import json
 import shlex
-import sys
 
 
 def configure(parser):
@@ -39,7 +38,10 @@ def run(args) -> int:
     if args.resume:
         flags.append("resume=true")
     cfg = load_detection_config(args.config, flags + args.overrides)
-    report = train_detector(cfg, command=shlex.join(["pycompress"] + sys.argv[1:]))
+    # the command as parsed (sys.argv is another program's when main() is called from Python)
+    words = ["pycompress", "train-detector"] + (["--config", args.config] if args.config else [])
+    words += [w for item in args.overrides + flags for w in ("--set", item)]
+    report = train_detector(cfg, command=shlex.join(words))
     test = report["test"] or report["val"] or {}
     print(f"{report['detector']}: {report['params']:,} params, {report['macs'] / 1e6:.1f} M MACs, "
           f"test AP {test.get('AP', float('nan')):.4f} AP50 {test.get('AP50', float('nan')):.4f}, "
