@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence, TypeVar
 
 __all__ = ["TrainConfig", "ModelConfig", "DataConfig", "WorkflowConfig", "TeacherConfig", "DistillConfig",
-           "SinghConfig", "PruneConfig", "BlockSparsifyConfig", "read_config_file", "parse_value",
+           "SinghConfig", "PruneConfig", "BlockSparsifyConfig", "TrainDetectorConfig", "read_config_file", "parse_value",
            "apply_overrides", "from_dict", "load_config", "replace", "to_dict"]
 
 C = TypeVar("C")
@@ -48,7 +48,8 @@ class TrainConfig:
     """How a model is trained by :class:`pycompress.train.Trainer` (the recipe, not where it runs).
 
     ``scheduler="cosine"`` anneals the learning rate to 0 over the run's optimizer
-    steps, which the Trainer counts itself. ``clip_grad_norm = 0`` disables clipping.
+    steps, which the Trainer counts itself, after ``warmup_steps`` of linear warm-up.
+    ``clip_grad_norm = 0`` disables clipping.
     ``epochs = 0`` means "skip this training" to the workflows that have an optional one.
     """
 
@@ -62,6 +63,7 @@ class TrainConfig:
     grad_accum: int = 1
     amp: str = "none"
     scheduler: str = "none"
+    warmup_steps: int = 0
     clip_grad_norm: float = 0.0
     drop_last: bool = False
 
@@ -69,6 +71,9 @@ class TrainConfig:
         _choice("optimizer", self.optimizer, OPTIMIZERS)
         _choice("scheduler", self.scheduler, SCHEDULERS)
         _choice("amp", self.amp, AMP)
+        if self.warmup_steps < 0 or (self.warmup_steps and self.scheduler != "cosine"):
+            raise ValueError(f"warmup_steps must be >= 0 and needs scheduler='cosine', got {self.warmup_steps} "
+                             f"with scheduler={self.scheduler!r}")
 
 
 @dataclass
@@ -219,6 +224,36 @@ class PruneConfig(WorkflowConfig):
     def __post_init__(self):
         super().__post_init__()
         _choice("criterion", self.criterion, CRITERIA)  # the one target is checked by prune()
+
+
+def _detector_train() -> TrainConfig:
+    return TrainConfig(epochs=10, batch_size=32, optimizer="adamw", lr=2e-3, weight_decay=5e-4, scheduler="cosine",
+                       warmup_steps=100, clip_grad_norm=10.0)
+
+
+@dataclass
+class TrainDetectorConfig(WorkflowConfig):
+    """``pycompress train-detector``: a detector of :mod:`pycompress.models.detection` (by registered
+    name or import path) trained on detection data, evaluated with COCO AP, measured and reported."""
+
+    detector: ModelConfig = field(default_factory=lambda: ModelConfig(model="yolo_teacher"))
+    data: DataConfig = field(default_factory=lambda: DataConfig(dataset="pycompress.data:digit_detection_splits"))
+    loss: Dict[str, Any] = field(default_factory=dict)   # options of the detector's criterion (lambda_obj, ...)
+    train: TrainConfig = field(default_factory=_detector_train)
+    eval_every_epoch: bool = True        # val AP50 after each epoch, in the history
+    score_threshold: float = 0.01        # postprocess of the evaluation
+    iou_threshold: float = 0.5
+    max_detections: int = 100
+    latency_batch_sizes: List[int] = field(default_factory=lambda: [1, 32])
+    num_threads: int = 0                 # torch.set_num_threads (0: torch's default)
+    save_model: str = ""                 # the trained state_dict ("" = none)
+    checkpoint_every: int = 0            # also checkpoint every N steps (0: at epoch ends only)
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("checkpoint_every", "num_threads"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
 
 @dataclass

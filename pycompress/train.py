@@ -111,6 +111,17 @@ def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
     return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
+def warmup_cosine(warmup: int, total: int) -> Callable[[int], float]:
+    """The LR factor of step ``s``: linear warm-up over ``warmup`` steps, then cosine to 0 at ``total``."""
+    warmup = min(warmup, total)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+    return factor
+
+
 def is_main_process() -> bool:
     """True on the process that logs and writes (rank 0, or no process group)."""
     dist = torch.distributed
@@ -234,7 +245,11 @@ class Trainer:
         if callable(scheduler):
             self.scheduler = scheduler(self.optimizer)
         elif cfg.scheduler == "cosine":
-            self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=self.total_steps())
+            # over every epoch's steps, not max_steps: a run stopped early by max_steps and then
+            # resumed without it follows the same schedule as one that never stopped
+            epoch_steps = math.ceil(len(self.epoch_batches(0)) / self.grad_accum) * self.epochs
+            self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+                self.optimizer, warmup_cosine(cfg.warmup_steps, epoch_steps))
         else:
             self.scheduler = None
         self.scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None

@@ -22,6 +22,8 @@ SUBCOMMANDS = {
     "prune": ("pycompress.cli.prune", "structural pruning -> fine-tuning, with a params/FLOPs/latency/accuracy report"),
     "block-sparsify": ("pycompress.cli.block_sparsify",
                        "block-sparse layers at several sparsities: latency vs dense, FLOPs and accuracy"),
+    "train-detector": ("pycompress.cli.train_detector",
+                       "train a YOLO- or SSD-style detector on detection data, with a COCO AP / latency report"),
 }
 
 BAD_INPUT = (ValueError, TypeError, FileNotFoundError)

@@ -7,3 +7,6 @@ pruning and sparsification must handle: plain chains (VGG), residual adds
 from pycompress.models.nets import ConcatNet, MobileNetStyle, ResNetStyle, VGGStyle, student_cnn, teacher_cnn
 
 __all__ = ["VGGStyle", "ResNetStyle", "MobileNetStyle", "ConcatNet", "teacher_cnn", "student_cnn"]
+from pycompress.models.detection import build_detector, detector_names, register_detector  # noqa: E402
+
+__all__ += ["build_detector", "detector_names", "register_detector"]
