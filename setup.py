@@ -167,8 +167,9 @@ def cuda_build_home():
         return None
     import torch
 
-    cuda_home = find_cuda_home()
-    if torch.version.cuda is not None and cuda_home is not None:
+    # A CPU torch never looks for a toolkit: a stale CUDA_HOME must not break its build.
+    cuda_home = find_cuda_home() if torch.version.cuda is not None else None
+    if cuda_home is not None:
         _log(f"CUDA build with the toolkit in {cuda_home} (torch {torch.__version__}, CUDA {torch.version.cuda})")
         return cuda_home
     if torch.version.cuda is None:

@@ -109,3 +109,10 @@ def test_folder_above_a_wrapper_nvcc_is_skipped(tmp_path, monkeypatch):
     os.chmod(os.path.join(wrapper_root, "bin", "nvcc"), 0o755)
     assert wrapper_root in build.cuda_home_candidates()
     assert build.find_cuda_home() != wrapper_root
+
+
+@pytest.mark.skipif(torch.version.cuda is not None, reason="needs a CPU torch")
+def test_cpu_torch_ignores_a_stale_cuda_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("CUDA_HOME", _fake_toolkit(tmp_path / "stale", headers=False))
+    monkeypatch.setenv("PYCOMPRESS_CUDA", "auto")
+    assert build.cuda_build_home() is None
