@@ -20,7 +20,6 @@ from hypothesis import strategies as st
 import pycompress
 from pycompress.ops import apply_fm_nms, batched_nms, fm_nms, nms
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
 # ---------------------------------------------------------------------------
