@@ -25,7 +25,9 @@ VENV_T213=${VENV_T213:-$CHECK_DIR/venv-t213}
 VENV_T214=${VENV_T214:-$CHECK_DIR/venv-t214}
 TORCH_T213=${TORCH_T213:-torch==2.13.0}
 export MAX_JOBS=${MAX_JOBS:-2}
-export PATH=/usr/lib/ccache:$PATH CCACHE_BASEDIR=$(dirname "$REPO")
+# pip builds in a fresh /tmp/tmpXXXX folder each time and the flags have -g, so ccache
+# would hash that folder into every key and never hit: CCACHE_NOHASHDIR.
+export PATH=/usr/lib/ccache:$PATH CCACHE_BASEDIR=$(dirname "$REPO") CCACHE_NOHASHDIR=true
 HEAD=$(git -C "$REPO" rev-parse HEAD)
 mkdir -p "$CHECK_DIR/logs"
 
