@@ -18,6 +18,9 @@
 #                resolve to a CPU build, as the +cpu wheel does here)
 #   MAX_JOBS     parallel compile jobs (default 2)
 set -euo pipefail
+# The body is one { } block: bash parses it whole before running it, so editing this
+# file while it runs cannot shift what it executes.
+{
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 CHECK_DIR=${CHECK_DIR:-$(dirname "$REPO")/pycompress-check-builds}
@@ -126,3 +129,5 @@ check_ops "$VENV_T214" cuda
 say "test suite, torch 2.14.1, PYCOMPRESS_CUDA=auto build"
 (cd "$CHECK_DIR/src-t214" && "$VENV_T214/bin/python" -m pytest -q -p no:cacheprovider)
 say "all builds ok at $HEAD"
+exit
+}
