@@ -18,7 +18,7 @@ _BUILD_HINT = (
     "pycompress's compiled kernels (pycompress._C) could not be loaded, so {op} is unavailable. Build them "
     "from the source checkout with\n"
     "    pip install torch==2.13.0 && pip install --no-build-isolation -e .\n"
-    "(the CPU kernels need a C++17 compiler and ninja; set PYCOMPRESS_ARCH=x86-64-v3 for a "
+    "(the CPU kernels need a C++20 compiler and ninja; set PYCOMPRESS_ARCH=x86-64-v3 for a "
     "portable build, PYCOMPRESS_CUDA=0 to skip the CUDA sources). "
 )
 

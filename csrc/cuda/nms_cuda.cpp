@@ -4,18 +4,20 @@
 // fp32/fp16/bf16, double for fp64), launches the bitmask kernels on the current
 // stream and turns the device-side keep bits into indices, also on the device.
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include "nms_math.h"
 
 namespace pycompress {
-namespace nms_cuda {
+// Defined in nms_kernel.cu. The namespace is not nms_cuda: that name is the
+// op's function below, and `&nms_cuda` would be ambiguous.
+namespace nms_kernel {
 template <typename T>
 cudaError_t nms_bitmask_launch(const T* sorted_boxes, const int64_t* category, int64_t n, T thr, uint64_t* mask,
                                uint64_t* removed, uint64_t* keep_words, cudaStream_t stream);
-}  // namespace nms_cuda
+}  // namespace nms_kernel
 
 namespace {
 
@@ -47,10 +49,10 @@ at::Tensor nms_cuda_impl(const char* op, const at::Tensor& boxes, const at::Tens
   auto* m = reinterpret_cast<uint64_t*>(mask.data_ptr<int64_t>());
   auto* r = reinterpret_cast<uint64_t*>(removed.data_ptr<int64_t>());
   auto* k = reinterpret_cast<uint64_t*>(keep_words.data_ptr<int64_t>());
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const cudaError_t err =
-      fp64 ? nms_cuda::nms_bitmask_launch<double>(sorted.const_data_ptr<double>(), cat, n, iou_threshold, m, r, k, stream)
-           : nms_cuda::nms_bitmask_launch<float>(sorted.const_data_ptr<float>(), cat, n,
+      fp64 ? nms_kernel::nms_bitmask_launch<double>(sorted.const_data_ptr<double>(), cat, n, iou_threshold, m, r, k, stream)
+           : nms_kernel::nms_bitmask_launch<float>(sorted.const_data_ptr<float>(), cat, n,
                                                  nms_math::float_threshold(iou_threshold), m, r, k, stream);
   TORCH_CHECK(err == cudaSuccess, "pycompress::", op, ": CUDA kernel failed: ", cudaGetErrorString(err));
 

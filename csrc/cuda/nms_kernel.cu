@@ -25,7 +25,7 @@
 #include "nms_math.h"
 
 namespace pycompress {
-namespace nms_cuda {
+namespace nms_kernel {
 namespace {
 
 namespace nm = nms_math;
@@ -121,5 +121,5 @@ template cudaError_t nms_bitmask_launch<float>(const float*, const int64_t*, int
 template cudaError_t nms_bitmask_launch<double>(const double*, const int64_t*, int64_t, double, uint64_t*,
                                                 uint64_t*, uint64_t*, cudaStream_t);
 
-}  // namespace nms_cuda
+}  // namespace nms_kernel
 }  // namespace pycompress
