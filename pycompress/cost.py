@@ -44,10 +44,12 @@ class Cost:
         return {"params": self.params, "macs": self.macs, "flops": self.flops}
 
 
-def _as_tuple(example_inputs) -> tuple:
+def example_tuple(example_inputs) -> tuple:
+    """``example_inputs`` as the tuple of Tensors a model is called with (a lone Tensor is wrapped)."""
     if isinstance(example_inputs, torch.Tensor):
         return (example_inputs,)
-    if isinstance(example_inputs, (tuple, list)) and example_inputs:
+    if isinstance(example_inputs, (tuple, list)) and example_inputs and all(
+            isinstance(x, torch.Tensor) for x in example_inputs):
         return tuple(example_inputs)
     raise TypeError(f"example_inputs must be a Tensor or a non-empty tuple of Tensors, got "
                     f"{type(example_inputs).__name__}")
@@ -71,7 +73,7 @@ def _macs_per_output(m: nn.Module) -> Optional[float]:
 def layer_macs(model: nn.Module, example_inputs, names: Optional[Iterable[str]] = None) -> Dict[str, int]:
     """MACs of each conv / linear layer (or of the modules ``names``) over one forward of ``example_inputs``
     (the whole batch), in eval mode without gradients."""
-    inputs = _as_tuple(example_inputs)
+    inputs = example_tuple(example_inputs)
     wanted = None if names is None else set(names)
     out: Dict[str, int] = {}
     handles = []
@@ -93,7 +95,7 @@ def layer_macs(model: nn.Module, example_inputs, names: Optional[Iterable[str]] 
 
 def count_macs(model: nn.Module, example_inputs) -> int:
     """MACs per example (the batch's total divided by its size)."""
-    inputs = _as_tuple(example_inputs)
+    inputs = example_tuple(example_inputs)
     return sum(layer_macs(model, inputs).values()) // inputs[0].shape[0]
 
 

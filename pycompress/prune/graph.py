@@ -47,7 +47,7 @@ from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 from pycompress.prune.pruners import pruner_for
 from pycompress.prune.rules import rule_for
-from pycompress.cost import measure_cost
+from pycompress.cost import example_tuple, measure_cost
 
 __all__ = ["DependencyGraph", "Group", "Member", "Channels", "masked_forward", "count_params_flops",
            "load_pruned_state_dict"]
@@ -134,14 +134,6 @@ def _target_str(node) -> str:
     return getattr(t, "__name__", None) or str(t)
 
 
-def _as_tuple(example_inputs) -> tuple:
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    if isinstance(example_inputs, (tuple, list)) and all(isinstance(x, torch.Tensor) for x in example_inputs):
-        return tuple(example_inputs)
-    raise TypeError(f"example_inputs must be a Tensor or a tuple of Tensors, got {type(example_inputs).__name__}")
-
-
 class DependencyGraph:
     """Traces ``model`` with torch.fx and groups its coupled channels.
 
@@ -168,7 +160,7 @@ class DependencyGraph:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         self.model = model
-        self.example_inputs = _as_tuple(example_inputs)
+        self.example_inputs = example_tuple(example_inputs)
         names = {m: n for n, m in model.named_modules()}
         self.ignored = set()
         for layer in ignored_layers:

@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from pycompress.prune.criteria import Criterion, get_criterion
-from pycompress.prune.graph import DependencyGraph, _as_tuple, count_params_flops
+from pycompress.cost import example_tuple
+from pycompress.prune.graph import DependencyGraph, count_params_flops
 from pycompress.prune.schedule import group_key, plan_removal, select_units
 from pycompress.train import Trainer, cross_entropy_step, evaluate_classifier
 
@@ -357,7 +358,7 @@ class Phased(Schedule):
 # ---------------------------------------------------------------------------- the driver
 def _score_batches(data, batch_size: int, n: int, seed: int) -> List[tuple]:
     """``n`` deterministic random minibatches of ``data`` (for data-driven criteria)."""
-    from pycompress.train import _collate
+    from pycompress.train import collate
 
     g = torch.Generator().manual_seed(seed)
     perm = torch.randperm(len(data), generator=g)
@@ -366,7 +367,7 @@ def _score_batches(data, batch_size: int, n: int, seed: int) -> List[tuple]:
         idx = perm[(b * batch_size) % len(data):][:batch_size]
         if len(idx) == 0:
             break
-        out.append(_collate(data, idx.tolist()))
+        out.append(collate(data, idx.tolist()))
     return out
 
 
@@ -400,7 +401,7 @@ class Pruner:
             raise TypeError(f"schedule must be a Schedule (OneShot, Iterative, Phased), got {schedule!r}")
         if not isinstance(target, Target):
             raise TypeError(f"target must be a Target (e.g. Target(params=0.5)), got {target!r}")
-        self.model, self.example_inputs = model, _as_tuple(example_inputs)
+        self.model, self.example_inputs = model, example_tuple(example_inputs)
         self.criterion: Criterion = get_criterion(criterion)
         self.schedule, self.target = schedule, target
         self.train_data, self.val_data, self.loss_fn = train_data, val_data, loss_fn

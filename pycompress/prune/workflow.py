@@ -15,7 +15,7 @@ from torch import nn
 
 from pycompress.config import PruneConfig, TrainConfig, from_dict, to_dict
 from pycompress.cost import compare_latency, measure_cost, measure_latency  # noqa: F401  (old import path)
-from pycompress.prune.graph import _as_tuple
+from pycompress.cost import example_tuple
 from pycompress.prune.criteria import Taylor
 from pycompress.prune.pruner import objects_from_options
 from pycompress.prune.pruner import choose_threshold, induce_sparsity, prune  # noqa: F401  (re-exported: the old home)
@@ -109,7 +109,7 @@ def run_experiment(model: nn.Module, example_inputs, train_data, val_data, test_
     val_data = eval_data if eval_data is not None else val_data
     seed = cfg.single_seed()
     log = log or print
-    example_inputs = _as_tuple(example_inputs)
+    example_inputs = example_tuple(example_inputs)
     ck = (lambda name: os.path.join(cfg.checkpoint_dir, name)) if cfg.checkpoint_dir else (lambda name: None)
     device = resolve_device(cfg.device)
     torch.manual_seed(seed)
