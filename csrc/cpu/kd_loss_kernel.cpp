@@ -110,7 +110,16 @@ struct IoReduced {  // bf16 and fp16: computed in fp32
     return out;
   }
   static void store(reduced_t* p, const Vec& v, int64_t n) {
-    at::vec::convert_from_float<reduced_t>(v, v).store(p, n);
+    const auto packed = at::vec::convert_from_float<reduced_t>(v, v);  // v's lanes come first
+#if defined(CPU_CAPABILITY_AVX2)
+    // A partial store of the 16-lane result goes through a stack copy and memcpy: for a full
+    // vector, store its low half directly.
+    if (n == Vec::size()) {
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+      return;
+    }
+#endif
+    packed.store(p, n);
   }
   static void store_stream(reduced_t* p, const Vec& v, int64_t n) { store(p, v, n); }
 };
