@@ -17,12 +17,22 @@
 //      also prefetches the next row, hiding pass 1's DRAM latency behind exps;
 //   3. the gradient from the scratch rows (s and t re-read from L2), written once.
 // Memory traffic: reads 2*N*V*sizeof(scalar), writes N*V*sizeof(scalar) for the
-// gradient; nothing else of size N*V exists. At V = 32k in fp32, a row's s, t,
-// scratch and gradient (640 KiB) stay inside the 2 MiB L2.
-// Numerics: fp32 accumulation for fp32/bf16/fp16 (fp64 for fp64), max-shifted
-// exponentials, log-probabilities taken from logits (never the log of an
-// underflowed exp), and row losses summed in fp64 in row order, so the result
-// does not depend on the thread count. NaN/Inf in a row propagate as NaN.
+// gradient (streamed: no read-for-ownership); nothing else of size N*V exists. At
+// V = 32k in fp32 a row's s, t and scratch are 512 KiB: they fit a 2 MiB L2 (Zen 4)
+// and spill to L3 on a 512 KiB L2 (Zen 3), where the re-reads still cost no DRAM.
+// Where the time goes (N = 1024, V = 32000, 2 threads, Zen 3 with AVX2): the kernel is
+// compute-bound, not memory-bound. Passes 1-2 (the loss without the gradient) take about
+// 80 % of the call, and pass 2's two exponentials per element (12 vector ops each) are
+// most of that; pass 3 is the remaining 20 %. fp32 runs at 52-59 % of a torch.add(out=)
+// roofline there, bf16 (half the bytes, the same exps) at about 35 %. The gradient buffer
+// costs no page faults after the first call (hugepage_alloc.h recycles it).
+// Numerics: fp32 lanes for fp32/bf16/fp16 (fp64 for fp64), max-shifted exponentials.
+// Row sums fold into fp64 every 16 vectors and the divergence is combined from them in
+// fp64, since at high T it is a small difference of two log-sums of about log(V): on
+// (2, 32768) at T = 1..20 the row loss stays within 5e-7 of float64 (eager fp32: up to
+// 4e-5). JSD's logs are of the ratios Q/M and P/M. Row losses are summed in fp64 in row
+// order, so the result does not depend on the thread count. NaN/Inf in a row propagate
+// as NaN.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
