@@ -9,24 +9,11 @@ buffers come and go between the loss calls as in real training.
 """
 
 import torch
-import torch.nn.functional as F
 
+from bench.bench_kd_loss import T, V, compiled_kd, eager_kd, fused_kd
 from bench.common import interleaved_medians, write_rows
-from pycompress import kd_loss
 
-N, D_IN, HIDDEN, V, T = 1024, 256, 256, 32000, 2.0
-
-
-def eager_kd(s, t):
-    return T ** 2 * F.kl_div(F.log_softmax(s / T, -1), F.log_softmax(t / T, -1), log_target=True,
-                             reduction="batchmean")
-
-
-compiled_kd = torch.compile(eager_kd)
-
-
-def fused_kd(s, t):
-    return kd_loss(s, t, temperature=T)
+N, D_IN, HIDDEN = 1024, 256, 256
 
 
 def test_kd_train_step(benchmark):
