@@ -13,7 +13,8 @@ Algorithm: one program per row, looping over the V logits in BLOCK-wide tiles.
   pass 3  the gradient, recomputing exps (cheaper on a GPU than a scratch row).
 Memory traffic: reads student and teacher once from DRAM per pass (L2 holds a
 row on large GPUs), writes the gradient once; nothing else of size N x V.
-Numerics: fp32 accumulation whatever the input dtype, int64 row offsets,
+Numerics: fp32 accumulation whatever the input dtype (tile sums are tree reductions;
+the row's scalars are combined in fp64), int64 row offsets,
 max-shifted exponentials, log-probabilities taken from logits.
 """
 
@@ -35,6 +36,14 @@ def _online_lse_step(m, z, vals):
     """One tile of an online log-sum-exp: the running max m and sum z of exp(. - m)."""
     m_new = tl.maximum(m, tl.max(vals))
     return m_new, z * tl.exp(m - m_new) + tl.sum(tl.exp(vals - m_new))
+
+
+@triton.jit
+def _log_m_over_q(log_pq, beta):
+    """log(M/Q) = log(beta P/Q + 1 - beta) for the JSD mixture M, from u = log(P/Q), without
+    overflow where Q underflows (u large): max(u, 0) is taken out before exponentiating."""
+    top = tl.maximum(log_pq, 0.0)
+    return top + tl.log(beta * tl.exp(log_pq - top) + (1.0 - beta) * tl.exp(-top))
 
 
 @triton.jit
@@ -107,12 +116,13 @@ def _kd_loss_kernel(
                 tl.store(g_row + cols, (g * gscale).to(G.dtype.element_ty), mask=mask)
         return
 
-    # Pass 1: online maxima and sums.
+    # Pass 1: online maxima and sums. The running sums are fp64 scalars: each rescale of an
+    # fp32 sum costs an ulp, and at high T a few ulps of zs are the divergence's own size.
     ms = tl.full([], neg_inf, tl.float32)
     mt = tl.full([], neg_inf, tl.float32)
-    zs = tl.zeros([], tl.float32)
-    zt = tl.zeros([], tl.float32)
-    a = tl.zeros([], tl.float32)
+    zs = tl.zeros([], tl.float64)
+    zt = tl.zeros([], tl.float64)
+    a = tl.zeros([], tl.float64)
     m1 = tl.full([], neg_inf, tl.float32)
     z1 = tl.zeros([], tl.float32)
     for off in range(0, V, BLOCK):
@@ -123,44 +133,50 @@ def _kd_loss_kernel(
         y = tl.where(mask, tl.load(t_row + cols, mask=mask, other=0.0).to(tl.float32) * inv_t, neg_inf)
         ms_new = tl.maximum(ms, tl.max(x))
         mt_new = tl.maximum(mt, tl.max(y))
-        rs = tl.exp(ms - ms_new)
-        rt = tl.exp(mt - mt_new)
+        rs = tl.exp((ms - ms_new).to(tl.float64))
+        rt = tl.exp((mt - mt_new).to(tl.float64))
         es = tl.exp(x - ms_new)
         et = tl.exp(y - mt_new)
-        zs = zs * rs + tl.sum(es)
-        zt = zt * rt + tl.sum(et)
+        zs = zs * rs + tl.sum(es).to(tl.float64)
+        zt = zt * rt + tl.sum(et).to(tl.float64)
         diff = tl.where(mask, x - y, 0.0)
         if DIV == 0:
-            a = a * rt - tl.sum(et * diff)
+            a = a * rt - tl.sum(et * diff).to(tl.float64)
         if DIV == 1:
-            a = a * rs + tl.sum(es * diff)
+            a = a * rs + tl.sum(es * diff).to(tl.float64)
         if NEED_CE and not T_IS_ONE:
             m1, z1 = _online_lse_step(m1, z1, tl.where(mask, s, neg_inf))
         ms = ms_new
         mt = mt_new
-    lse_s = ms + tl.log(zs)
-    lse_t = mt + tl.log(zt)
+    lse_s = ms + tl.log(zs).to(tl.float32)
+    lse_t = mt + tl.log(zt).to(tl.float32)
     lse1 = lse_s
     if NEED_CE and not T_IS_ONE:
         lse1 = m1 + tl.log(z1)
 
+    # At high T the divergence is a small difference of two log-sums of about log(V):
+    # the row's scalars are combined in fp64, and JSD's logs are taken of P/Q (from the
+    # logits' difference), never as differences of separately rounded log-probabilities.
+    lse_gap = (mt - ms).to(tl.float64) + tl.log(zt) - tl.log(zs)
     div = tl.zeros([], tl.float32)
     if DIV == 0:
-        div = a / zt + lse_s - lse_t
+        div = (a / zt - lse_gap).to(tl.float32)
     if DIV == 1:
-        div = a / zs + lse_t - lse_s
+        div = (a / zs + lse_gap).to(tl.float32)
+    lse_gap = lse_gap.to(tl.float32)
     kl_qm = tl.zeros([], tl.float32)
     if DIV == 2:  # Pass 2: JSD's log-mixture terms; 0 log 0 = 0.
         for off in range(0, V, BLOCK):
             cols = off + cols0
             mask = cols < V
-            log_q = tl.load(s_row + cols, mask=mask, other=0.0).to(tl.float32) * inv_t - lse_s
-            log_p = tl.load(t_row + cols, mask=mask, other=0.0).to(tl.float32) * inv_t - lse_t
-            q = tl.where(mask, tl.exp(log_q), 0.0)
-            p = tl.where(mask, tl.exp(log_p), 0.0)
-            log_m = tl.log(beta * p + (1.0 - beta) * q)
-            tq = tl.where(q > 0.0, q * (log_q - log_m), 0.0)
-            tp = tl.where(p > 0.0, p * (log_p - log_m), 0.0)
+            s = tl.load(s_row + cols, mask=mask, other=0.0).to(tl.float32)
+            t = tl.load(t_row + cols, mask=mask, other=0.0).to(tl.float32)
+            q = tl.where(mask, tl.exp(s * inv_t - lse_s), 0.0)
+            p = tl.where(mask, tl.exp(t * inv_t - lse_t), 0.0)
+            log_pq = (t - s) * inv_t - lse_gap  # log(P/Q)
+            log_mq = _log_m_over_q(log_pq, beta)
+            tq = tl.where(q > 0.0, -q * log_mq, 0.0)
+            tp = tl.where(p > 0.0, p * (log_pq - log_mq), 0.0)
             div += tl.sum(beta * tp + (1.0 - beta) * tq)
             kl_qm += tl.sum(tq)
 
@@ -182,8 +198,8 @@ def _kd_loss_kernel(
             elif DIV == 1:
                 g = gsoft * q * (log_q - log_p - div)
             else:
-                log_m = tl.log(beta * tl.exp(log_p) + (1.0 - beta) * q)
-                r = tl.where(q > 0.0, log_q - log_m, 0.0)
+                log_pq = (tl.load(t_row + cols, mask=mask, other=0.0).to(tl.float32) - s) * inv_t - lse_gap
+                r = tl.where(q > 0.0, -_log_m_over_q(log_pq, beta), 0.0)  # log(Q/M)
                 g = gsoft * (1.0 - beta) * q * (r - kl_qm)
             if NEED_CE:
                 g += hard_coef * (tl.exp(s - lse1) - tl.where(cols == tgt, 1.0, 0.0))
