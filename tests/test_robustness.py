@@ -29,3 +29,15 @@ def test_kd_loss_topk_empty_batch_backward():
     values = torch.randn(0, 2).log_softmax(-1)
     kd_loss(s, (values, torch.zeros(0, 2, dtype=torch.long))).backward()
     assert s.grad.shape == (0, 6)
+
+
+@pytest.mark.parametrize("teacher", ["hidden", "logits"])
+def test_fused_linear_kd_loss_zero_rows_backward(teacher):
+    h = torch.randn(0, 4, requires_grad=True)
+    w = torch.randn(5, 4, requires_grad=True)
+    kw = dict(teacher_hidden=torch.randn(0, 3), teacher_weight=torch.randn(5, 3)) if teacher == "hidden" else \
+        dict(teacher_logits=torch.randn(0, 5))
+    loss = fused_linear_kd_loss(h, w, **kw)
+    loss.backward()
+    assert loss.item() == 0.0
+    assert h.grad.shape == (0, 4) and torch.equal(w.grad, torch.zeros(5, 4))
