@@ -41,3 +41,16 @@ def test_fused_linear_kd_loss_zero_rows_backward(teacher):
     loss.backward()
     assert loss.item() == 0.0
     assert h.grad.shape == (0, 4) and torch.equal(w.grad, torch.zeros(5, 4))
+
+
+@pytest.mark.parametrize("lead", [(0,), (3, 0)])
+def test_block_sparse_linear_empty_input_matches_nn_linear(lead):
+    from pycompress.nn import BlockSparseLinear
+
+    dense = torch.nn.Linear(16, 8)
+    sparse = BlockSparseLinear.from_dense(dense, sparsity=0.75)
+    x = torch.randn(*lead, 16)
+    out = sparse(x)
+    assert torch.equal(out, sparse.to_dense()(x))
+    out.sum().backward()  # trains on, like nn.Linear
+    assert torch.equal(sparse.values.grad, torch.zeros_like(sparse.values))

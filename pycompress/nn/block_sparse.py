@@ -335,11 +335,11 @@ class BlockSparseLinear(_BlockSparseWeight):
         if input.dim() < 1 or input.shape[-1] != self.in_features:
             raise ValueError(f"BlockSparseLinear expects (*, {self.in_features}) input, got shape "
                              f"{tuple(input.shape)}")
-        if self.dense_reason() is not None:
-            bias = self.bias if self.bias is None else self.bias.to(input.dtype)
-            return F.linear(input, self.weight2d().to(input.dtype), bias)
         lead = input.shape[:-1]
         rows = math.prod(lead)
+        if self.dense_reason() is not None or rows == 0:  # the kernel needs at least one pixel
+            bias = self.bias if self.bias is None else self.bias.to(input.dtype)
+            return F.linear(input, self.weight2d().to(input.dtype), bias)
         # (rows, in) -> (1, in, rows, 1): features become channels, rows become pixels.
         x = input.reshape(rows, self.in_features).t().contiguous().view(1, self.in_features, rows, 1)
         out = PF.block_sparse_conv2d(x, self.values, self.col_idx, self.row_ptr, self.bias, 1, self.out_features)
