@@ -54,3 +54,35 @@ def test_block_sparse_linear_empty_input_matches_nn_linear(lead):
     assert torch.equal(out, sparse.to_dense()(x))
     out.sum().backward()  # trains on, like nn.Linear
     assert torch.equal(sparse.values.grad, torch.zeros_like(sparse.values))
+
+
+def _sparse_conv_with_duplicate_column():
+    from pycompress.nn import BlockSparseConv2d
+
+    torch.manual_seed(0)
+    conv = BlockSparseConv2d.from_dense(torch.nn.Conv2d(8, 8, 3), block_size=(8, 8), sparsity=0.0,
+                                        dense_threshold=1.0)
+    state = {k: v.clone() for k, v in conv.state_dict().items()}
+    state["col_idx"][1] = state["col_idx"][0]  # row 0 stores column 0 twice
+    return conv, state
+
+
+def test_block_sparse_state_dict_with_a_repeated_column_is_rejected_naming_the_row():
+    conv, state = _sparse_conv_with_duplicate_column()
+    with pytest.raises(ValueError, match="row 0 has column 0 then 0"):
+        conv.load_state_dict(state)
+
+
+def test_block_sparse_construction_rejects_a_repeated_column():
+    conv, state = _sparse_conv_with_duplicate_column()
+    with pytest.raises(ValueError, match="strictly increasing.*row 0"):
+        conv._set_bsr(state["values"], state["col_idx"], state["row_ptr"])
+
+
+def test_block_sparse_kernel_rejects_a_repeated_column():
+    from pycompress.functional import block_sparse_conv2d
+
+    conv, state = _sparse_conv_with_duplicate_column()
+    with pytest.raises(ValueError, match="strictly increasing within each block row; row 0"):
+        block_sparse_conv2d(torch.randn(1, 8, 5, 5), state["values"], state["col_idx"], state["row_ptr"], None, 3, 8)
+
