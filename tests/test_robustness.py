@@ -126,3 +126,22 @@ def test_gradient_penalty_matches_the_reference_second_order_term():
     reference = (lambda s: 4.0 * torch.nn.functional.kl_div((s / 2).log_softmax(-1), (t / 2).log_softmax(-1),
                                                             reduction="batchmean", log_target=True))
     torch.testing.assert_close(penalty_grad(lambda s: kd_loss(s, t, temperature=2.0)), penalty_grad(reference))
+
+
+@pytest.mark.parametrize("sigma", [float("inf"), float("nan")])
+def test_non_finite_teacher_noise_is_rejected_by_name(sigma):
+    with pytest.raises(ValueError, match="teacher_noise"):
+        kd_loss(torch.randn(2, 3), torch.randn(2, 3), teacher_noise=sigma)
+    with pytest.raises(ValueError, match="teacher_noise"):
+        KDLoss(teacher_noise=sigma)
+
+
+def test_teacher_bias_with_teacher_logits_is_rejected():
+    with pytest.raises(ValueError, match="teacher_bias"):
+        fused_linear_kd_loss(torch.randn(3, 4), torch.randn(5, 4), teacher_logits=torch.randn(3, 5),
+                             teacher_bias=torch.randn(5))
+
+
+def test_empty_vocabulary_is_rejected_naming_v():
+    with pytest.raises(ValueError, match="V >= 1"):
+        fused_linear_kd_loss(torch.randn(3, 4), torch.randn(0, 4), teacher_logits=torch.randn(3, 0))
