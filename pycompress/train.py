@@ -54,6 +54,7 @@ on rank 0 only (:attr:`Trainer.is_main`), with a barrier after each write.
 
 import math
 import os
+import pickle
 import random
 import warnings
 from typing import Callable, Dict, List, Optional, Union
@@ -93,6 +94,19 @@ def atomic_save(obj, path: str):
     tmp = path + ".tmp"
     torch.save(obj, tmp)
     os.replace(tmp, path)
+
+
+def load_file(path: str, what: str, **kwargs):
+    """``torch.load(path, weights_only=True)`` whose failures name the file: a missing file is
+    a FileNotFoundError, an empty, truncated or foreign one a ValueError saying ``what`` it is."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{what} {path!r} does not exist")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"{what} {path!r} is empty")
+    try:
+        return torch.load(path, weights_only=True, **kwargs)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as e:
+        raise ValueError(f"{what} {path!r} is truncated or not a torch.save file ({type(e).__name__}: {e})") from e
 
 
 def collate(dataset: Dataset, idx: List[int]):
@@ -318,7 +332,7 @@ class Trainer:
 
     def load_checkpoint(self, path: Optional[str] = None):
         path = path or self.checkpoint_path
-        self.load_state_dict(torch.load(path, map_location=self.device, weights_only=True))
+        self.load_state_dict(load_file(path, "checkpoint", map_location=self.device))
 
     # ------------------------------------------------------------------ loop
     def _done(self) -> bool:

@@ -145,3 +145,51 @@ def test_teacher_bias_with_teacher_logits_is_rejected():
 def test_empty_vocabulary_is_rejected_naming_v():
     with pytest.raises(ValueError, match="V >= 1"):
         fused_linear_kd_loss(torch.randn(3, 4), torch.randn(0, 4), teacher_logits=torch.randn(3, 0))
+
+
+# ---------------------------------------------------------------- CLI and files
+def test_cli_yaml_config_whose_top_level_is_a_list_is_one_line(tmp_path, capsys):
+    from pycompress.cli import main
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("- epochs: 1\n")
+    assert main(["distill", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"config file '{cfg}' must hold a mapping" in err
+
+
+def test_cli_bad_seeds_names_the_flag(capsys):
+    from pycompress.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["distill", "--seeds", "0,x"])
+    assert e.value.code == 2
+    assert "argument --seeds: expected comma-separated ints, got '0,x'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content", [b"", b"PK\x03\x04 truncated"])
+def test_cli_empty_or_truncated_teacher_checkpoint_names_the_file(tmp_path, capsys, content):
+    from pycompress.cli import main
+
+    teacher = tmp_path / "teacher.pt"
+    teacher.write_bytes(content)
+    assert main(["distill", "--set", f'teacher.checkpoints=["{teacher}"]', "--output", str(tmp_path / "r.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"teacher checkpoint '{teacher}' is" in err
+
+
+@pytest.mark.parametrize("cut", [0, 100])
+def test_truncated_resume_checkpoint_names_the_file(tmp_path, cut):
+    from torch.utils.data import TensorDataset
+
+    from pycompress.config import TrainConfig
+    from pycompress.train import Trainer
+
+    data = TensorDataset(torch.randn(8, 3), torch.randint(0, 2, (8,)))
+    path = tmp_path / "ckpt.pt"
+    trainer = Trainer(torch.nn.Linear(3, 2), data, TrainConfig(epochs=1, batch_size=4), checkpoint_path=str(path),
+                      progress=False)
+    trainer.save_checkpoint()
+    path.write_bytes(path.read_bytes()[:cut])
+    with pytest.raises(ValueError, match=f"checkpoint '{path}' is (empty|truncated)"):
+        trainer.load_checkpoint()

@@ -25,7 +25,7 @@ from pycompress.distill.strategies import STRATEGIES, Strategy, make_strategy
 from pycompress.cli.common import atomic_write_json, build_model, format_table as _table, load_data
 from pycompress.config import DistillConfig, TeacherConfig, TrainConfig, replace, to_dict
 from pycompress.train import (Trainer, atomic_save, evaluate_classifier, init_distributed, is_main_process,
-                              make_optimizer as _make_optimizer, resolve_device, world_size)
+                              load_file, make_optimizer as _make_optimizer, resolve_device, world_size)
 
 __all__ = ["distill", "distill_from_config", "DistillResult", "train_teacher", "train_teacher_from_config",
            "format_table", "load_state_dict"]
@@ -57,7 +57,7 @@ def load_state_dict(model: nn.Module, path: str) -> nn.Module:
     if not os.path.exists(path):
         raise FileNotFoundError(f"teacher checkpoint {path!r} does not exist; train one with "
                                 "`pycompress train-teacher`")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_file(path, "teacher checkpoint", map_location="cpu")
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
     model.load_state_dict(state)

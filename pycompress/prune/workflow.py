@@ -19,7 +19,7 @@ from pycompress.prune.graph import _as_tuple
 from pycompress.prune.criteria import Taylor
 from pycompress.prune.pruner import objects_from_options
 from pycompress.prune.pruner import choose_threshold, induce_sparsity, prune  # noqa: F401  (re-exported: the old home)
-from pycompress.train import Trainer, atomic_save, evaluate_classifier, resolve_device
+from pycompress.train import Trainer, atomic_save, evaluate_classifier, load_file, resolve_device
 
 __all__ = ["prune", "induce_sparsity", "choose_threshold", "measure_latency", "compare_latency", "run_experiment",
            "prune_experiment", "format_report"]
@@ -124,7 +124,7 @@ def run_experiment(model: nn.Module, example_inputs, train_data, val_data, test_
     if cfg.resume and ck("pruned.pt") and os.path.exists(ck("pruned.pt")):
         if model_factory is None:
             raise ValueError("resume after pruning needs model_factory to rebuild the pruned model")
-        saved = torch.load(ck("pruned.pt"), weights_only=True)
+        saved = load_file(ck("pruned.pt"), "pruned checkpoint")
         pruned = load_pruned_state_dict(model_factory(), saved["state_dict"])
         history = saved["history"]
     else:
@@ -174,7 +174,7 @@ def prune_experiment(cfg: PruneConfig) -> dict:
 
     model = factory()
     if cfg.weights:
-        model.load_state_dict(torch.load(cfg.weights, weights_only=True))
+        model.load_state_dict(load_file(cfg.weights, "weights file"))
     report = run_experiment(model, train[0][0].unsqueeze(0), train, val, test, cfg, model_factory=factory)
     print(format_report(report))
     if cfg.output:
