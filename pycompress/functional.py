@@ -272,7 +272,8 @@ def fused_linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Ten
                          f"{student_hidden.shape[-1] if student_hidden.dim() else None}, got {tuple(student_weight.shape)}")
     V, rows = student_weight.shape[0], student_hidden.shape[:-1]
     if V < 1:
-        raise ValueError(f"student_weight must have V >= 1 rows (the vocabulary), got shape {tuple(student_weight.shape)}")
+        raise ValueError(f"student_weight must have V >= 1 rows (the vocabulary), got shape "
+                         f"{tuple(student_weight.shape)}")
     for name, x in (("student_weight", student_weight), ("student_bias", student_bias),
                     ("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight),
                     ("teacher_bias", teacher_bias)):

@@ -193,3 +193,20 @@ def test_truncated_resume_checkpoint_names_the_file(tmp_path, cut):
     path.write_bytes(path.read_bytes()[:cut])
     with pytest.raises(ValueError, match=f"checkpoint '{path}' is (empty|truncated)"):
         trainer.load_checkpoint()
+
+
+def test_distill_resume_with_changed_settings_is_refused_listing_each_key(tmp_path):
+    from test_distill import linear_net, small_data
+
+    from pycompress.distill import distill
+
+    data, teacher = small_data(), linear_net(scale=5.0, seed=9)
+    kw = dict(seeds=[0], epochs=1, batch_size=32, checkpoint_dir=str(tmp_path), progress=False, print_table=False,
+              baseline=False)
+    distill(lambda: linear_net(seed=1), teacher, data, ["hinton"], lr=0.01, **kw)
+    with pytest.raises(ValueError, match=r"options\.temperature: 4\.0 -> 8\.0; .*train\.lr: 0\.01 -> 0\.05"):
+        distill(lambda: linear_net(seed=1), teacher, data, ["hinton"], strategy_options={"hinton": {"temperature": 8.0}},
+                lr=0.05, resume=True, **kw)
+    # what cannot change the result may differ
+    distill(lambda: linear_net(seed=1), teacher, data, ["hinton"], lr=0.01, resume=True,
+            **{**kw, "progress": True, "output": str(tmp_path / "r.json")})

@@ -13,7 +13,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from pycompress.config import PruneConfig, TrainConfig, from_dict, to_dict
+from pycompress.config import PruneConfig, TrainConfig, from_dict, result_settings, to_dict
 from pycompress.cost import compare_latency, measure_cost, measure_latency  # noqa: F401  (old import path)
 from pycompress.prune.graph import _as_tuple
 from pycompress.prune.criteria import Taylor
@@ -115,7 +115,8 @@ def run_experiment(model: nn.Module, example_inputs, train_data, val_data, test_
     torch.manual_seed(seed)
     if cfg.dense.epochs:
         Trainer(model, train_data, cfg.dense, eval_data=val_data, seed=seed, device=device,
-                checkpoint_path=ck("dense.pt"), progress=cfg.progress).fit(resume=cfg.resume)
+                checkpoint_path=ck("dense.pt"), progress=cfg.progress,
+                run_config=result_settings(cfg, "dense", "finetune")).fit(resume=cfg.resume)
     model.cpu()
     dense = _stage(model, example_inputs, test_data)
     log(f"dense: {dense}")
@@ -148,7 +149,8 @@ def run_experiment(model: nn.Module, example_inputs, train_data, val_data, test_
     final = copy.deepcopy(pruned)
     if cfg.finetune.epochs:
         Trainer(final, train_data, cfg.finetune, eval_data=val_data, seed=seed + 1, device=device,
-                checkpoint_path=ck("finetune.pt"), progress=cfg.progress).fit(resume=cfg.resume)
+                checkpoint_path=ck("finetune.pt"), progress=cfg.progress,
+                run_config=result_settings(cfg, "finetune")).fit(resume=cfg.resume)
         final.cpu()
     tuned = _stage(final, example_inputs, test_data)
     log(f"fine-tuned: {tuned}")
