@@ -210,3 +210,26 @@ def test_distill_resume_with_changed_settings_is_refused_listing_each_key(tmp_pa
     # what cannot change the result may differ
     distill(lambda: linear_net(seed=1), teacher, data, ["hinton"], lr=0.01, resume=True,
             **{**kw, "progress": True, "output": str(tmp_path / "r.json")})
+
+
+# ---------------------------------------------------------------- pruned state_dicts
+def _two_convs():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 3))
+
+
+def test_load_pruned_state_dict_with_contradicting_shapes_names_the_layer():
+    from pycompress.prune.graph import load_pruned_state_dict
+
+    state = _two_convs().state_dict()
+    state["0.weight"], state["0.bias"] = state["0.weight"][:5], state["0.bias"][:5]  # conv 2 still expects 8
+    with pytest.raises(ValueError, match="do not fit together at layer '2'"):
+        load_pruned_state_dict(_two_convs(), state, example_inputs=torch.randn(1, 3, 8, 8))
+
+
+def test_load_pruned_state_dict_larger_than_the_model_names_the_layer():
+    from pycompress.prune.graph import load_pruned_state_dict
+
+    big = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3), torch.nn.ReLU(), torch.nn.Conv2d(16, 4, 3))
+    with pytest.raises(ValueError, match=r"layer '0': the saved weight \(16, 3, 3, 3\) does not fit"):
+        load_pruned_state_dict(_two_convs(), big.state_dict())

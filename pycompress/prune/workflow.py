@@ -126,7 +126,7 @@ def run_experiment(model: nn.Module, example_inputs, train_data, val_data, test_
         if model_factory is None:
             raise ValueError("resume after pruning needs model_factory to rebuild the pruned model")
         saved = load_file(ck("pruned.pt"), "pruned checkpoint")
-        pruned = load_pruned_state_dict(model_factory(), saved["state_dict"])
+        pruned = load_pruned_state_dict(model_factory(), saved["state_dict"], example_inputs=example_inputs)
         history = saved["history"]
     else:
         if criterion is None:
