@@ -448,3 +448,14 @@ def replace(cfg: C, **changes) -> C:
 def to_dict(cfg) -> dict:
     """The config as plain data (for reports)."""
     return dataclasses.asdict(cfg)
+
+
+# WorkflowConfig fields that cannot change a training's result: where reports and checkpoints
+# go, the progress bar, whether to resume, and the list of seeds (each run records its own).
+NOT_RESULT_FIELDS = ("seeds", "output", "progress", "checkpoint_dir", "resume")
+
+
+def result_settings(cfg, *exclude: str) -> dict:
+    """``cfg`` as plain data without the fields that cannot change a result (and ``exclude``):
+    what a checkpoint records so that a resume with other settings is refused."""
+    return {k: v for k, v in to_dict(cfg).items() if k not in NOT_RESULT_FIELDS + exclude}

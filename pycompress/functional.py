@@ -29,8 +29,8 @@ def check_kd_hyperparameters(temperature, alpha, divergence, beta, reduction, te
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta must be in [0, 1], got {beta}")
-    if not teacher_noise >= 0:
-        raise ValueError(f"teacher_noise must be >= 0, got {teacher_noise}")
+    if not 0 <= teacher_noise < float("inf"):
+        raise ValueError(f"teacher_noise must be a finite number >= 0, got {teacher_noise}")
     if divergence not in DIVERGENCES:
         raise ValueError(f"divergence must be one of {', '.join(DIVERGENCES)}, got {divergence!r}")
     if reduction not in REDUCTIONS:
@@ -271,6 +271,9 @@ def fused_linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Ten
         raise ValueError(f"student_weight must be (V, H) with H = student_hidden.shape[-1] = "
                          f"{student_hidden.shape[-1] if student_hidden.dim() else None}, got {tuple(student_weight.shape)}")
     V, rows = student_weight.shape[0], student_hidden.shape[:-1]
+    if V < 1:
+        raise ValueError(f"student_weight must have V >= 1 rows (the vocabulary), got shape "
+                         f"{tuple(student_weight.shape)}")
     for name, x in (("student_weight", student_weight), ("student_bias", student_bias),
                     ("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight),
                     ("teacher_bias", teacher_bias)):
@@ -285,6 +288,8 @@ def fused_linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Ten
         raise ValueError(f"student_bias must have shape ({V},), got {tuple(student_bias.shape)}")
     if (teacher_hidden is None) != (teacher_weight is None):
         raise ValueError("teacher_hidden and teacher_weight go together")
+    if teacher_bias is not None and teacher_weight is None:
+        raise ValueError("teacher_bias belongs to teacher_weight; with teacher_logits add it to the logits instead")
     if (teacher_hidden is None) == (teacher_logits is None):
         raise ValueError("give the teacher either as teacher_hidden and teacher_weight, or as teacher_logits")
     values = indices = dense = None

@@ -54,9 +54,10 @@ on rank 0 only (:attr:`Trainer.is_main`), with a barrier after each write.
 
 import math
 import os
+import pickle
 import random
 import warnings
-from typing import Callable, Dict, List, Optional, Union
+from typing import Callable, Dict, List, Mapping, Optional, Union
 
 import numpy as np
 import torch
@@ -65,7 +66,7 @@ from torch import nn
 from torch.utils.data import Dataset, DistributedSampler, TensorDataset
 from torch.utils.data._utils.collate import default_collate
 
-from pycompress.config import TrainConfig, replace
+from pycompress.config import TrainConfig, replace, to_dict
 
 __all__ = ["Trainer", "TrainConfig", "fit", "evaluate_classifier", "seed_everything", "cross_entropy_step",
            "atomic_save", "collate", "make_optimizer", "is_main_process", "world_size", "resolve_device",
@@ -93,6 +94,30 @@ def atomic_save(obj, path: str):
     tmp = path + ".tmp"
     torch.save(obj, tmp)
     os.replace(tmp, path)
+
+
+def _flatten(tree: Mapping, prefix: str = "") -> dict:
+    """Nested dicts as one dict of dotted keys (``train.lr``), lists as they are."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def load_file(path: str, what: str, **kwargs):
+    """``torch.load(path, weights_only=True)`` whose failures name the file: a missing file is
+    a FileNotFoundError, an empty, truncated or foreign one a ValueError saying ``what`` it is."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{what} {path!r} does not exist")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"{what} {path!r} is empty")
+    try:
+        return torch.load(path, weights_only=True, **kwargs)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as e:
+        raise ValueError(f"{what} {path!r} is truncated or not a torch.save file ({type(e).__name__}: {e})") from e
 
 
 def collate(dataset: Dataset, idx: List[int]):
@@ -199,6 +224,10 @@ class Trainer:
         seed (int): seeds all RNGs and the data order.
         checkpoint_path (str, optional): where to write checkpoints.
         checkpoint_every (int, optional): also checkpoint every this many steps.
+        run_config (Mapping, optional): what else determines the result (a workflow's
+            settings, e.g. the distillation strategy's options). Checkpoints record it with
+            ``seed`` and ``config`` (``max_steps`` aside); resuming under settings that differ
+            is refused with each differing key, old and new.
         progress (bool): show a tqdm bar (on the main rank only).
         amp_dtype (torch.dtype, optional): deprecated spelling of ``amp``.
 
@@ -213,7 +242,8 @@ class Trainer:
                  eval_fn: Optional[Callable] = None, optimizer: Union[None, str, Callable] = None,
                  scheduler: Union[None, str, Callable] = None, device="cpu", seed: int = 0,
                  checkpoint_path: Optional[str] = None, checkpoint_every: Optional[int] = None,
-                 progress: bool = True, amp_dtype: Optional[torch.dtype] = None, **recipe):
+                 progress: bool = True, amp_dtype: Optional[torch.dtype] = None,
+                 run_config: Optional[Mapping] = None, **recipe):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if not hasattr(train_data, "__len__") or not hasattr(train_data, "__getitem__"):
@@ -256,6 +286,12 @@ class Trainer:
         # position: `batch` micro-batches of epoch `epoch` are done; `step` optimizer steps in total
         self.epoch, self.batch, self.step = 0, 0, 0
         self.history: List[dict] = []
+        # Everything that determines this run's result, recorded in checkpoints: a resume under
+        # other settings would silently continue the old run. max_steps only says where to stop.
+        recorded = {"seed": seed, "train": {k: v for k, v in to_dict(cfg).items() if k != "max_steps"}}
+        if optimizer is not None and not isinstance(optimizer, str):
+            recorded["train"]["optimizer"] = "custom"  # a callable's settings cannot be compared
+        self.run_config = _flatten({**recorded, "run": dict(run_config or {})})
 
     def total_steps(self) -> int:
         """Optimizer steps of the whole run (this rank's share of the data, ``max_steps`` included)."""
@@ -297,15 +333,17 @@ class Trainer:
                               float(np_state[4])],
                     "python": random.getstate()},
             "position": {"epoch": self.epoch, "batch": self.batch, "step": self.step},
-            "config": {"seed": self.seed, "batch_size": self.batch_size, "grad_accum": self.grad_accum},
+            "config": self.run_config,
             "history": self.history,
         }
 
     def load_state_dict(self, state: dict):
-        cfg = {"seed": self.seed, "batch_size": self.batch_size, "grad_accum": self.grad_accum}
-        if state["config"] != cfg:
-            raise ValueError(f"checkpoint was written with {state['config']}, this trainer has {cfg}; resuming "
-                             "would not reproduce the run")
+        old, new = state["config"], self.run_config
+        differing = [f"{k}: {old.get(k, '<unset>')!r} -> {new.get(k, '<unset>')!r}"
+                     for k in sorted(set(old) | set(new)) if old.get(k, "<unset>") != new.get(k, "<unset>")]
+        if differing:
+            raise ValueError(f"the checkpoint was written with other settings, so resuming would not reproduce "
+                             f"the run (checkpoint -> now): {'; '.join(differing)}")
         self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and state["scheduler"] is not None:
@@ -333,7 +371,7 @@ class Trainer:
 
     def load_checkpoint(self, path: Optional[str] = None):
         path = path or self.checkpoint_path
-        self.load_state_dict(torch.load(path, map_location=self.device, weights_only=True))
+        self.load_state_dict(load_file(path, "checkpoint", map_location=self.device))
 
     # ------------------------------------------------------------------ loop
     def _done(self) -> bool:

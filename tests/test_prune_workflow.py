@@ -112,7 +112,7 @@ def test_checkpoint_config_mismatch_is_refused(tmp_path):
     data = TensorDataset(torch.randn(16, 5), torch.randint(0, 3, (16,)))
     path = str(tmp_path / "ck.pt")
     fit(nn.Linear(5, 3), data, batch_size=8, checkpoint_path=path, progress=False)
-    with pytest.raises(ValueError, match="resuming would not reproduce"):
+    with pytest.raises(ValueError, match="resuming would not reproduce.*train.batch_size: 8 -> 4"):
         fit(nn.Linear(5, 3), data, batch_size=4, checkpoint_path=path, resume=True, progress=False)
 
 

@@ -434,7 +434,8 @@ ConvGeometry check_arguments(const at::Tensor& input, const at::Tensor& values, 
   return g;
 }
 
-// The BSR index arrays' contents (row_ptr monotone from 0 to nnzb, col_idx in range).
+// The BSR index arrays' contents (row_ptr monotone from 0 to nnzb, col_idx in range and strictly
+// increasing within a row).
 void check_block_indices(const int64_t* cols, const int64_t* rptr, int64_t nnzb, const ConvGeometry& g) {
   constexpr const char* op = "pycompress::block_sparse_conv2d: ";
   const int64_t kblocks = g.K / g.bk;
@@ -445,6 +446,11 @@ void check_block_indices(const int64_t* cols, const int64_t* rptr, int64_t nnzb,
   for (int64_t b = 0; b < nnzb; ++b)
     TORCH_CHECK_VALUE(cols[b] >= 0 && cols[b] < kblocks, op, "col_idx[", b, "] = ", cols[b], " is outside [0, ",
                       kblocks, ")");
+  // A repeated column would be added twice here but kept once by a dense export.
+  for (int64_t r = 0; r < g.R; ++r)
+    for (int64_t b = rptr[r] + 1; b < rptr[r + 1]; ++b)
+      TORCH_CHECK_VALUE(cols[b] > cols[b - 1], op, "col_idx must be strictly increasing within each block row; row ",
+                        r, " has ", cols[b - 1], " then ", cols[b]);
 }
 
 // How the micro-kernel reads the input (see the header): in place, as bf16

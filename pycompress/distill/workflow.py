@@ -23,9 +23,9 @@ from torch.utils.data import Dataset, TensorDataset
 from pycompress.distill.munge import label_with_teacher, stack_inputs
 from pycompress.distill.strategies import STRATEGIES, Strategy, make_strategy
 from pycompress.cli.common import atomic_write_json, build_model, format_table as _table, load_data
-from pycompress.config import DistillConfig, TeacherConfig, TrainConfig, replace, to_dict
+from pycompress.config import DistillConfig, TeacherConfig, TrainConfig, replace, result_settings, to_dict
 from pycompress.train import (Trainer, atomic_save, evaluate_classifier, init_distributed, is_main_process,
-                              make_optimizer as _make_optimizer, resolve_device, world_size)
+                              load_file, make_optimizer as _make_optimizer, resolve_device, world_size)
 
 __all__ = ["distill", "distill_from_config", "DistillResult", "train_teacher", "train_teacher_from_config",
            "format_table", "load_state_dict"]
@@ -57,7 +57,7 @@ def load_state_dict(model: nn.Module, path: str) -> nn.Module:
     if not os.path.exists(path):
         raise FileNotFoundError(f"teacher checkpoint {path!r} does not exist; train one with "
                                 "`pycompress train-teacher`")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_file(path, "teacher checkpoint", map_location="cpu")
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
     model.load_state_dict(state)
@@ -279,7 +279,10 @@ def distill(student: Union[nn.Module, Callable[[], nn.Module]], teacher: Union[n
         report["teacher"]["all_accuracies"] = [evaluate_classifier(t, eval_split)["accuracy"] for t in teachers]
     result = DistillResult(report)
 
-    def run(label: str, step_fn, data_for_seed):
+    # What the runs share beside the training recipe; each run adds its strategy's options.
+    settings = result_settings(cfg, "train", "strategies", "strategy")
+
+    def run(label: str, step_fn, data_for_seed, options=None):
         accs, val_accs = [], []
         result.students[label] = []
         for seed in seeds:
@@ -288,7 +291,8 @@ def distill(student: Union[nn.Module, Callable[[], nn.Module]], teacher: Union[n
                     if cfg.checkpoint_dir else None)
             history = Trainer(model, data_for_seed(seed), train_cfg, step_fn=step_fn, eval_data=eval_data,
                               optimizer=opt, seed=seed, device=device, checkpoint_path=ckpt,
-                              progress=cfg.progress).fit(resume=cfg.resume)
+                              progress=cfg.progress,
+                              run_config={**settings, "label": label, "options": options or {}}).fit(resume=cfg.resume)
             accs.append(evaluate_classifier(model, eval_split)["accuracy"])
             if history and "accuracy" in history[-1]:
                 val_accs.append(history[-1]["accuracy"])
@@ -307,7 +311,7 @@ def distill(student: Union[nn.Module, Callable[[], nn.Module]], teacher: Union[n
         cache = cfg.cache_teacher and type(s).prepare is Strategy.prepare
         cached = _with_teacher_logits(train_data, teacher_fn) if cache else train_data
         accs, val_accs = run(label, s.step_fn(teacher_fn, cached=cache),
-                             lambda seed, s=s, cached=cached, tf=teacher_fn: s.prepare(cached, tf, seed))
+                             lambda seed, s=s, cached=cached, tf=teacher_fn: s.prepare(cached, tf, seed), s.options())
         entry = {"strategy": s.name, "options": s.options(), **_summary(accs), "val_accuracy": val_accs}
         if hasattr(s, "generator_used"):
             entry["generator_used"] = s.generator_used

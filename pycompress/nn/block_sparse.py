@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn.modules.utils import _pair
 
 from pycompress import functional as PF
-from pycompress.ops.block_sparse import bsr_to_dense, dense_to_blocks
+from pycompress.ops.block_sparse import block_rows, bsr_to_dense, dense_to_blocks
 
 # Above this density the CPU kernel is no faster than oneDNN's dense conv on
 # ResNet-50 shapes: at density 0.5 it still wins by 1.05-1.45x with 2 threads
@@ -99,7 +99,30 @@ class _BlockSparseWeight(nn.Module):
         self.register_buffer("row_ptr", torch.zeros(rows + 1, dtype=torch.int64, device=device))
         self._dense_cache = None
 
+    def _check_bsr(self, values, col_idx, row_ptr):
+        """Rejects BSR arrays the kernel and :meth:`to_dense` would read differently: a row
+        whose block columns are not strictly increasing (a repeated column is summed by
+        the kernel but kept once by the dense export), or offsets that do not cover the blocks."""
+        where = type(self).__name__
+        rows = -(-self._gemm_shape[0] // self.block_size[0])
+        if row_ptr.shape != (rows + 1,) or col_idx.shape != (values.shape[0],):
+            raise ValueError(f"{where}: row_ptr must be ({rows + 1},) and col_idx ({values.shape[0]},) for "
+                             f"{values.shape[0]} blocks, got {tuple(row_ptr.shape)} and {tuple(col_idx.shape)}")
+        if int(row_ptr[0]) != 0 or int(row_ptr[-1]) != values.shape[0] or bool((row_ptr.diff() < 0).any()):
+            raise ValueError(f"{where}: row_ptr must rise from 0 to the number of blocks {values.shape[0]}, "
+                             f"got {row_ptr.tolist()}")
+        n_cols = self._gemm_shape[1] // self.block_size[1]
+        if bool(((col_idx < 0) | (col_idx >= n_cols)).any()):
+            raise ValueError(f"{where}: col_idx must lie in [0, {n_cols}), got {col_idx.tolist()}")
+        row_of = block_rows(row_ptr)
+        bad = (row_of[1:] == row_of[:-1]) & (col_idx[1:] <= col_idx[:-1])
+        if bool(bad.any()):
+            b = int(bad.nonzero()[0]) + 1
+            raise ValueError(f"{where}: col_idx must be strictly increasing within each block row; row "
+                             f"{int(row_of[b])} has column {int(col_idx[b - 1])} then {int(col_idx[b])}")
+
     def _set_bsr(self, values, col_idx, row_ptr):
+        self._check_bsr(values, col_idx, row_ptr)
         self.values = nn.Parameter(values, requires_grad=self.values.requires_grad)
         self.col_idx, self.row_ptr = col_idx, row_ptr
         self._dense_cache = None
@@ -151,6 +174,7 @@ class _BlockSparseWeight(nn.Module):
                 setattr(self, name, new)
         self._dense_cache = None
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._check_bsr(self.values, self.col_idx, self.row_ptr)
 
     def _bsr_repr(self) -> str:
         reason = self.dense_reason()
@@ -335,11 +359,11 @@ class BlockSparseLinear(_BlockSparseWeight):
         if input.dim() < 1 or input.shape[-1] != self.in_features:
             raise ValueError(f"BlockSparseLinear expects (*, {self.in_features}) input, got shape "
                              f"{tuple(input.shape)}")
-        if self.dense_reason() is not None:
-            bias = self.bias if self.bias is None else self.bias.to(input.dtype)
-            return F.linear(input, self.weight2d().to(input.dtype), bias)
         lead = input.shape[:-1]
         rows = math.prod(lead)
+        if self.dense_reason() is not None or rows == 0:  # the kernel needs at least one pixel
+            bias = self.bias if self.bias is None else self.bias.to(input.dtype)
+            return F.linear(input, self.weight2d().to(input.dtype), bias)
         # (rows, in) -> (1, in, rows, 1): features become channels, rows become pixels.
         x = input.reshape(rows, self.in_features).t().contiguous().view(1, self.in_features, rows, 1)
         out = PF.block_sparse_conv2d(x, self.values, self.col_idx, self.row_ptr, self.bias, 1, self.out_features)

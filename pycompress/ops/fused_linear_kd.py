@@ -149,6 +149,7 @@ _N_TENSOR_INPUTS = 10  # student_hidden ... target; then the options, compute_gr
 
 def _setup_context(ctx, inputs, output):
     ctx.has_bias = inputs[2] is not None
+    ctx.hidden_shape = inputs[0].shape
     # temperature, divergence, beta, alpha, t2_scale, reduction, ignore_index, topk_tail, chunk_size
     ctx.options = inputs[_N_TENSOR_INPUTS:-2]
     ctx.per_row = ctx.options[5] == "none"
@@ -174,7 +175,7 @@ def _backward(ctx, grad_loss, *_unused):
             grads[2] = grad_b
         return tuple(grads)
     grad_h, grad_w, grad_b = ctx.saved_tensors
-    if grad_h.numel() == 0:
+    if grad_h.shape != ctx.hidden_shape:  # the (0,) placeholder, not a 0-row batch's empty gradient
         raise RuntimeError("pycompress::fused_linear_kd_loss was called with compute_grad=False; use "
                            "pycompress.FusedLinearKDLoss, which asks for gradients when they are needed")
     one = _is_concrete_one(grad_loss)

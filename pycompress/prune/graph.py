@@ -496,7 +496,8 @@ def count_params_flops(model: nn.Module, example_inputs) -> Tuple[int, int]:
     return cost.params, cost.macs
 
 
-def load_pruned_state_dict(model: nn.Module, state_dict: Dict[str, torch.Tensor], strict: bool = True) -> nn.Module:
+def load_pruned_state_dict(model: nn.Module, state_dict: Dict[str, torch.Tensor], strict: bool = True,
+                           example_inputs=None) -> nn.Module:
     """Loads a pruned model's ``state_dict`` into a freshly constructed (unpruned) ``model``.
 
     Each layer with a registered pruner (Conv, BatchNorm, Linear, LayerNorm, ...)
@@ -505,8 +506,17 @@ def load_pruned_state_dict(model: nn.Module, state_dict: Dict[str, torch.Tensor]
     This reloads a pruned model with ``torch.load(weights_only=True)`` and the
     model's own constructor, without pickling classes.
 
+    Args:
+        example_inputs (Tensor or tuple, optional): run once (eval mode, no grad) after
+            loading, so that layer shapes which contradict each other (a conv cut to 5
+            channels feeding a layer that still expects 8) fail here, naming the layer.
+
     Returns:
         nn.Module: ``model``, modified in place.
+
+    Raises:
+        ValueError: a saved weight larger than the model's layer, or (with
+            ``example_inputs``) layer shapes that do not fit together; the layer is named.
     """
     if not isinstance(state_dict, dict):
         raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
@@ -518,7 +528,30 @@ def load_pruned_state_dict(model: nn.Module, state_dict: Dict[str, torch.Tensor]
         if key not in state_dict:
             continue
         shape = tuple(state_dict[key].shape)
-        if shape != tuple(getattr(m, pruner.weight_name).shape):
+        current = tuple(getattr(m, pruner.weight_name).shape)
+        if len(shape) != len(current) or any(s > c for s, c in zip(shape, current)):
+            raise ValueError(f"layer {name!r}: the saved {pruner.weight_name} {shape} does not fit the model's "
+                             f"{current} (a pruned model can only be smaller)")
+        if shape != current:
             pruner.shrink(m, pruner.saved_keep(m, shape))
     model.load_state_dict(state_dict, strict=strict)
+    if example_inputs is not None:
+        _check_shapes_fit(model, _as_tuple(example_inputs))
     return model
+
+
+def _check_shapes_fit(model: nn.Module, example_inputs: tuple):
+    """One eval-mode forward; a shape error names the last prunable layer entered."""
+    entered = [None]
+    hooks = [m.register_forward_pre_hook(lambda _m, _args, name=name: entered.__setitem__(0, name))
+             for name, m in model.named_modules() if pruner_for(m) is not None]
+    training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(*example_inputs)
+    except RuntimeError as e:
+        raise ValueError(f"the loaded layer shapes do not fit together at layer {entered[0]!r}: {e}") from e
+    finally:
+        model.train(training)
+        for h in hooks:
+            h.remove()

@@ -13,13 +13,13 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from pycompress.config import PruneConfig, TrainConfig, from_dict, to_dict
+from pycompress.config import PruneConfig, TrainConfig, from_dict, result_settings, to_dict
 from pycompress.cost import compare_latency, measure_cost, measure_latency  # noqa: F401  (old import path)
 from pycompress.cost import example_tuple
 from pycompress.prune.criteria import Taylor
 from pycompress.prune.pruner import objects_from_options
 from pycompress.prune.pruner import choose_threshold, induce_sparsity, prune  # noqa: F401  (re-exported: the old home)
-from pycompress.train import Trainer, atomic_save, evaluate_classifier, resolve_device
+from pycompress.train import Trainer, atomic_save, evaluate_classifier, load_file, resolve_device
 
 __all__ = ["prune", "induce_sparsity", "choose_threshold", "measure_latency", "compare_latency", "run_experiment",
            "prune_experiment", "format_report"]
@@ -115,7 +115,8 @@ def run_experiment(model: nn.Module, example_inputs, train_data, val_data, test_
     torch.manual_seed(seed)
     if cfg.dense.epochs:
         Trainer(model, train_data, cfg.dense, eval_data=val_data, seed=seed, device=device,
-                checkpoint_path=ck("dense.pt"), progress=cfg.progress).fit(resume=cfg.resume)
+                checkpoint_path=ck("dense.pt"), progress=cfg.progress,
+                run_config=result_settings(cfg, "dense", "finetune")).fit(resume=cfg.resume)
     model.cpu()
     dense = _stage(model, example_inputs, test_data)
     log(f"dense: {dense}")
@@ -124,8 +125,8 @@ def run_experiment(model: nn.Module, example_inputs, train_data, val_data, test_
     if cfg.resume and ck("pruned.pt") and os.path.exists(ck("pruned.pt")):
         if model_factory is None:
             raise ValueError("resume after pruning needs model_factory to rebuild the pruned model")
-        saved = torch.load(ck("pruned.pt"), weights_only=True)
-        pruned = load_pruned_state_dict(model_factory(), saved["state_dict"])
+        saved = load_file(ck("pruned.pt"), "pruned checkpoint")
+        pruned = load_pruned_state_dict(model_factory(), saved["state_dict"], example_inputs=example_inputs)
         history = saved["history"]
     else:
         if criterion is None:
@@ -148,7 +149,8 @@ def run_experiment(model: nn.Module, example_inputs, train_data, val_data, test_
     final = copy.deepcopy(pruned)
     if cfg.finetune.epochs:
         Trainer(final, train_data, cfg.finetune, eval_data=val_data, seed=seed + 1, device=device,
-                checkpoint_path=ck("finetune.pt"), progress=cfg.progress).fit(resume=cfg.resume)
+                checkpoint_path=ck("finetune.pt"), progress=cfg.progress,
+                run_config=result_settings(cfg, "finetune")).fit(resume=cfg.resume)
         final.cpu()
     tuned = _stage(final, example_inputs, test_data)
     log(f"fine-tuned: {tuned}")
@@ -174,7 +176,7 @@ def prune_experiment(cfg: PruneConfig) -> dict:
 
     model = factory()
     if cfg.weights:
-        model.load_state_dict(torch.load(cfg.weights, weights_only=True))
+        model.load_state_dict(load_file(cfg.weights, "weights file"))
     report = run_experiment(model, train[0][0].unsqueeze(0), train, val, test, cfg, model_factory=factory)
     print(format_report(report))
     if cfg.output:

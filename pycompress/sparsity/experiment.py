@@ -16,7 +16,7 @@ from torch import nn
 from pycompress.config import BlockSparsifyConfig, replace, to_dict
 from pycompress.cost import compare_latency
 from pycompress.sparsity.convert import block_sparsify, fold_batchnorm
-from pycompress.train import Trainer, evaluate_classifier, resolve_device
+from pycompress.train import Trainer, evaluate_classifier, load_file, resolve_device
 
 __all__ = ["block_sparsify_experiment", "block_sparsify_from_config", "format_report"]
 
@@ -106,7 +106,7 @@ def block_sparsify_from_config(cfg: BlockSparsifyConfig) -> dict:
     torch.manual_seed(seed)
     model = build_model(cfg.model.model, cfg.model.kwargs, "model.model")
     if cfg.weights:
-        model.load_state_dict(torch.load(cfg.weights, weights_only=True))
+        model.load_state_dict(load_file(cfg.weights, "weights file"))
     result = block_sparsify_experiment(model, *splits, config=cfg)
     print(format_report(result))
     if cfg.output:
