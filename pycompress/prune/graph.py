@@ -536,7 +536,7 @@ def load_pruned_state_dict(model: nn.Module, state_dict: Dict[str, torch.Tensor]
             pruner.shrink(m, pruner.saved_keep(m, shape))
     model.load_state_dict(state_dict, strict=strict)
     if example_inputs is not None:
-        _check_shapes_fit(model, _as_tuple(example_inputs))
+        _check_shapes_fit(model, example_tuple(example_inputs))
     return model
 
 
