@@ -285,3 +285,12 @@ def test_block_sparse_conv2d_double_backward_matches_dense(relu):
 
     for got, want in zip(second_order(sparse), second_order(dense)):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("rows", [0, 2])
+def test_fused_linear_kd_loss_zero_hidden_size_is_a_bias_only_linear(rows):
+    b = torch.randn(3)
+    t = torch.randn(rows, 3)
+    got = fused_linear_kd_loss(torch.randn(rows, 0), torch.randn(3, 0), teacher_logits=t, student_bias=b,
+                               reduction="sum")
+    torch.testing.assert_close(got, kd_loss(b.expand(rows, 3), t, reduction="sum"))

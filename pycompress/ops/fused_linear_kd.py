@@ -19,6 +19,7 @@ denominator of the reduction (the same contract as ``kd_loss``); weight and bias
 gradients accumulate in fp32 (fp64 for fp64 inputs).
 """
 
+import math
 from typing import List, Optional, Tuple
 
 import torch
@@ -55,9 +56,9 @@ def fused_linear_kd(student_hidden, student_weight, student_bias, teacher_hidden
     kd_impl = kd_impl or kd_loss_op(student_hidden)
     kd_topk_impl = kd_topk_impl or kd_loss_op(student_hidden, topk=True)
     batch = student_hidden.shape[0] if student_hidden.dim() > 1 else 1
-    h_s = student_hidden.reshape(-1, student_hidden.shape[-1])
-    N, V = h_s.shape[0], student_weight.shape[0]
-    h_t = teacher_hidden.reshape(-1, teacher_hidden.shape[-1]) if teacher_hidden is not None else None
+    N, V = math.prod(student_hidden.shape[:-1]), student_weight.shape[0]
+    h_s = student_hidden.reshape(N, student_hidden.shape[-1])  # N, not -1: H may be 0
+    h_t = teacher_hidden.reshape(N, teacher_hidden.shape[-1]) if teacher_hidden is not None else None
     t_dense = teacher_logits.reshape(-1, V) if teacher_logits is not None else None
     tv = topk_values.reshape(N, -1) if topk_values is not None else None
     ti = topk_indices.reshape(N, -1) if topk_indices is not None else None
