@@ -18,8 +18,8 @@ ends; typical maps need a few rounds, a chain of n overlapping candidates n.
 Neighbour values go through two (B, N) int32 scratch rows in global memory; the
 C programs of an image touch disjoint entries (one class each), and
 tl.debug_barrier orders the writes and reads inside a program.
-The rank (position in a stable descending sort of the objectness, NaN first as
-torch.sort) and the argmax class come from torch, so ties and NaNs match the CPU op.
+The rank (position in a stable descending sort of the objectness, NaN last: see
+:func:`fm_nms_order`) and the argmax class come from torch, so ties and NaNs match the CPU op.
 Memory traffic per round: 2 * A * K^2 neighbour loads of 8 bytes per candidate,
 from L1/L2; the output is one bool per candidate. Integer math only.
 """
@@ -88,6 +88,14 @@ def _fm_nms_kernel(CLS, RANK, KEY, FLAG, KEEP, A, H, W, N, RADIUS: tl.constexpr,
     tl.store(KEEP + base + offs, kept, mask=mine)
 
 
+def fm_nms_order(objectness: torch.Tensor) -> torch.Tensor:
+    """Visiting order of FM-NMS per row of (B, N) objectness: descending, ties by lower index,
+    NaN last (after -inf), so a NaN cell never suppresses a real one."""
+    nan = objectness.isnan()
+    order = torch.where(nan, -float("inf"), objectness).sort(dim=1, descending=True, stable=True).indices
+    return order.gather(1, nan.gather(1, order).to(torch.uint8).sort(dim=1, stable=True).indices)
+
+
 def fm_nms_triton(objectness: torch.Tensor, class_probs: torch.Tensor, kernel_size: int) -> torch.Tensor:
     """The ``pycompress::fm_nms`` op on Triton: same arguments and output as the CPU kernel.
 
@@ -111,7 +119,7 @@ def fm_nms_triton(objectness: torch.Tensor, class_probs: torch.Tensor, kernel_si
         return keep.reshape(B, A, H, W)
     dev = objectness.device
     cls = class_probs.argmax(dim=2).reshape(B, N).to(torch.int32)
-    order = objectness.reshape(B, N).sort(dim=1, descending=True, stable=True).indices
+    order = fm_nms_order(objectness.reshape(B, N))
     rank = torch.empty((B, N), dtype=torch.int32, device=dev)
     rank.scatter_(1, order, torch.arange(N, dtype=torch.int32, device=dev).expand(B, N).contiguous())
     key = torch.empty((B, N), dtype=torch.int32, device=dev)

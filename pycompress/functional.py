@@ -411,6 +411,8 @@ def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torc
 
     Returns:
         Tensor[K] (int64): indices of the kept boxes, in descending score order.
+        A NaN score ranks above every other score (``torch.sort``'s order, as in
+        torchvision); a NaN coordinate gives NaN IoUs, which suppress nothing.
 
     Float32 and float64 are computed in their own precision, float16 and
     bfloat16 in float32.
@@ -491,7 +493,9 @@ def fm_nms(objectness: torch.Tensor, class_probs: torch.Tensor, kernel_size: int
     """Feature-map NMS (Mehta & Ozturk 2018) on a YOLO teacher's last map: the keep mask.
 
     Per image, candidates (anchor ``a`` at cell ``h, w``) are visited by objectness,
-    descending, ties to the lower flat index ``a*H*W + h*W + w``. A candidate not
+    descending, ties to the lower flat index ``a*H*W + h*W + w``. A NaN objectness
+    counts as the lowest score (visited after -inf), so it never suppresses another
+    candidate; :func:`nms` instead ranks NaN scores first, as torchvision (and ``torch.sort``) do. A candidate not
     yet suppressed is kept and suppresses every candidate of the same argmax class
     whose cell is within the ``kernel_size x kernel_size`` window around its cell,
     other anchors of the same cell included.

@@ -7,6 +7,7 @@ threshold comparison torchvision makes. The FM-NMS reference is the greedy rule
 of shared/METHODS.md section 3, candidate by candidate.
 """
 
+import math
 import os
 import shutil
 import subprocess
@@ -78,6 +79,13 @@ def ref_batched_nms(boxes, scores, idxs, thr):
     return order[kept[order]]
 
 
+def fm_nms_visit_order(objectness_flat):
+    """Descending objectness, ties by lower index, NaN after everything (the lowest score)."""
+    values = objectness_flat.tolist()
+    return sorted(range(len(values)), key=lambda i: (math.isnan(values[i]), -values[i] if not
+                                                     math.isnan(values[i]) else 0.0, i))
+
+
 def ref_fm_nms(objectness, class_probs, kernel_size):
     """The greedy FM-NMS rule, one candidate at a time."""
     B, A, H, W = objectness.shape
@@ -86,7 +94,7 @@ def ref_fm_nms(objectness, class_probs, kernel_size):
     keep = torch.zeros(B, A, H, W, dtype=torch.bool)
     for b in range(B):
         suppressed = torch.zeros(A, H, W, dtype=torch.bool)
-        for flat in torch.sort(objectness[b].reshape(-1), descending=True, stable=True).indices.tolist():
+        for flat in fm_nms_visit_order(objectness[b].reshape(-1)):
             a, h, w = flat // (H * W), (flat // W) % H, flat % W
             if suppressed[a, h, w]:
                 continue
@@ -108,7 +116,8 @@ def fm_nms_torch(objectness, class_probs, kernel_size):
     C = class_probs.shape[2]
     r = kernel_size // 2
     N = A * H * W
-    order = objectness.reshape(B, N).sort(dim=1, descending=True, stable=True).indices
+    order = torch.tensor([fm_nms_visit_order(row) for row in objectness.reshape(B, N)], dtype=torch.long
+                         ).reshape(B, N)
     rank = torch.empty_like(order).scatter_(1, order, torch.arange(N).expand(B, N).contiguous())
     score = (N - rank).to(torch.float32).reshape(B, 1, A, H, W)  # higher is better, exact in fp32
     cls = class_probs.argmax(dim=2)
@@ -588,3 +597,22 @@ def test_cpu_nms_code_has_no_fma():
     nms_funcs = [f for f in asm.splitlines() if f.endswith(">:") and "greedy_sweep" in f]
     assert nms_funcs or "nms_groups" in asm  # the sweep is there (possibly inlined into nms_groups)
     assert not [f for f in fused if "nms" in f or "sweep" in f or "compact" in f]
+
+
+def test_fm_nms_nan_objectness_ranks_lowest():
+    """A NaN cell must not suppress the real detection next to it (it used to be visited first)."""
+    obj = torch.full((1, 1, 3, 3), 0.1)
+    obj[0, 0, 1, 1] = float("nan")
+    obj[0, 0, 1, 2] = 0.9
+    probs = torch.zeros(1, 1, 2, 3, 3)
+    probs[:, :, 0] = 1.0  # one class everywhere
+    keep = fm_nms(obj, probs, 3)
+    assert keep[0, 0, 1, 2] and not keep[0, 0, 1, 1]
+    assert torch.equal(keep, ref_fm_nms(obj, probs, 3))
+    for dtype in (torch.float64, torch.float16, torch.bfloat16):
+        assert torch.equal(fm_nms(obj.to(dtype), probs, 3), keep)
+
+
+def test_nms_nan_score_ranks_first_as_torch_sort():
+    boxes = torch.tensor([[0.0, 0, 2, 2], [0, 0, 2, 2], [5, 5, 6, 6]])
+    assert nms(boxes, torch.tensor([0.5, float("nan"), 0.1]), 0.5).tolist() == [1, 2]

@@ -233,3 +233,64 @@ def test_load_pruned_state_dict_larger_than_the_model_names_the_layer():
     big = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3), torch.nn.ReLU(), torch.nn.Conv2d(16, 4, 3))
     with pytest.raises(ValueError, match=r"layer '0': the saved weight \(16, 3, 3, 3\) does not fit"):
         load_pruned_state_dict(_two_convs(), big.state_dict())
+
+
+# ---------------------------------------------------------------- double backward of the other custom ops
+@pytest.mark.parametrize("teacher", ["hidden", "logits", "topk"])
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_fused_linear_kd_loss_double_backward_gradgradcheck(teacher, reduction):
+    torch.manual_seed(0)
+    f64 = dict(dtype=torch.float64)
+    h = torch.randn(5, 3, **f64, requires_grad=True)
+    w = torch.randn(6, 3, **f64, requires_grad=True)
+    b = torch.randn(6, **f64, requires_grad=True)
+    y = torch.tensor([0, 5, -100, 2, 1])
+    kw = {"hidden": dict(teacher_hidden=torch.randn(5, 4, **f64), teacher_weight=torch.randn(6, 4, **f64)),
+          "logits": dict(teacher_logits=torch.randn(5, 6, **f64)),
+          "topk": dict(teacher_logits=torch.randn(5, 6, **f64).log_softmax(-1).topk(3))}[teacher]
+
+    def fn(h, w, b):
+        return fused_linear_kd_loss(h, w, target=y, student_bias=b, temperature=2.0, alpha=0.6, reduction=reduction,
+                                    chunk_size=2, **kw)
+
+    assert torch.autograd.gradgradcheck(fn, (h, w, b))
+
+
+@pytest.mark.parametrize("relu", [False, True])
+def test_block_sparse_conv2d_double_backward_matches_dense(relu):
+    """The op is float32 only, so gradgradcheck in float64 does not apply: compare the second-order
+    gradients with those of F.conv2d on the same masked weight."""
+    from pycompress.functional import block_sparse_conv2d
+    from pycompress.nn import BlockSparseConv2d
+    from pycompress.ops.block_sparse import bsr_to_dense
+
+    torch.manual_seed(0)
+    m = BlockSparseConv2d.from_dense(torch.nn.Conv2d(8, 8, 3, padding=1), block_size=(8, 8), sparsity=0.5)
+    x = torch.randn(2, 8, 5, 5, requires_grad=True)
+    v = m.values.detach().clone().requires_grad_()
+    b = torch.randn(8, requires_grad=True)
+
+    def second_order(conv):
+        out = conv(x, v, b)
+        out = out.relu() if relu and conv is dense else out
+        gx, gv = torch.autograd.grad(out.pow(2).sum(), (x, v), create_graph=True)
+        return torch.autograd.grad(gx.pow(2).sum() + gv.pow(2).sum(), (x, v, b))
+
+    def sparse(x, v, b):
+        return block_sparse_conv2d(x, v, m.col_idx, m.row_ptr, b, 3, 8, padding=1, relu=relu)
+
+    def dense(x, v, b):
+        return torch.nn.functional.conv2d(x, bsr_to_dense(v, m.col_idx, m.row_ptr, 8, 72).reshape(8, 8, 3, 3), b,
+                                          padding=1)
+
+    for got, want in zip(second_order(sparse), second_order(dense)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("rows", [0, 2])
+def test_fused_linear_kd_loss_zero_hidden_size_is_a_bias_only_linear(rows):
+    b = torch.randn(3)
+    t = torch.randn(rows, 3)
+    got = fused_linear_kd_loss(torch.randn(rows, 0), torch.randn(3, 0), teacher_logits=t, student_bias=b,
+                               reduction="sum")
+    torch.testing.assert_close(got, kd_loss(b.expand(rows, 3), t, reduction="sum"))

@@ -22,7 +22,7 @@
 //      No coordinate offset is involved, so huge coordinates stay exact.
 // fm_nms (Mehta & Ozturk 2018; shared/METHODS.md section 3), images in parallel:
 //   per image, class argmax per candidate, a radix sort of the objectness
-//   (descending, ties by lower flat index a*H*W + h*W + w), then one greedy
+//   (descending, NaN last, ties by lower flat index a*H*W + h*W + w), then one greedy
 //   pass: a candidate is kept unless its cell is blocked for its class, and a
 //   kept candidate blocks the K x K cells around it for its class (all anchors).
 //   Linear: O(A*C*H*W) for the argmax, O(A*H*W) for the sort and the pass,
@@ -541,7 +541,11 @@ void fm_nms_images(const at::Tensor& obj, const at::Tensor& probs, int64_t radiu
       class_argmax<prob_t>(p + b * A * C * HW, A, C, HW, cls.data(), best);
       const obj_t* ob = o + b * N;
       for (int64_t i = 0; i < N; ++i) {
-        if constexpr (std::is_same_v<obj_t, double>) key[i] = desc_key(ob[i]); else key[i] = desc_key(static_cast<float>(ob[i]));
+        // A NaN objectness is no evidence of an object: it ranks last (after -inf), so it never
+        // suppresses a real candidate. (nms keeps torchvision's order, NaN scores first.)
+        if (std::isnan(static_cast<double>(ob[i]))) key[i] = std::numeric_limits<key_t>::max();
+        else if constexpr (std::is_same_v<obj_t, double>) key[i] = desc_key(ob[i]);
+        else key[i] = desc_key(static_cast<float>(ob[i]));
       }
       radix_argsort(key.data(), N, order.data(), kb, ib);
       std::fill(blocked.begin(), blocked.end(), 0);

@@ -271,6 +271,8 @@ class BlockSparseConv2d(_BlockSparseWeight):
         return conv
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if not isinstance(input, torch.Tensor):
+            raise TypeError(f"BlockSparseConv2d expects a Tensor input, got {type(input).__name__}")
         if input.dim() != 4:
             raise ValueError(f"BlockSparseConv2d expects a 4-D (N, C, H, W) input, got shape {tuple(input.shape)}")
         if input.shape[1] != self.in_channels:
@@ -356,6 +358,8 @@ class BlockSparseLinear(_BlockSparseWeight):
         return lin
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if not isinstance(input, torch.Tensor):
+            raise TypeError(f"BlockSparseLinear expects a Tensor input, got {type(input).__name__}")
         if input.dim() < 1 or input.shape[-1] != self.in_features:
             raise ValueError(f"BlockSparseLinear expects (*, {self.in_features}) input, got shape "
                              f"{tuple(input.shape)}")

@@ -19,12 +19,14 @@ denominator of the reduction (the same contract as ``kd_loss``); weight and bias
 gradients accumulate in fp32 (fp64 for fp64 inputs).
 """
 
+import math
 from typing import List, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 
 from pycompress.kernels.reduction import reduction_scale
-from pycompress.ops.kd_loss import _is_concrete_one, kd_loss_op  # also registers the per-chunk ops
+from pycompress.ops.kd_loss import _is_concrete_one, differentiable_kd_loss, kd_loss_op  # also registers the ops
 
 _OP = "pycompress::fused_linear_kd_loss"
 CHUNK_BUDGET_BYTES = 128 << 20
@@ -54,9 +56,9 @@ def fused_linear_kd(student_hidden, student_weight, student_bias, teacher_hidden
     kd_impl = kd_impl or kd_loss_op(student_hidden)
     kd_topk_impl = kd_topk_impl or kd_loss_op(student_hidden, topk=True)
     batch = student_hidden.shape[0] if student_hidden.dim() > 1 else 1
-    h_s = student_hidden.reshape(-1, student_hidden.shape[-1])
-    N, V = h_s.shape[0], student_weight.shape[0]
-    h_t = teacher_hidden.reshape(-1, teacher_hidden.shape[-1]) if teacher_hidden is not None else None
+    N, V = math.prod(student_hidden.shape[:-1]), student_weight.shape[0]
+    h_s = student_hidden.reshape(N, student_hidden.shape[-1])  # N, not -1: H may be 0
+    h_t = teacher_hidden.reshape(N, teacher_hidden.shape[-1]) if teacher_hidden is not None else None
     t_dense = teacher_logits.reshape(-1, V) if teacher_logits is not None else None
     tv = topk_values.reshape(N, -1) if topk_values is not None else None
     ti = topk_indices.reshape(N, -1) if topk_indices is not None else None
@@ -153,10 +155,9 @@ def _setup_context(ctx, inputs, output):
     # temperature, divergence, beta, alpha, t2_scale, reduction, ignore_index, topk_tail, chunk_size
     ctx.options = inputs[_N_TENSOR_INPUTS:-2]
     ctx.per_row = ctx.options[5] == "none"
-    if ctx.per_row:  # backward runs the chunks again: keep the inputs (no copies), not gradients
-        ctx.save_for_backward(*inputs[:_N_TENSOR_INPUTS])
-    else:
-        ctx.save_for_backward(*output[1:])
+    # The inputs (references, no copies): "none" runs the chunks again in backward, and
+    # create_graph=True recomputes the loss differentiably. Otherwise the forward's gradients.
+    ctx.save_for_backward(*inputs[:_N_TENSOR_INPUTS], *(() if ctx.per_row else output[1:]))
     ctx.mark_non_differentiable(*output[1:])
     ctx.set_materialize_grads(False)
 
@@ -165,16 +166,19 @@ def _backward(ctx, grad_loss, *_unused):
     grads: List[Optional[torch.Tensor]] = [None] * 21
     if grad_loss is None:
         return tuple(grads)
+    inputs = ctx.saved_tensors[:_N_TENSOR_INPUTS]
+    if torch.is_grad_enabled():  # create_graph=True: gradients that are themselves differentiable
+        return _differentiable_grads(ctx, inputs, grad_loss, grads)
     if ctx.per_row:
         temperature, divergence, beta, alpha, t2_scale, _, ignore_index, topk_tail, chunk_size = ctx.options
         _, grad_h, grad_w, grad_b = fused_linear_kd_loss_op(
-            *ctx.saved_tensors, temperature, divergence, beta, alpha, t2_scale, "sum", ignore_index, topk_tail,
+            *inputs, temperature, divergence, beta, alpha, t2_scale, "sum", ignore_index, topk_tail,
             chunk_size, True, grad_loss.reshape(-1))
         grads[0], grads[1] = grad_h, grad_w
         if ctx.has_bias:
             grads[2] = grad_b
         return tuple(grads)
-    grad_h, grad_w, grad_b = ctx.saved_tensors
+    grad_h, grad_w, grad_b = ctx.saved_tensors[_N_TENSOR_INPUTS:]
     if grad_h.shape != ctx.hidden_shape:  # the (0,) placeholder, not a 0-row batch's empty gradient
         raise RuntimeError("pycompress::fused_linear_kd_loss was called with compute_grad=False; use "
                            "pycompress.FusedLinearKDLoss, which asks for gradients when they are needed")
@@ -183,6 +187,28 @@ def _backward(ctx, grad_loss, *_unused):
     grads[1] = grad_w if one else grad_w * grad_loss
     if ctx.has_bias:
         grads[2] = grad_b if one else grad_b * grad_loss
+    return tuple(grads)
+
+
+def _differentiable_grads(ctx, inputs, grad_loss, grads):
+    """The gradients of the loss recomputed with torch ops (logits materialised) so that
+    autograd can differentiate them again; O(N x V) memory, like the unfused loss."""
+    h, w, b, t_hidden, t_weight, t_bias, t_logits, topk_values, topk_indices, target = inputs
+    temperature, divergence, beta, alpha, t2_scale, reduction, ignore_index, topk_tail, _ = ctx.options
+    wanted = [(i, x) for i, x in enumerate((h, w, b)) if x is not None and ctx.needs_input_grad[i]]
+    with torch.enable_grad():
+        logits = F.linear(h, w, b)
+        if topk_values is not None:
+            teacher = topk_values
+        elif t_hidden is not None:
+            teacher = F.linear(t_hidden, t_weight, t_bias)
+        else:
+            teacher = t_logits
+        loss = differentiable_kd_loss(logits, teacher, topk_indices, target, temperature, divergence, beta, alpha,
+                                      t2_scale, reduction, ignore_index, topk_tail)
+        found = torch.autograd.grad(loss, [x for _, x in wanted], grad_loss, create_graph=True)
+    for (i, _), g in zip(wanted, found):
+        grads[i] = g
     return tuple(grads)
 
 
