@@ -36,41 +36,12 @@
 #include <limits>
 #include <vector>
 
+#include "cpu/vec_io.h"
+
 namespace pycompress {
 namespace {
 
 using at::vec::Vectorized;
-
-// Loads Vectorized<acc_t> lanes from scalar_t memory and stores them back; n < size() is a tail.
-template <typename scalar_t>
-struct Lanes {  // fp32 and fp64: no conversion
-  using acc_t = scalar_t;
-  using Vec = Vectorized<acc_t>;
-  static Vec load(const scalar_t* p, int64_t n) { return n == Vec::size() ? Vec::loadu(p) : Vec::loadu(p, n); }
-  static void store(scalar_t* p, const Vec& v, int64_t n) { n == Vec::size() ? v.store(p) : v.store(p, n); }
-};
-
-template <typename reduced_t>
-struct ReducedLanes {  // bf16 and fp16: computed in fp32
-  using acc_t = float;
-  using Vec = Vectorized<float>;
-  static Vec load(const reduced_t* p, int64_t n) {
-    Vec out;
-    if (n == Vec::size()) {
-      at::vec::load_to_float<reduced_t>(p, out);
-    } else {
-      reduced_t buf[Vec::size()] = {};
-      std::copy(p, p + n, buf);
-      at::vec::load_to_float<reduced_t>(buf, out);
-    }
-    return out;
-  }
-  static void store(reduced_t* p, const Vec& v, int64_t n) { at::vec::convert_from_float<reduced_t>(v, v).store(p, n); }
-};
-template <>
-struct Lanes<at::BFloat16> : ReducedLanes<at::BFloat16> {};
-template <>
-struct Lanes<at::Half> : ReducedLanes<at::Half> {};
 
 template <typename Vec>
 inline Vec vexp(const Vec& v) {
@@ -97,12 +68,12 @@ struct Weights {
 // (4, HW) box targets and the keep mask in acc_t (keepf == nullptr: FM-NMS off).
 // scratch: 2 * C vectors.
 template <typename scalar_t>
-double plane_loss(const scalar_t* s, const scalar_t* t, const typename Lanes<scalar_t>::acc_t* clsf,
-                  const typename Lanes<scalar_t>::acc_t* box, const typename Lanes<scalar_t>::acc_t* keepf,
-                  bool labeled, typename Lanes<scalar_t>::acc_t pw, typename Lanes<scalar_t>::acc_t ph, int64_t C,
-                  int64_t HW, const Weights<typename Lanes<scalar_t>::acc_t>& wt, scalar_t* g,
-                  typename Lanes<scalar_t>::acc_t gscale, typename Lanes<scalar_t>::acc_t* scratch) {
-  using L = Lanes<scalar_t>;
+double plane_loss(const scalar_t* s, const scalar_t* t, const typename VecIo<scalar_t>::acc_t* clsf,
+                  const typename VecIo<scalar_t>::acc_t* box, const typename VecIo<scalar_t>::acc_t* keepf,
+                  bool labeled, typename VecIo<scalar_t>::acc_t pw, typename VecIo<scalar_t>::acc_t ph, int64_t C,
+                  int64_t HW, const Weights<typename VecIo<scalar_t>::acc_t>& wt, scalar_t* g,
+                  typename VecIo<scalar_t>::acc_t gscale, typename VecIo<scalar_t>::acc_t* scratch) {
+  using L = VecIo<scalar_t>;
   using acc_t = typename L::acc_t;
   using Vec = Vectorized<acc_t>;
   constexpr int64_t W = Vec::size();
@@ -264,7 +235,7 @@ std::tuple<at::Tensor, at::Tensor> detection_distill_loss_cpu(
   const double gscale = reduction == "mean" ? (B > 0 ? 1.0 / B : 0.0) : 1.0;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, student.scalar_type(), "detection_distill_loss_cpu", [&] {
-    using acc_t = typename Lanes<scalar_t>::acc_t;
+    using acc_t = typename VecIo<scalar_t>::acc_t;
     constexpr int64_t W = Vectorized<acc_t>::size();
     const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
     // The targets and the mask in the compute type: every lane op is then a vector op.
