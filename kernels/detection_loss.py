@@ -16,6 +16,8 @@ the gradient once. Numerics: fp32 whatever the input dtype, max-shifted softmax,
 int64 plane offsets.
 """
 
+from typing import Optional, Tuple
+
 import torch
 import triton
 import triton.language as tl
@@ -142,12 +144,16 @@ def _detection_loss_kernel(
         tl.store(g_p + coffs, (k2 * p * (gc - dot[None, :])).to(ty), mask=m2)
 
 
-def detection_distill_loss_triton(student, teacher, keep, anchors, cls, box, labeled, objectness_scaling,
-                                  suppress_objectness, lambda_distill, lambda_coord, lambda_obj, lambda_noobj,
-                                  lambda_cls, reduction, compute_grad):
+def detection_distill_loss_triton(student: torch.Tensor, teacher: Optional[torch.Tensor],
+                                  keep: Optional[torch.Tensor], anchors: torch.Tensor, cls: torch.Tensor,
+                                  box: torch.Tensor, labeled: torch.Tensor, objectness_scaling: bool,
+                                  suppress_objectness: bool, lambda_distill: float, lambda_coord: float,
+                                  lambda_obj: float, lambda_noobj: float, lambda_cls: float, reduction: str,
+                                  compute_grad: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     """The ``pycompress::detection_distill_loss`` op on Triton: same arguments and outputs as the CPU kernel.
 
-    Runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (tests).
+    Runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (tests). Annotated so that
+    ``torch.library.triton_op`` can infer its schema (the ``pycompress::*_triton`` convention).
     """
     if reduction not in ("none", "sum", "mean"):
         raise ValueError(f"reduction must be none, sum or mean, got {reduction!r}")
