@@ -68,10 +68,11 @@ def main():
     parts += [(f"unlabeled_{r:g}x", args.teacher, {"width": 16}, r, False, full) for r in args.ratios]
     parts += [("ingredients", args.teacher, {"width": 16}, 0, False,
                {label: MehtaOzturk(**o) for label, o in INGREDIENTS.items()})]
-    parts += [("weak_teacher", args.weak_teacher, {"width": args.weak_teacher_width}, 0, False, full)]
+    parts += [("weak_teacher_distill", args.weak_teacher, {"width": args.weak_teacher_width}, 0, False, full)]
     if args.summary_only:
         names = [p[0] for p in parts if os.path.exists(os.path.join(args.out, f"{p[0]}.json"))]
         reports = {n: json.load(open(os.path.join(args.out, f"{n}.json"))) for n in names}
+        reports = {n: r for n, r in reports.items() if "runs" in r}  # weak_teacher.json is the teacher's own
         return write_summary(args.out, reports)
     reports, caches = {}, {}
     # one cache per teacher, over the largest pool: every smaller pool starts with the same images
