@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence, TypeVar
 
 __all__ = ["TrainConfig", "ModelConfig", "DataConfig", "WorkflowConfig", "TeacherConfig", "DistillConfig",
-           "SinghConfig", "PruneConfig", "BlockSparsifyConfig", "TrainDetectorConfig", "read_config_file", "parse_value",
-           "apply_overrides", "from_dict", "load_config", "replace", "to_dict"]
+           "DetectionDistillConfig", "SinghConfig", "PruneConfig", "BlockSparsifyConfig", "TrainDetectorConfig",
+           "read_config_file", "parse_value", "apply_overrides", "from_dict", "load_config", "replace", "to_dict"]
 
 C = TypeVar("C")
 
@@ -137,6 +137,34 @@ class TeacherConfig:
     train: TrainConfig = field(default_factory=_teacher_train)
 
 
+TEACHER_CACHE_DTYPES = ("float16", "float32")
+
+
+@dataclass
+class DetectionDistillConfig:
+    """The detection part of ``pycompress distill`` (strategy ``mehta_ozturk``; docs/detection_distill.md).
+
+    The student, teacher and data of :class:`DistillConfig` are then detectors of
+    :mod:`pycompress.models.detection` (registered name or import path) and detection data with an
+    ``unlabeled`` split (:func:`pycompress.data.digit_detection_splits`); ``cache_teacher`` stores the
+    teacher's map once, in ``teacher_cache_dtype``, with its FM-NMS keep mask.
+    """
+
+    unlabeled_ratio: float = 0.0         # unlabeled images mixed in, as a multiple of the labeled set
+    teacher_cache_dtype: str = "float16"  # float32 makes the cache exact (bit for bit the teacher's map)
+    score_threshold: float = 0.01        # postprocess of the evaluation
+    iou_threshold: float = 0.5
+    max_detections: int = 100
+    num_threads: int = 0                 # torch.set_num_threads (0: torch's default)
+
+    def __post_init__(self):
+        _choice("detection.teacher_cache_dtype", self.teacher_cache_dtype, TEACHER_CACHE_DTYPES)
+        if not 0 <= self.unlabeled_ratio < float("inf"):
+            raise ValueError(f"detection.unlabeled_ratio must be a finite number >= 0, got {self.unlabeled_ratio}")
+        if self.num_threads < 0:
+            raise ValueError(f"detection.num_threads must be >= 0, got {self.num_threads}")
+
+
 @dataclass
 class DistillConfig(WorkflowConfig):
     """``pycompress distill`` and ``pycompress train-teacher`` (its ``teacher``, ``data`` and seed)."""
@@ -150,6 +178,7 @@ class DistillConfig(WorkflowConfig):
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=_student_train)
     strategy: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # name -> options
+    detection: DetectionDistillConfig = field(default_factory=DetectionDistillConfig)  # detection strategies only
 
     def __post_init__(self):
         super().__post_init__()
@@ -158,6 +187,9 @@ class DistillConfig(WorkflowConfig):
         for name in self.strategies:
             if name not in STRATEGIES:
                 raise ValueError(f"strategies: unknown strategy {name!r}; choose from {', '.join(STRATEGIES)}")
+        if len({STRATEGIES[name].task for name in self.strategies}) > 1:
+            raise ValueError(f"strategies: {self.strategies} mix classification and detection strategies; "
+                             "one distill run is one task")
         for name, options in self.strategy.items():
             if name not in STRATEGIES:
                 raise ValueError(f"unknown config key 'strategy.{name}'; allowed keys in strategy: "

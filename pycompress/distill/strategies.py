@@ -26,8 +26,8 @@ from torch.utils.data import Dataset, TensorDataset
 from pycompress.functional import DIVERGENCES
 from pycompress.nn import KDLoss
 
-__all__ = ["Strategy", "Hinton", "LogitRegression", "NoisyTeacher", "Munge", "Ensemble", "STRATEGIES",
-           "make_strategy"]
+__all__ = ["Strategy", "Hinton", "LogitRegression", "NoisyTeacher", "Munge", "Ensemble", "MehtaOzturk",
+           "STRATEGIES", "make_strategy"]
 
 
 def _check_float(name: str, value, low: float, high: float = math.inf, low_open: bool = False):
@@ -47,6 +47,7 @@ class Strategy:
 
     name = ""
     teachers_required = 1
+    task = "classification"  # or "detection": which workflow of `pycompress distill` runs it
 
     def options(self) -> Dict[str, object]:
         """The hyperparameters, as passed to ``__init__`` (for reports and configs)."""
@@ -272,7 +273,45 @@ class Munge(Strategy):
         return step
 
 
-STRATEGIES: Dict[str, type] = {c.name: c for c in (Hinton, LogitRegression, NoisyTeacher, Munge, Ensemble)}
+class MehtaOzturk(Strategy):
+    r"""Mehta & Ozturk (2018), "Object detection at 200 frames per second": a YOLO student learns
+    the ground truth and the teacher's last map, FM-NMS-ed, with the teacher's objectness
+    scaling its class and box terms; unlabeled images get only the teacher terms.
+
+    The loss is :func:`pycompress.functional.detection_distill_loss` (docs/yolo_loss.md).
+    A detection strategy: its step works on detection batches ``(images, boxes, labels,
+    labeled, index)`` (see :mod:`pycompress.detection.distill`).
+
+    Args:
+        fm_nms (bool): FM-NMS (K = 3) on the teacher's map.
+        objectness_scaling (bool): weight the teacher's class and box terms by its objectness.
+        suppress_objectness (bool): FM-NMS also zeroes the suppressed candidates' objectness.
+        lambda_distill (float): weight of the teacher terms, >= 0.
+    """
+
+    name = "mehta_ozturk"
+    task = "detection"
+
+    def __init__(self, fm_nms: bool = True, objectness_scaling: bool = True, suppress_objectness: bool = False,
+                 lambda_distill: float = 1.0):
+        from pycompress.functional import check_detection_loss_options
+
+        check_detection_loss_options(fm_nms, objectness_scaling, suppress_objectness, lambda_distill, 1.0, 1.0,
+                                     1.0, 1.0, "mean")
+        self.fm_nms, self.objectness_scaling = fm_nms, objectness_scaling
+        self.suppress_objectness, self.lambda_distill = suppress_objectness, float(lambda_distill)
+
+    def loss_options(self) -> Dict[str, object]:
+        """Keyword options of :func:`~pycompress.functional.detection_distill_loss`."""
+        return self.options()
+
+    def step_fn(self, teacher_fn: Callable, cached: bool = False) -> Callable:
+        raise TypeError("mehta_ozturk is a detection strategy: it runs in pycompress.detection.distill, whose "
+                        "step builds it with pycompress.detection.distill.distillation_step")
+
+
+STRATEGIES: Dict[str, type] = {c.name: c for c in (Hinton, LogitRegression, NoisyTeacher, Munge, Ensemble,
+                                                   MehtaOzturk)}
 
 
 def make_strategy(strategy, options: Optional[dict] = None) -> Strategy:

@@ -348,7 +348,13 @@ def _distill_config(config: Optional[DistillConfig], optimizer, options: dict) -
 
 
 def distill_from_config(cfg: DistillConfig) -> DistillResult:
-    """``pycompress distill``: builds the teacher(s), student and data that ``cfg`` names, then :func:`distill`."""
+    """``pycompress distill``: builds the teacher(s), student and data that ``cfg`` names, then :func:`distill`
+    (or, for detection strategies such as ``mehta_ozturk``, :func:`pycompress.detection.distill.distill_detector`,
+    whose report it returns as ``DistillResult.report``)."""
+    if cfg.strategies and all(STRATEGIES[name].task == "detection" for name in cfg.strategies):
+        from pycompress.detection.distill import distill_detector
+
+        return DistillResult(distill_detector(cfg))
     if not cfg.teacher.checkpoints:
         raise ValueError("missing teacher: set teacher.checkpoints in the config or pass --teacher-checkpoint "
                          "(train one with `pycompress train-teacher --output teacher.pt`)")
