@@ -526,3 +526,141 @@ def apply_fm_nms(objectness: torch.Tensor, class_probs: torch.Tensor, kernel_siz
     if suppress_objectness:
         objectness = objectness * keep.to(objectness.dtype)
     return objectness, class_probs
+DETECTION_REDUCTIONS = ("none", "sum", "mean")
+FM_NMS_KERNEL_SIZE = 3  # Mehta & Ozturk's FM-NMS window
+
+
+def check_detection_loss_options(fm_nms, objectness_scaling, suppress_objectness, lambda_distill, lambda_coord,
+                                 lambda_obj, lambda_noobj, lambda_cls, reduction):
+    """Validates the options of :func:`detection_distill_loss`; raises ValueError or TypeError naming the argument."""
+    for name, value in (("fm_nms", fm_nms), ("objectness_scaling", objectness_scaling),
+                        ("suppress_objectness", suppress_objectness)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    for name, value in (("lambda_distill", lambda_distill), ("lambda_coord", lambda_coord),
+                        ("lambda_obj", lambda_obj), ("lambda_noobj", lambda_noobj), ("lambda_cls", lambda_cls)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+        if not 0 <= value < float("inf"):
+            raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+    if reduction not in DETECTION_REDUCTIONS:
+        raise ValueError(f"reduction must be one of {', '.join(DETECTION_REDUCTIONS)}, got {reduction!r}")
+
+
+def check_anchors(anchors):
+    """Anchors must be a floating (A, 2) tensor of positive, finite (p_w, p_h) in grid cells."""
+    _check_floating("anchors", anchors)
+    if anchors.dim() != 2 or anchors.shape[1] != 2:
+        raise ValueError(f"anchors must have shape (A, 2) of (p_w, p_h), got {tuple(anchors.shape)}")
+    if not torch.compiler.is_compiling() and not bool(((anchors > 0) & anchors.isfinite()).all()):
+        raise ValueError(f"anchors must be positive and finite, got {anchors.tolist()}")
+
+
+def _check_detection_tensors(student, teacher, anchors, cls, box, labeled):
+    _check_floating("student_raw", student)
+    if student.dim() != 5 or student.shape[2] < 6:
+        raise ValueError(f"student_raw must be (B, A, 5 + C, H, W) with C >= 1 (docs/yolo_loss.md), got shape "
+                         f"{tuple(student.shape)}")
+    B, A, C5, H, W = student.shape
+    device = student.device
+    if teacher is not None:
+        _check_floating("teacher_raw", teacher)
+        if teacher.shape != student.shape:
+            raise ValueError(f"teacher_raw must have the student's shape {tuple(student.shape)}, got "
+                             f"{tuple(teacher.shape)}")
+        if teacher.dtype != student.dtype:
+            raise TypeError(f"teacher_raw ({teacher.dtype}) must have the student's dtype {student.dtype}")
+    check_anchors(anchors)
+    if anchors.shape[0] != A:
+        raise ValueError(f"anchors must have one row per anchor of the map, A = {A}, got {anchors.shape[0]}")
+    if not isinstance(cls, torch.Tensor):
+        raise TypeError(f"cls must be a Tensor, got {type(cls).__name__}")
+    if cls.dtype != torch.int64:
+        raise TypeError(f"cls must be int64 class indices (-1 = no object), got {cls.dtype}")
+    if cls.shape != (B, A, H, W):
+        raise ValueError(f"cls must have shape (B, A, H, W) = {(B, A, H, W)}, got {tuple(cls.shape)}")
+    _check_floating("box", box)
+    if box.shape != (B, A, 4, H, W):
+        raise ValueError(f"box must have shape (B, A, 4, H, W) = {(B, A, 4, H, W)}, got {tuple(box.shape)}")
+    if not isinstance(labeled, torch.Tensor):
+        raise TypeError(f"labeled must be a Tensor, got {type(labeled).__name__}")
+    if labeled.dtype != torch.bool:
+        raise TypeError(f"labeled must be a bool tensor, got {labeled.dtype}")
+    if labeled.shape != (B,):
+        raise ValueError(f"labeled must have shape (B,) = {(B,)}, got {tuple(labeled.shape)}")
+    for name, x in (("teacher_raw", teacher), ("anchors", anchors), ("cls", cls), ("box", box), ("labeled", labeled)):
+        if x is not None and x.device != device:
+            raise ValueError(f"{name} must be on the student's device {device}, got {x.device}")
+    if not torch.compiler.is_compiling() and cls.numel():  # data-dependent: skipped when traced
+        C = C5 - 5
+        lo, hi = int(cls.min()), int(cls.max())
+        if lo < -1 or hi >= C:
+            raise ValueError(f"cls must hold -1 (no object) or a class in [0, {C}), got values in [{lo}, {hi}]")
+
+
+def teacher_fm_nms_keep(teacher_raw: torch.Tensor) -> torch.Tensor:
+    """FM-NMS keep mask (B, A, H, W) of a teacher raw map: ``fm_nms(sigmoid(to), softmax(classes), K=3)``."""
+    from pycompress.ops.nms import fm_nms
+
+    t = teacher_raw.detach()
+    return fm_nms(torch.sigmoid(t[:, :, 4]), torch.softmax(t[:, :, 5:], dim=2), FM_NMS_KERNEL_SIZE)
+
+
+def detection_distill_loss(student_raw: torch.Tensor, teacher_raw: Optional[torch.Tensor], anchors: torch.Tensor,
+                           cls: torch.Tensor, box: torch.Tensor, labeled: Optional[torch.Tensor] = None, *,
+                           fm_nms: bool = True, objectness_scaling: bool = True, suppress_objectness: bool = False,
+                           lambda_distill: float = 1.0, lambda_coord: float = 1.0, lambda_obj: float = 5.0,
+                           lambda_noobj: float = 1.0, lambda_cls: float = 1.0,
+                           reduction: str = "mean") -> torch.Tensor:
+    r"""YOLOv2 loss plus Mehta & Ozturk's (2018) distillation terms, fused: one pass computes the loss and
+    the gradient with respect to the student's raw map.
+
+    The map layout, the targets and every term are those of ``docs/yolo_loss.md``. With
+    ``o = sigmoid(to)``, ``p = softmax(class logits)``, ``b = (sigmoid(tx), sigmoid(ty), tw, th)``:
+
+    .. math::
+        L = \sum_{\text{resp}} \big[\lambda_{coord} \|b - b^*\|^2 + \lambda_{obj} (o - \mathrm{IoU})^2
+            + \lambda_{cls} \|p - \mathbb{1}_{cls}\|^2\big] + \sum_{\text{other, labeled}} \lambda_{noobj} o^2
+            + \lambda_D \sum_{\text{all}} \big[(o - o_T)^2 + s \lambda_{cls} \|p - p_T\|^2
+            + s \lambda_{coord} \|b - b_T\|^2\big]
+
+    where the IoU (decoded prediction vs. ground truth) is a constant, the teacher's values are
+    detached, FM-NMS (K = 3, :func:`pycompress.ops.fm_nms` on ``o_T`` and ``p_T``) zeroes ``p_T``
+    at suppressed candidates (and ``o_T`` with ``suppress_objectness``), and ``s = o_T`` after
+    FM-NMS with ``objectness_scaling``, else 1. Unlabeled images get only the teacher terms.
+
+    Args:
+        student_raw (Tensor[B, A, 5 + C, H, W]): the student head's raw output; channels
+            ``tx, ty, tw, th, to`` then C class logits. fp32, bf16, fp16 (computed in fp32) or fp64.
+        teacher_raw (Tensor[B, A, 5 + C, H, W] or None): the teacher's raw map, same shape and
+            dtype, never differentiated. None gives the plain YOLO loss.
+        anchors (Tensor[A, 2]): ``(p_w, p_h)`` per anchor in grid cells, positive.
+        cls (LongTensor[B, A, H, W]): class at responsible anchors, -1 elsewhere.
+        box (Tensor[B, A, 4, H, W]): ``(x*, y*, w*, h*)`` at responsible anchors (zero elsewhere).
+        labeled (BoolTensor[B], optional): False for images of the unlabeled pool; default all True.
+        fm_nms (bool): run FM-NMS on the teacher's map first.
+        objectness_scaling (bool): weight the teacher's class and box terms by ``o_T``.
+        suppress_objectness (bool): FM-NMS also zeroes the suppressed candidates' ``o_T``.
+        lambda_distill, lambda_coord, lambda_obj, lambda_noobj, lambda_cls (float): term weights, >= 0.
+        reduction (str): ``none`` (one loss per image, shape (B,)), ``sum``, or ``mean`` (sum / B).
+
+    Returns:
+        Tensor: a scalar, or (B,) for ``reduction="none"``, in the student's dtype.
+
+    Example:
+        >>> loss = detection_distill_loss(student(x), teacher(x), anchors, cls, box, labeled)
+        >>> loss.backward()
+    """
+    check_detection_loss_options(fm_nms, objectness_scaling, suppress_objectness, lambda_distill, lambda_coord,
+                                 lambda_obj, lambda_noobj, lambda_cls, reduction)
+    if labeled is None and isinstance(student_raw, torch.Tensor):
+        labeled = torch.ones(student_raw.shape[0], dtype=torch.bool, device=student_raw.device)
+    _check_detection_tensors(student_raw, teacher_raw, anchors, cls, box, labeled)
+    teacher = None if teacher_raw is None else teacher_raw.detach()
+    keep = teacher_fm_nms_keep(teacher) if teacher is not None and fm_nms else None
+    compute_grad = torch.is_grad_enabled() and student_raw.requires_grad
+    loss, _ = torch.ops.pycompress.detection_distill_loss(
+        student_raw, teacher, keep, anchors, cls, box.detach(), labeled, objectness_scaling, suppress_objectness,
+        float(lambda_distill), float(lambda_coord), float(lambda_obj), float(lambda_noobj), float(lambda_cls),
+        reduction, compute_grad)
+    return loss

@@ -34,6 +34,7 @@
 #include <vector>
 
 #include "cpu/hugepage_alloc.h"
+#include "cpu/vec_io.h"
 #if defined(CPU_CAPABILITY_AVX512)
 #include <immintrin.h>
 #endif
@@ -64,17 +65,10 @@ Reduction parse_reduction(c10::string_view name) {
                     name, "'");
 }
 
-// Loads and stores Vectorized<acc> lanes from scalar_t memory; n < size() is a tail.
+// Lane loads and stores in the compute type (cpu/vec_io.h), plus a streaming store.
 template <typename scalar_t>
-struct Io {  // fp32 and fp64: no conversion
-  using acc_t = scalar_t;
-  using Vec = Vectorized<acc_t>;
-  static Vec load(const scalar_t* p, int64_t n) {
-    return n == Vec::size() ? Vec::loadu(p) : Vec::loadu(p, n);
-  }
-  static void store(scalar_t* p, const Vec& v, int64_t n) {
-    n == Vec::size() ? v.store(p) : v.store(p, n);
-  }
+struct Io : VecIo<scalar_t> {
+  using typename VecIo<scalar_t>::Vec;
   // For the gradient, written once and read much later: a non-temporal store skips
   // each line's read-for-ownership and does not evict the row's working set.
   static void store_stream(scalar_t* p, const Vec& v, int64_t n) {
@@ -86,34 +80,9 @@ struct Io {  // fp32 and fp64: no conversion
       }
     }
 #endif
-    store(p, v, n);
+    VecIo<scalar_t>::store(p, v, n);
   }
 };
-
-template <typename reduced_t>
-struct IoReduced {  // bf16 and fp16: computed in fp32
-  using acc_t = float;
-  using Vec = Vectorized<float>;
-  static Vec load(const reduced_t* p, int64_t n) {
-    Vec out;
-    if (n == Vec::size()) {
-      at::vec::load_to_float<reduced_t>(p, out);
-    } else {
-      reduced_t buf[Vec::size()] = {};
-      std::copy(p, p + n, buf);
-      at::vec::load_to_float<reduced_t>(buf, out);
-    }
-    return out;
-  }
-  static void store(reduced_t* p, const Vec& v, int64_t n) {
-    at::vec::convert_from_float<reduced_t>(v, v).store(p, n);
-  }
-  static void store_stream(reduced_t* p, const Vec& v, int64_t n) { store(p, v, n); }
-};
-template <>
-struct Io<at::BFloat16> : IoReduced<at::BFloat16> {};
-template <>
-struct Io<at::Half> : IoReduced<at::Half> {};
 
 template <typename Vec>
 inline Vec fast_exp(const Vec& v) {

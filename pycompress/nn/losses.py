@@ -5,7 +5,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from pycompress.functional import check_fused_linear_options, check_kd_hyperparameters, fused_linear_kd_loss, kd_loss
+from pycompress.functional import (check_anchors, check_detection_loss_options, check_fused_linear_options,
+                                   check_kd_hyperparameters, detection_distill_loss, fused_linear_kd_loss, kd_loss)
 
 
 class KDLoss(nn.Module):
@@ -136,3 +137,68 @@ class FusedLinearKDLoss(nn.Module):
         parts += [f"reduction={self.reduction!r}", f"ignore_index={self.ignore_index}", f"t2_scale={self.t2_scale}",
                   f"chunk_size={self.chunk_size or 'auto'}"]
         return ", ".join(parts)
+
+
+class DetectionDistillLoss(nn.Module):
+    r"""YOLOv2 loss with Mehta & Ozturk's (2018) teacher terms, fused (C++ on CPU, Triton on CUDA).
+
+    Drop-in loss for a YOLO-style training loop: give it the student's and the teacher's raw
+    head outputs and the encoded targets. With ``teacher_raw=None`` it is the plain YOLO loss.
+    The map layout is fixed by ``docs/yolo_loss.md``: ``raw`` is ``(B, A, 5 + C, H, W)``, channels
+    ``tx, ty`` (sigmoid: centre offset in the cell), ``tw, th`` (``w = p_w exp(tw)``), ``to``
+    (sigmoid: objectness), then C class logits (softmax); anchors are ``(p_w, p_h)`` in grid cells;
+    targets are the encoder's ``cls`` (-1 = no object), ``box`` ``(x*, y*, w*, h*)`` and
+    ``labeled``. See :func:`pycompress.functional.detection_distill_loss` for the formula.
+
+    Args:
+        anchors (Tensor[A, 2]): anchor shapes ``(p_w, p_h)`` in grid cells (kept as a buffer).
+        fm_nms (bool): FM-NMS (K = 3) on the teacher's map before the loss.
+        objectness_scaling (bool): weight the teacher's class and box terms by its objectness.
+        suppress_objectness (bool): FM-NMS also zeroes suppressed candidates' teacher objectness.
+        lambda_distill (float): weight of the teacher terms, ``lambda_D``.
+        lambda_coord, lambda_obj, lambda_noobj, lambda_cls (float): YOLO term weights.
+        reduction (str): ``none`` (per image) | ``sum`` | ``mean`` (sum / B).
+
+    Shape:
+        - student_raw, teacher_raw: (B, A, 5 + C, H, W)
+        - cls: (B, A, H, W) int64; box: (B, A, 4, H, W); labeled: (B,) bool (optional, default all True)
+        - output: scalar, or (B,) with ``reduction="none"``
+
+    Example:
+        >>> loss_fn = DetectionDistillLoss(anchors)
+        >>> loss = loss_fn(student(x), teacher(x), cls, box, labeled)
+    """
+
+    def __init__(self, anchors: torch.Tensor, fm_nms: bool = True, objectness_scaling: bool = True,
+                 suppress_objectness: bool = False, lambda_distill: float = 1.0, lambda_coord: float = 1.0,
+                 lambda_obj: float = 5.0, lambda_noobj: float = 1.0, lambda_cls: float = 1.0,
+                 reduction: str = "mean"):
+        super().__init__()
+        check_anchors(anchors)
+        check_detection_loss_options(fm_nms, objectness_scaling, suppress_objectness, lambda_distill, lambda_coord,
+                                     lambda_obj, lambda_noobj, lambda_cls, reduction)
+        self.register_buffer("anchors", anchors.detach().clone(), persistent=False)
+        self.fm_nms = fm_nms
+        self.objectness_scaling = objectness_scaling
+        self.suppress_objectness = suppress_objectness
+        self.lambda_distill = float(lambda_distill)
+        self.lambda_coord = float(lambda_coord)
+        self.lambda_obj = float(lambda_obj)
+        self.lambda_noobj = float(lambda_noobj)
+        self.lambda_cls = float(lambda_cls)
+        self.reduction = reduction
+
+    def forward(self, student_raw: torch.Tensor, teacher_raw: Optional[torch.Tensor], cls: torch.Tensor,
+                box: torch.Tensor, labeled: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return detection_distill_loss(
+            student_raw, teacher_raw, self.anchors, cls, box, labeled, fm_nms=self.fm_nms,
+            objectness_scaling=self.objectness_scaling, suppress_objectness=self.suppress_objectness,
+            lambda_distill=self.lambda_distill, lambda_coord=self.lambda_coord, lambda_obj=self.lambda_obj,
+            lambda_noobj=self.lambda_noobj, lambda_cls=self.lambda_cls, reduction=self.reduction)
+
+    def extra_repr(self) -> str:
+        return (f"num_anchors={self.anchors.shape[0]}, fm_nms={self.fm_nms}, "
+                f"objectness_scaling={self.objectness_scaling}, suppress_objectness={self.suppress_objectness}, "
+                f"lambda_distill={self.lambda_distill}, lambda_coord={self.lambda_coord}, "
+                f"lambda_obj={self.lambda_obj}, lambda_noobj={self.lambda_noobj}, lambda_cls={self.lambda_cls}, "
+                f"reduction={self.reduction!r}")

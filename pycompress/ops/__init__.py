@@ -10,6 +10,7 @@ import warnings
 
 from pycompress.ops import block_sparse as _block_sparse  # noqa: F401  (registrations only)
 from pycompress.ops import detection as _detection  # noqa: F401  (registrations only)
+from pycompress.ops import detection_loss as _detection_loss  # noqa: F401  (registrations only)
 from pycompress.ops import fused_linear_kd as _fused_linear_kd  # noqa: F401  (registrations only)
 from pycompress.ops import kd_loss as _kd_loss  # noqa: F401  (registrations only)
 

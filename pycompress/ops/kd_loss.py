@@ -60,9 +60,9 @@ def _register_autograd(op: str, reduction_arg: int, n_args: int):
             return (None,) * n_args
         if grad.numel() == 0 and grad_loss.numel() != 0:
             raise RuntimeError(f"{op} was called with compute_grad=False; call it with compute_grad=True to "
-                               "differentiate it (pycompress.kd_loss does this)")
-        if ctx.reduction == "none":
-            grad_student = grad * grad_loss.unsqueeze(-1)
+                               "differentiate it (the public functions do this)")
+        if ctx.reduction == "none":  # one loss per leading index (row, image): broadcast over the rest
+            grad_student = grad * grad_loss.reshape(grad_loss.shape + (1,) * (grad.dim() - grad_loss.dim()))
         elif _is_concrete_one(grad_loss):
             grad_student = grad  # loss.backward(): the forward's buffer is the gradient, no copy
         else:
