@@ -600,8 +600,6 @@ def _check_detection_tensors(student, teacher, anchors, cls, box, labeled):
 
 def teacher_fm_nms_keep(teacher_raw: torch.Tensor) -> torch.Tensor:
     """FM-NMS keep mask (B, A, H, W) of a teacher raw map: ``fm_nms(sigmoid(to), softmax(classes), K=3)``."""
-    from pycompress.ops.nms import fm_nms
-
     t = teacher_raw.detach()
     return fm_nms(torch.sigmoid(t[:, :, 4]), torch.softmax(t[:, :, 5:], dim=2), FM_NMS_KERNEL_SIZE)
 
