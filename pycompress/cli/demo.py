@@ -336,7 +336,7 @@ def _figure(rows, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 5))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 6.5))
     markers = "osD^v<>"
     for ax, metric in zip(axes, ("accuracy", "AP50")):
         chosen = [r for r in rows if r["metric"] == metric]
@@ -349,7 +349,7 @@ def _figure(rows, path):
         ax.set_title("classifiers (digits)" if metric == "accuracy" else "detectors (digit canvases)")
         ax.grid(True, alpha=0.3)
         if chosen:
-            ax.legend(fontsize=8, loc="lower right")
+            ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)  # below: no point hidden
         else:
             ax.text(0.5, 0.5, "skipped (no teacher checkpoint)", ha="center", transform=ax.transAxes)
     fig.suptitle("pycompress demo: quality against latency, every model a point")
