@@ -210,6 +210,40 @@ def shallow_mimic(args, data, teacher, common):
         print(f"shallow seed {seed}: " + ", ".join(f"{k} {v[-1]:.3f}" for k, v in test.items()), flush=True)
 
 
+def summary_rows(out_dir):
+    """Markdown rows "experiment | setting | result" from whatever JSON files exist in ``out_dir``."""
+    def load(name):
+        path = os.path.join(out_dir, name)
+        return json.load(open(path)) if os.path.exists(path) else None
+
+    def ms(s):
+        return f"{s['mean']:.4f} ± {s['std']:.4f}"
+
+    rows = []
+    if (h := load("hinton_fractions.json")):
+        for f, r in h["fractions"].items():
+            d = r["soft_minus_hard"]
+            rows.append(f"| Hinton soft targets, {float(f):.0%} of the data ({r['train_images'][0]} images, "
+                        f"{len(d['values'])} seeds) | hard {ms(r['hard'])}, soft ({r['chosen_on_val']}) "
+                        f"{ms(r['soft'])}, paired {ms(d)}, {d['better']} seeds better |")
+    if (o := load("omitted_class.json")):
+        for digit, r in o["digits"].items():
+            rows.append(f"| omitted digit {digit} ({len(r['bias']['values'])} seeds) | on the digit: "
+                        f"{ms(r['soft_on_digit'])} -> {ms(r['soft_adjusted_on_digit'])} after bias "
+                        f"{r['bias']['mean']:.2f}; overall {ms(r['soft_overall'])} -> {ms(r['soft_adjusted_overall'])} |")
+    if (m := load("munge_data_limited.json")):
+        t = m["test"]
+        rows.append(f"| MUNGE data-limited ({m['labelled_images']} labelled, {len(t['baseline']['values'])} seeds) "
+                    f"| ensemble {ms(t['teacher_ensemble'])}, no distillation {ms(t['baseline'])}, " +
+                    ", ".join(f"{k} {ms(t[k])} (paired {ms(v)})" for k, v in m["paired_vs_baseline"].items()) + " |")
+    if (s := load("shallow_mimic.json")):
+        t = s["test"]
+        rows.append(f"| shallow mimic ({s['student_parameters']:,} params, {len(t['baseline']['values'])} seeds) "
+                    f"| no distillation {ms(t['baseline'])}, " +
+                    ", ".join(f"{k} {ms(t[k])} (paired {ms(v)})" for k, v in s["paired_vs_baseline"].items()) + " |")
+    return rows
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", default="0,1,2,3,4")
@@ -224,8 +258,12 @@ def main():
     p.add_argument("--factors", default="0,4,16")
     p.add_argument("--out", default="results/distill/regimes")
     p.add_argument("--work-dir", default="/tmp/pycompress_distill_teachers")
+    p.add_argument("--summary", action="store_true", help="print the result rows of the JSON files in --out")
     p.add_argument("--only", default="hinton_fractions,omitted_class,shallow_mimic,munge_data_limited")
     args = p.parse_args()
+    if args.summary:
+        print("\n".join(summary_rows(args.out)))
+        return
     torch.set_num_threads(1)  # a shared 2-core machine
     args.seeds = [int(s) for s in args.seeds.split(",")]
     args.fractions = [float(f) for f in args.fractions.split(",")]
