@@ -37,23 +37,11 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from pycompress.cli.common import atomic_write_json
-from pycompress.data import digits_splits
+from pycompress.data import digits_splits, stratified_subset
 from pycompress.distill import Hinton, LogitRegression, Munge, NoisyTeacher, distill, train_teacher
 from pycompress.distill.workflow import load_state_dict
 from pycompress.models import student_cnn, teacher_cnn
 from pycompress.train import evaluate_classifier
-
-
-def stratified_subset(data: TensorDataset, fraction: float, seed: int) -> TensorDataset:
-    """``fraction`` of every class (at least one example), drawn with ``seed``."""
-    x, y = data.tensors
-    rng = np.random.default_rng(seed)
-    keep = []
-    for c in range(10):
-        idx = np.flatnonzero(y.numpy() == c)
-        keep.append(rng.choice(idx, max(1, round(len(idx) * fraction)), replace=False))
-    keep = torch.from_numpy(np.sort(np.concatenate(keep)))
-    return TensorDataset(x[keep], y[keep])
 
 
 def shallow_student(num_classes: int = 10) -> nn.Module:
@@ -153,7 +141,8 @@ def omitted_class(args, data, teacher, common):
         rec = {"hard_on_digit": [], "soft_on_digit": [], "soft_adjusted_on_digit": [], "bias": [],
                "soft_overall": [], "soft_adjusted_overall": []}
         for seed in args.seeds:
-            model = student_runs(student_cnn, teacher, transfer, strategy, seed, {**common, "baseline": False})["hinton"]
+            only_kd = {**common, "baseline": False}
+            model = student_runs(student_cnn, teacher, transfer, strategy, seed, only_kd)["hinton"]
             val_logits, val_y = logits_of(model, data.val)
             test_logits, test_y = logits_of(model, data.test)
             b = best_bias(val_logits, val_y, digit)
@@ -230,7 +219,8 @@ def summary_rows(out_dir):
         for digit, r in o["digits"].items():
             rows.append(f"| omitted digit {digit} ({len(r['bias']['values'])} seeds) | on the digit: "
                         f"{ms(r['soft_on_digit'])} -> {ms(r['soft_adjusted_on_digit'])} after bias "
-                        f"{r['bias']['mean']:.2f}; overall {ms(r['soft_overall'])} -> {ms(r['soft_adjusted_overall'])} |")
+                        f"{r['bias']['mean']:.2f}; overall {ms(r['soft_overall'])} -> "
+                        f"{ms(r['soft_adjusted_overall'])} |")
     if (m := load("munge_data_limited.json")):
         t = m["test"]
         rows.append(f"| MUNGE data-limited ({m['labelled_images']} labelled, {len(t['baseline']['values'])} seeds) "

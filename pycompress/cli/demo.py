@@ -75,19 +75,6 @@ def run(args) -> int:
     return 0
 
 
-def _stratified(data, fraction, seed):
-    import numpy as np
-    import torch
-    from torch.utils.data import TensorDataset
-
-    x, y = data.tensors
-    rng = np.random.default_rng(seed)
-    keep = [rng.choice(np.flatnonzero(y.numpy() == c), max(1, round(int((y == c).sum()) * fraction)), replace=False)
-            for c in range(int(y.max()) + 1)]
-    keep = torch.from_numpy(np.sort(np.concatenate(keep)))
-    return TensorDataset(x[keep], y[keep])
-
-
 def _row(rows, name, group, model, example, metric, quality, latency_ms):
     from pycompress.cost import count_macs, count_params
 
@@ -100,7 +87,7 @@ def _distillation(args, size, rows):
     import torch
 
     from pycompress.cost import compare_latency
-    from pycompress.data import digits_splits
+    from pycompress.data import digits_splits, stratified_subset
     from pycompress.distill import Hinton, distill, train_teacher
     from pycompress.models import student_cnn, teacher_cnn
     from pycompress.train import evaluate_classifier
@@ -112,7 +99,7 @@ def _distillation(args, size, rows):
     teacher_acc = evaluate_classifier(teacher, data.test)["accuracy"]
     hard, soft = [], []
     for seed in size["seeds"]:  # a new subset per seed; baseline and KD share it
-        subset = _stratified(data.train, args.fraction, seed)
+        subset = stratified_subset(data.train, args.fraction, seed)
         result = distill(student_cnn, teacher.eval(), subset, {"kd": Hinton(args.temperature, args.alpha)},
                          seeds=[seed], epochs=1_000_000, max_steps=size["student_steps"], batch_size=64, lr=3e-3,
                          optimizer="adam", output="", progress=False, print_table=False)
@@ -130,7 +117,7 @@ def _distillation(args, size, rows):
          latency["student"]["batch1_ms"])
     _row(rows, f"student, Hinton KD ({pct})", "distillation", student, x, "accuracy", statistics.mean(soft),
          latency["student"]["batch1_ms"])
-    out = {"fraction": args.fraction, "train_images": len(_stratified(data.train, args.fraction, size["seeds"][0])),
+    out = {"fraction": args.fraction, "train_images": len(subset),
            "temperature": args.temperature, "alpha": args.alpha, "student_steps": size["student_steps"],
            "seeds": list(size["seeds"]), "teacher_accuracy": teacher_acc,
            "teacher_parameters": teacher_report["parameters"], "hard_accuracy": hard, "kd_accuracy": soft,
