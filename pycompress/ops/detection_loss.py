@@ -9,13 +9,12 @@ backward only scales that buffer. Public entry points:
 
 import torch
 
-from pycompress import _extension  # noqa: F401  (the schema must exist before registering on it)
+from pycompress import _extension  # has_ops(): the C++ schema must exist before registering on it
 from pycompress.ops.kd_loss import _register_autograd
 
 _OP = "pycompress::detection_distill_loss"
 
 
-@torch.library.register_fake(_OP)
 def _detection_distill_loss_fake(student, teacher, keep, anchors, cls, box, labeled, objectness_scaling,
                                  suppress_objectness, lambda_distill, lambda_coord, lambda_obj, lambda_noobj,
                                  lambda_cls, reduction, compute_grad):
@@ -44,12 +43,14 @@ def _detection_distill_loss_fake(student, teacher, keep, anchors, cls, box, labe
     return loss, grad
 
 
-_register_autograd(_OP, reduction_arg=14, n_args=16)
-
-
-@torch.library.register_kernel(_OP, "cuda")
 def _detection_distill_loss_cuda(*args):
     # Triton is imported on first GPU use only: CPU users never pay for it.
     from pycompress.kernels.detection_loss import detection_distill_loss_triton
 
     return detection_distill_loss_triton(*args)
+
+
+if _extension.has_ops():  # without the compiled library `import pycompress` still works (README)
+    torch.library.register_fake(_OP)(_detection_distill_loss_fake)
+    _register_autograd(_OP, reduction_arg=14, n_args=16)
+    torch.library.register_kernel(_OP, "cuda")(_detection_distill_loss_cuda)
