@@ -154,7 +154,8 @@ def _pruning(size, rows):
     schedule = Iterative(size["prune_steps"], fine_tune=FineTune(steps=size["prune_finetune_steps"]))
     pruned = prune(dense, x, Taylor(), schedule, Target(params=0.1, round_to=8), train_data=data.train)
     train(pruned, size["finetune_epochs"])
-    sparse = block_sparsify(copy.deepcopy(dense), sparsity=0.9, exclude="features.0.*", example_input=x, inplace=True).model
+    sparse = block_sparsify(copy.deepcopy(dense), sparsity=0.9, exclude="features.0.*", example_input=x,
+                            inplace=True).model
     train(sparse, size["sparse_finetune_epochs"])  # the kept blocks learn; pruned blocks stay zero
     latency = compare_latency({"dense": dense, "pruned": pruned, "sparse": sparse}, tuple(x.shape[1:]), (1, 32),
                               repeats=size["latency_repeats"])
