@@ -16,7 +16,7 @@ from pycompress.cli.common import add_common_flags
 
 # name -> (module, one-line help)
 SUBCOMMANDS = {
-    "demo": ("pycompress.cli.demo", "run the KD demo on the embedded digits data"),
+    "demo": ("pycompress.cli.demo", "the compression story end to end on the embedded data (distil, prune, sparsify, detect)"),
     "distill": ("pycompress.cli.distill", "distil a teacher into a student with one or more strategies"),
     "train-teacher": ("pycompress.cli.train_teacher", "train a teacher for distillation and save its state_dict"),
     "prune": ("pycompress.cli.prune", "structural pruning -> fine-tuning, with a params/FLOPs/latency/accuracy report"),

@@ -6,7 +6,8 @@
 
 from pycompress.data.detection import (DetectionDataset, DigitDetectionSplits, digit_detection,
                                        digit_detection_splits, to_coco)
-from pycompress.data.digits import DigitsSplits, digits_splits, load_digits_tensors
+from pycompress.data.digits import DigitsSplits, digits_splits, load_digits_tensors, stratified_subset
 
-__all__ = ["DigitsSplits", "digits_splits", "load_digits_tensors", "DetectionDataset", "DigitDetectionSplits",
+__all__ = ["DigitsSplits", "digits_splits", "load_digits_tensors", "stratified_subset",
+           "DetectionDataset", "DigitDetectionSplits",
            "digit_detection", "digit_detection_splits", "to_coco"]

@@ -44,3 +44,18 @@ def digits_splits(val_fraction: float = 0.15, test_fraction: float = 0.2, seed: 
         parts["train"].append(idx[n_test + n_val:])
     sets = {k: torch.from_numpy(np.sort(np.concatenate(v))) for k, v in parts.items()}
     return DigitsSplits(**{k: TensorDataset(images[i], labels[i]) for k, i in sets.items()})
+
+
+def stratified_subset(data: TensorDataset, fraction: float, seed: int = 0) -> TensorDataset:
+    """``fraction`` of every class of an ``(x, y)`` TensorDataset (at least one example each), drawn with ``seed``.
+
+    The low-data regime of the distillation experiments and of ``pycompress demo``.
+    """
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    x, y = data.tensors
+    rng = np.random.default_rng(seed)
+    keep = [rng.choice(np.flatnonzero(y.numpy() == c), max(1, round(int((y == c).sum()) * fraction)), replace=False)
+            for c in torch.unique(y).tolist()]
+    keep = torch.from_numpy(np.sort(np.concatenate(keep)))
+    return TensorDataset(x[keep], y[keep])
