@@ -180,6 +180,7 @@ class SinghConfig:
     sparsity_steps: int = 100
     rho: float = 0.9
     rounds: int = 3
+    lr: Optional[float] = None   # SGD learning rate of sparsity induction (None: finetune.lr)
     tolerance: float = 0.01      # quality (accuracy, a detector's AP50) the sparsity threshold may cost on val
     phase_layers: List[List[str]] = field(default_factory=list)  # layer patterns per phase; empty: `phases` slices
 

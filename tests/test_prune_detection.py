@@ -124,3 +124,41 @@ def test_block_sparse_layers_are_refused_by_name_before_the_onnx_exporter(pruned
     sparse = block_sparsify(pruned, 0.5, block_size=(1, 1), include="backbone.3.0", inplace=False).model
     with pytest.raises(TypeError, match=r"layer 'backbone\.3\.0' \(BlockSparseConv2d\) runs a pycompress custom op"):
         export_onnx(sparse, torch.rand(1, 3, 32, 32), str(tmp_path / "sparse.onnx"))
+
+
+def test_cli_prunes_a_detector_and_reports_ap50_and_the_phase_plan(tmp_path):
+    import json
+
+    from pycompress.cli import main
+    from pycompress.config import PruneConfig, load_config
+
+    (tmp_path / "ssd.toml").write_text('''
+criterion = "singh"
+target_params = 0.8
+latency_batch_sizes = [1]
+num_threads = 1
+[model]
+model = "pycompress.models.detection:build_detector"
+kwargs = { name = "ssd", width = 4, image_size = 32 }
+[data]
+dataset = "pycompress.data:digit_detection_splits"
+kwargs = { image_size = 32, num_images = { train = 16, val = 8, test = 8, unlabeled = 1 } }
+[dense]
+epochs = 0
+[finetune]
+epochs = 0
+[singh]
+sparsity_steps = 1
+rounds = 1
+tolerance = 1.0
+phase_layers = [["backbone.*"], ["extras.*"]]
+''')
+    cfg = load_config(PruneConfig(), str(tmp_path / "ssd.toml"))
+    assert cfg.singh.phase_layers == [["backbone.*"], ["extras.*"]] and cfg.task == "auto"
+    out = tmp_path / "report.json"
+    assert main(["prune", "--config", str(tmp_path / "ssd.toml"), "--task", "detection", "--output", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["task"] == "detection" and report["metric"] == "AP50"
+    assert report["phase_plan"][0][0] == "backbone.0.0" and report["phase_plan"][1][0] == "extras.0.0.0"
+    for stage in ("dense", "pruned", "fine_tuned"):
+        assert {"params", "macs", "AP50", "AP", "batch1_ms"} <= set(report[stage])
