@@ -453,13 +453,17 @@ class PermuteRule(Rule):
         return graph.Channels(_probe_axis(node, len(graph.shape(node)), x.axis), x.atoms)
 
 
-def _space_depth_factor(graph, node, name: str) -> int:
-    if node.op == "call_module":
-        return getattr(graph.module(node), name)
-    factor = _arg(node, 1, name)
+def _space_depth(graph, node, factor_name: str):
+    """``(channels, r * r)`` of a pixel (un)shuffle; ``(None, 0)`` after locking the channels when they
+    are not on the dim it rearranges (dim -3)."""
+    x = graph.input_channels(node)
+    if x.axis != len(graph.shape(node)) - 3:
+        graph.lock(x.atoms, f"node '{node.name}' moves spatial positions and channels into each other's dims")
+        return None, 0
+    factor = getattr(graph.module(node), factor_name) if node.op == "call_module" else _arg(node, 1, factor_name)
     if not isinstance(factor, int) or isinstance(factor, bool):
-        graph.refuse(node, f"{name} computed at run time")
-    return factor
+        graph.refuse(node, f"{factor_name} computed at run time")
+    return x, factor * factor
 
 
 @register_rule(nn.PixelUnshuffle, F.pixel_unshuffle, torch.pixel_unshuffle)
@@ -469,12 +473,8 @@ class PixelUnshuffleRule(Rule):
     ``c`` removes its ``r * r`` phases and the layout of the others stays ``c' * r * r + k``."""
 
     def propagate(self, graph, node):
-        x = graph.input_channels(node)
-        if x.axis != len(graph.shape(node)) - 3:
-            graph.lock(x.atoms, f"node '{node.name}' moves spatial positions into the dim that carries channels")
-            return None
-        r2 = _space_depth_factor(graph, node, "downscale_factor") ** 2
-        return graph.Channels(x.axis, [a for a in x.atoms for _ in range(r2)])
+        x, r2 = _space_depth(graph, node, "downscale_factor")
+        return None if x is None else graph.Channels(x.axis, [a for a in x.atoms for _ in range(r2)])
 
 
 @register_rule(nn.PixelShuffle, F.pixel_shuffle, torch.pixel_shuffle)
@@ -483,11 +483,9 @@ class PixelShuffleRule(Rule):
     phases of output channel ``c``; they are coupled, so a group is removed whole or not at all."""
 
     def propagate(self, graph, node):
-        x = graph.input_channels(node)
-        if x.axis != len(graph.shape(node)) - 3:
-            graph.lock(x.atoms, f"node '{node.name}' moves the dim that carries channels into spatial positions")
+        x, r2 = _space_depth(graph, node, "upscale_factor")
+        if x is None:
             return None
-        r2 = _space_depth_factor(graph, node, "upscale_factor") ** 2
         for start in range(0, len(x.atoms), r2):
             graph.union_all([x.atoms[start]] * r2, x.atoms[start:start + r2])
         return graph.Channels(x.axis, x.atoms[::r2])
