@@ -212,6 +212,9 @@ class SinghConfig:
     sparsity_steps: int = 100
     rho: float = 0.9
     rounds: int = 3
+    lr: Optional[float] = None   # SGD learning rate of sparsity induction (None: finetune.lr)
+    tolerance: float = 0.01      # quality (accuracy, a detector's AP50) the sparsity threshold may cost on val
+    phase_layers: List[List[str]] = field(default_factory=list)  # layer patterns per phase; empty: `phases` slices
 
 
 def _dense_train() -> TrainConfig:
@@ -252,10 +255,15 @@ class PruneConfig(WorkflowConfig):
     dense: TrainConfig = field(default_factory=_dense_train)
     finetune: TrainConfig = field(default_factory=_finetune_train)
     latency_batch_sizes: List[int] = field(default_factory=lambda: [1, 32])
+    task: str = "auto"           # loss and quality: classification (accuracy), detection (AP50); auto: by model
+    task_options: Dict[str, Any] = field(default_factory=dict)  # e.g. detection: loss, score_threshold
+    num_threads: int = 0         # torch.set_num_threads (0: torch's default)
 
     def __post_init__(self):
         super().__post_init__()
-        _choice("criterion", self.criterion, CRITERIA)  # the one target is checked by prune()
+        _choice("criterion", self.criterion, CRITERIA)
+        if self.num_threads < 0:
+            raise ValueError(f"num_threads must be >= 0, got {self.num_threads}")  # the one target is checked by prune()
 
 
 def _detector_train() -> TrainConfig:

@@ -8,6 +8,7 @@ import io
 import pytest
 import torch
 import torch.fx
+import torch.nn.functional as F
 from torch import nn
 
 from pycompress.prune import (DependencyGraph, L1, OneShot, Rule, Target, get_criterion, load_pruned_state_dict,
@@ -480,6 +481,37 @@ def test_passthrough_repeats_each_channel_four_times_in_the_fused_conv():
     assert group.indices[fuse_in][1] == [1, 5, 9, 13]  # channel 1 of each of the 2x2 space-to-depth blocks
     deep = graph.group_of("deep.2.0.out")
     assert deep.indices[next(m for m in deep.members if str(m) == "fuse.0.in")][0] == [16]
+
+
+class PixelShuffles(nn.Module):
+    """torch's space-to-depth (the detectors' passthrough) and depth-to-space, as function and module."""
+
+    def __init__(self, module: bool):
+        super().__init__()
+        self.a, self.b = _cbr(3, 6), _cbr(6 * 4, 8)
+        self.c = nn.Conv2d(8, 12, 1)
+        self.d = nn.Conv2d(3, 5, 1)
+        self.unshuffle = nn.PixelUnshuffle(2) if module else (lambda x: F.pixel_unshuffle(x, 2))
+        self.shuffle = nn.PixelShuffle(2) if module else (lambda x: F.pixel_shuffle(x, 2))
+
+    def forward(self, x):
+        y = self.shuffle(self.c(self.b(self.unshuffle(self.a(x)))))  # (B, 3, H, W): c's out in groups of 4
+        return self.d(y)
+
+
+@pytest.mark.parametrize("module", [True, False], ids=["module", "function"])
+def test_pixel_unshuffle_repeats_and_pixel_shuffle_couples_channels(module):
+    model = _randomize(PixelShuffles(module))
+    x = _x(2, 3, 8, 8)
+    graph = DependencyGraph(model, x)
+    group = graph.group_of("a.0.out")
+    b_in = next(m for m in group.members if str(m) == "b.0.in")
+    assert group.indices[b_in][1] == [4, 5, 6, 7]  # input channel 1 -> its 4 spatial phases
+    c_out = graph.group_of("c.out")
+    assert [len(u) for u in c_out.indices[next(m for m in c_out.members if str(m) == "c.out")]] == [4, 4, 4]
+    _, units = _prune_matches_masked(model, x, keep=0.6)
+    assert model.b[0].in_channels == 4 * model.a[0].out_channels < 24
+    assert model.c.out_channels % 4 == 0 and model.c.out_channels == 4 * model.d.in_channels
 
 
 # ------------------------------------------------------------------ still refused, by name and reason

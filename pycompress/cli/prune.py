@@ -42,6 +42,9 @@ def configure(parser):
     g.add_argument("--singh-steps", type=int, help="sparsity-induction steps per phase")
     g.add_argument("--singh-rho", type=float, help="'mostly zero' fraction")
     g.add_argument("--singh-rounds", type=int)
+    g.add_argument("--task", choices=("auto", "classification", "detection"),
+                   help="loss and quality measure (task): accuracy, or a detector's own loss and AP50; "
+                        "default auto (by model)")
     g.add_argument("--save", help="write the pruned, fine-tuned state_dict here (reload with "
                                   "pycompress.prune.load_pruned_state_dict)")
 
@@ -57,7 +60,7 @@ def load(args):
               "score_batches": args.score_batches, "fine_tune_steps": args.fine_tune_steps,
               "flops_lambda": args.flops_lambda, "singh.phases": args.singh_phases, "singh.l1": args.singh_l1,
               "singh.sparsity_steps": args.singh_steps, "singh.rho": args.singh_rho,
-              "singh.rounds": args.singh_rounds}
+              "singh.rounds": args.singh_rounds, "task": args.task}
     return load_config(PruneConfig(), args.config, args.overrides, values)
 
 

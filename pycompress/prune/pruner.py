@@ -11,6 +11,7 @@
 """
 
 import copy
+import fnmatch
 import math
 import warnings
 from dataclasses import dataclass
@@ -173,7 +174,7 @@ class Iterative(Schedule):
                       "target_reached": reached}
             pruner.fine_tune(self.fine_tune, self.fine_tune.steps, self.seed + step)
             if pruner.val_data is not None:
-                record["val_accuracy"] = evaluate_classifier(pruner.model, pruner.val_data)["accuracy"]
+                record[f"val_{pruner.metric}"] = pruner.quality(pruner.model)
             pruner.log(f"prune step {step}{'' if self.units_per_step else f'/{self.steps}'}: -{len(units)} "
                        f"channels, params {params} ({pruner.dense_params / params:.2f}x), FLOPs {flops} "
                        f"({pruner.dense_flops / flops:.2f}x)"
@@ -216,22 +217,25 @@ def induce_sparsity(model: nn.Module, weights: Sequence[nn.Parameter], train_dat
 
 @torch.no_grad()
 def choose_threshold(model: nn.Module, weights: Sequence[nn.Parameter], val_data, *, tolerance: float = 0.01,
-                     multipliers: Sequence[float] = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0)) -> float:
+                     multipliers: Sequence[float] = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0),
+                     eval_fn: Optional[Callable] = None, metric: str = "accuracy") -> float:
     r"""Singh step 1b: zero every weight with :math:`|w| < a \cdot \overline{|W|}` (per layer).
 
-    ``a`` is the largest multiplier whose validation accuracy stays within
-    ``tolerance`` of the accuracy before thresholding. The chosen zeroing is
+    ``a`` is the largest multiplier whose validation ``metric`` (of ``eval_fn(model, val_data)``,
+    default :func:`~pycompress.train.evaluate_classifier`'s accuracy; a detector's AP50) stays
+    within ``tolerance`` of its value before thresholding. The chosen zeroing is
     applied to ``weights`` in place; returns ``a`` (0.0 if none qualifies).
     """
     if val_data is None:
         raise ValueError("singh needs val_data to choose the sparsity threshold")
-    base = evaluate_classifier(model, val_data)["accuracy"]
+    eval_fn = eval_fn or evaluate_classifier
+    base = eval_fn(model, val_data)[metric]
     saved = [w.detach().clone() for w in weights]
     best = 0.0
     for a in sorted(multipliers):
         for w, s in zip(weights, saved):
             w.copy_(torch.where(s.abs() < a * s.abs().mean(), torch.zeros_like(s), s))
-        if evaluate_classifier(model, val_data)["accuracy"] >= base - tolerance:
+        if eval_fn(model, val_data)[metric] >= base - tolerance:
             best = a
     for w, s in zip(weights, saved):
         w.copy_(torch.where(s.abs() < best * s.abs().mean(), torch.zeros_like(s), s))
@@ -261,6 +265,9 @@ class Phased(Schedule):
         sparsity_steps (int): minibatches of sparsity induction per phase.
         tolerance (float): accuracy the threshold may cost on ``val_data``.
         rounds (int): passes over the layer sets.
+        phase_layers (list of lists of str, optional): the layer sets themselves, front to back: a
+            group joins the first set with a pattern (fnmatch) matching one of its producing layers;
+            groups matching none are not pruned. Default: ``phases`` equal slices in graph order.
         sparsity_lr (float, optional): SGD learning rate of sparsity induction (default: ``fine_tune.lr``).
         fine_tune (FineTune): fine-tuning after each phase.
         seed (int): seeds sparsity induction and fine-tuning.
@@ -268,13 +275,18 @@ class Phased(Schedule):
 
     def __init__(self, phases: int = 3, *, l1: float = 1e-4, sparsity_steps: int = 100, tolerance: float = 0.01,
                  rounds: int = 3, sparsity_lr: Optional[float] = None, fine_tune: FineTune = FineTune(),
-                 seed: int = 0):
+                 seed: int = 0, phase_layers: Optional[Sequence[Sequence[str]]] = None):
         for name, v in (("phases", phases), ("sparsity_steps", sparsity_steps), ("rounds", rounds)):
             _check_int(name, v, 1)
         if not isinstance(fine_tune, FineTune):
             raise TypeError(f"fine_tune must be a FineTune, got {type(fine_tune).__name__}")
         self.phases, self.l1, self.sparsity_steps, self.tolerance = phases, l1, sparsity_steps, tolerance
         self.rounds, self.fine_tune, self.seed = rounds, fine_tune, seed
+        if phase_layers is not None and (not phase_layers or any(isinstance(p, str) or not p for p in phase_layers)):
+            raise ValueError(f"phase_layers must be a non-empty list of non-empty lists of layer patterns, got "
+                             f"{phase_layers!r}")
+        self.phase_layers = [list(p) for p in phase_layers] if phase_layers is not None else None
+        self.plan: List[List[str]] = []   # the producing layers of each set, once run
         self.sparsity_lr = fine_tune.lr if sparsity_lr is None else sparsity_lr
 
     def check(self, pruner):
@@ -287,6 +299,20 @@ class Phased(Schedule):
                             f"{pruner.criterion!r}")
         if pruner.target.channels is not None:
             raise ValueError("the phased schedule needs a params or MACs target")
+
+    def _layer_sets(self, groups) -> List[List[tuple]]:
+        """The group keys of each phase, front to back."""
+        if self.phase_layers is None:
+            keys = [group_key(g) for g in groups]
+            return [keys[i * len(keys) // self.phases:(i + 1) * len(keys) // self.phases] for i in range(self.phases)]
+        sets: List[List[tuple]] = [[] for _ in self.phase_layers]
+        for g in groups:
+            producers = [m.module for m in g.members if m.kind in ("out", "dw")]
+            phase = next((i for i, pats in enumerate(self.phase_layers)
+                          if any(fnmatch.fnmatchcase(p, pat) for p in producers for pat in pats)), None)
+            if phase is not None:
+                sets[phase].append(group_key(g))
+        return sets
 
     def _flagged_units(self, pruner, graph, layer_set, which, target):
         """The units of ``layer_set``'s groups that the criterion flags as unimportant, at most as
@@ -317,9 +343,12 @@ class Phased(Schedule):
         model, tune = pruner.model, self.fine_tune
         step = 0
         for rnd in range(self.rounds):
-            keys = [group_key(g) for g in pruner.trace().prunable_groups()]
-            sets = [keys[i * len(keys) // self.phases:(i + 1) * len(keys) // self.phases]
-                    for i in range(self.phases)]
+            sets = self._layer_sets(pruner.trace().prunable_groups())
+            if rnd == 0:
+                self.plan = [list(dict.fromkeys(k.rsplit(".", 1)[0] for key in layer_set for k in key
+                                                if k.endswith((".out", ".dw")))) for layer_set in sets]
+                pruner.log("singh phase plan (front to back): " + "; ".join(
+                    f"phase {i + 1}: {', '.join(p) or '-'}" for i, p in enumerate(self.plan)))
             removed_this_round = 0
             for layer_set in sets:
                 if not layer_set:
@@ -330,7 +359,8 @@ class Phased(Schedule):
                 induce_sparsity(model, weights, pruner.train_data, l1=self.l1, steps=self.sparsity_steps,
                                 batch_size=tune.batch_size, lr=self.sparsity_lr, seed=self.seed + step,
                                 loss_fn=pruner.loss_fn)
-                a = choose_threshold(model, weights, pruner.val_data, tolerance=self.tolerance)
+                a = choose_threshold(model, weights, pruner.val_data, tolerance=self.tolerance,
+                                     eval_fn=pruner.eval_fn, metric=pruner.metric)
                 units, n_flagged = [], 0
                 if a > 0:  # a = 0: every threshold cost accuracy, so this phase zeroes and prunes nothing
                     units, n_flagged = self._flagged_units(pruner, graph, layer_set, which, target)
@@ -341,12 +371,11 @@ class Phased(Schedule):
                 params, flops = count_params_flops(model, pruner.example_inputs)
                 record = {"step": step, "round": rnd + 1, "layers": [k[0] for k in layer_set],
                           "threshold_multiplier": a, "flagged": n_flagged, "removed_units": len(units),
-                          "params": params, "flops": flops,
-                          "val_accuracy": evaluate_classifier(model, pruner.val_data)["accuracy"]}
+                          "params": params, "flops": flops, f"val_{pruner.metric}": pruner.quality(model)}
                 pruner.log(f"singh round {rnd + 1} phase {step}: threshold {a} x mean|w|, {n_flagged} flagged, "
                            f"-{len(units)} channels, params {params} ({pruner.dense_params / params:.2f}x), "
-                           f"FLOPs {flops} ({pruner.dense_flops / flops:.2f}x), val accuracy "
-                           f"{record['val_accuracy']:.4f}")
+                           f"FLOPs {flops} ({pruner.dense_flops / flops:.2f}x), val {pruner.metric} "
+                           f"{record[f'val_{pruner.metric}']:.4f}")
                 yield record
                 if (params, flops)[which] <= target:
                     return
@@ -385,6 +414,9 @@ class Pruner:
         loss_fn (callable, optional): ``loss_fn(model, batch) -> loss``; default cross-entropy.
         ignored_layers (iterable of nn.Module | str): layers never pruned.
         log (callable, optional): receives progress lines.
+        eval_fn (callable, optional): ``eval_fn(model, val_data) -> dict`` of metrics; default
+            :func:`~pycompress.train.evaluate_classifier`.
+        metric (str): the key of ``eval_fn``'s dict that measures quality (``"accuracy"``; a detector's ``"AP50"``).
 
     Example:
         >>> pruner = Pruner(model, x, L1(), Iterative(steps=4), Target(params=0.5))
@@ -394,7 +426,8 @@ class Pruner:
 
     def __init__(self, model: nn.Module, example_inputs, criterion, schedule: Schedule, target: Target, *,
                  train_data=None, val_data=None, loss_fn: Optional[Callable] = None, ignored_layers: Iterable = (),
-                 log: Optional[Callable[[str], None]] = None):
+                 log: Optional[Callable[[str], None]] = None, eval_fn: Optional[Callable] = None,
+                 metric: str = "accuracy"):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if not isinstance(schedule, Schedule):
@@ -405,6 +438,7 @@ class Pruner:
         self.criterion: Criterion = get_criterion(criterion)
         self.schedule, self.target = schedule, target
         self.train_data, self.val_data, self.loss_fn = train_data, val_data, loss_fn
+        self.eval_fn, self.metric = eval_fn or evaluate_classifier, metric
         if self.criterion.needs_data and train_data is None:
             raise ValueError(f"criterion {self.criterion.name!r} needs train_data (minibatches to score on)")
         names = {m: n for n, m in model.named_modules()}
@@ -420,6 +454,10 @@ class Pruner:
         self.history: List[dict] = []
         self._steps = schedule.run(self)
         self.done = False
+
+    def quality(self, model: nn.Module) -> float:
+        """``metric`` of ``model`` on ``val_data``."""
+        return self.eval_fn(model, self.val_data)[self.metric]
 
     def trace(self) -> DependencyGraph:
         """The dependency graph of the model as it is now."""
@@ -492,12 +530,14 @@ def objects_from_options(criterion, target_params=None, target_flops=None, chann
     tune = FineTune(steps=fine_tune_steps, batch_size=batch_size, lr=lr, momentum=momentum, weight_decay=weight_decay)
     schedule = crit.default_schedule()
     if isinstance(schedule, Phased):
-        allowed = {"phases", "l1", "sparsity_steps", "tolerance", "rounds", "lr"}
+        allowed = {"phases", "l1", "sparsity_steps", "tolerance", "rounds", "lr", "phase_layers"}
         if set(opts) - allowed:
             raise ValueError(f"singh options must be among {sorted(allowed | {'rho'})}, got "
                              f"{sorted(set(opts) - allowed)}")
         if "lr" in opts:
             opts["sparsity_lr"] = opts.pop("lr")
+        if not opts.get("phase_layers", True):  # the config's empty list: equal slices
+            del opts["phase_layers"]
         schedule = Phased(**opts, fine_tune=tune, seed=seed)
     else:
         schedule = Iterative(steps, units_per_step=units_per_step, score_batches=score_batches, fine_tune=tune,
@@ -508,7 +548,8 @@ def objects_from_options(criterion, target_params=None, target_flops=None, chann
 def prune(model: nn.Module, example_inputs, criterion="taylor", schedule: Optional[Schedule] = None,
           target: Optional[Target] = None, *, train_data=None, val_data=None, loss_fn: Optional[Callable] = None,
           ignored_layers: Iterable = (), inplace: bool = False, history: Optional[list] = None,
-          log: Optional[Callable[[str], None]] = None, **legacy) -> nn.Module:
+          log: Optional[Callable[[str], None]] = None, eval_fn: Optional[Callable] = None, metric: str = "accuracy",
+          **legacy) -> nn.Module:
     """Structurally prunes ``model`` and returns a physically smaller ``nn.Module``.
 
     Args:
@@ -526,6 +567,8 @@ def prune(model: nn.Module, example_inputs, criterion="taylor", schedule: Option
         inplace (bool): prune ``model`` itself.
         history (list, optional): receives one dict per step (params, FLOPs, units).
         log (callable, optional): receives progress lines.
+        eval_fn (callable, optional): ``eval_fn(model, val_data) -> dict``; default classification accuracy.
+        metric (str): the key of ``eval_fn``'s dict used as quality (the threshold, the records).
         **legacy: deprecated (one release): the keyword form ``target_params=``,
             ``target_flops=``, ``channel_ratio=``, ``steps=``, ``units_per_step=``, ``per_layer=``,
             ``round_to=``, ``max_layer_ratio=``, ``batch_size=``, ``score_batches=``,
@@ -561,7 +604,7 @@ def prune(model: nn.Module, example_inputs, criterion="taylor", schedule: Option
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     model = model if inplace else copy.deepcopy(model)
     pruner = Pruner(model, example_inputs, criterion, schedule, target, train_data=train_data, val_data=val_data,
-                    loss_fn=loss_fn, ignored_layers=ignored_layers, log=log)
+                    loss_fn=loss_fn, ignored_layers=ignored_layers, log=log, eval_fn=eval_fn, metric=metric)
     pruner.run()
     if history is not None:
         history.extend(pruner.history)

@@ -453,6 +453,44 @@ class PermuteRule(Rule):
         return graph.Channels(_probe_axis(node, len(graph.shape(node)), x.axis), x.atoms)
 
 
+def _space_depth(graph, node, factor_name: str):
+    """``(channels, r * r)`` of a pixel (un)shuffle; ``(None, 0)`` after locking the channels when they
+    are not on the dim it rearranges (dim -3)."""
+    x = graph.input_channels(node)
+    if x.axis != len(graph.shape(node)) - 3:
+        graph.lock(x.atoms, f"node '{node.name}' moves spatial positions and channels into each other's dims")
+        return None, 0
+    factor = getattr(graph.module(node), factor_name) if node.op == "call_module" else _arg(node, 1, factor_name)
+    if not isinstance(factor, int) or isinstance(factor, bool):
+        graph.refuse(node, f"{factor_name} computed at run time")
+    return x, factor * factor
+
+
+@register_rule(nn.PixelUnshuffle, F.pixel_unshuffle, torch.pixel_unshuffle)
+class PixelUnshuffleRule(Rule):
+    """Space-to-depth (YOLOv2's passthrough): output channel ``c * r * r + k`` is a spatial phase of
+    input channel ``c``, so each input channel repeats ``r * r`` times, in place. Removing channel
+    ``c`` removes its ``r * r`` phases and the layout of the others stays ``c' * r * r + k``."""
+
+    def propagate(self, graph, node):
+        x, r2 = _space_depth(graph, node, "downscale_factor")
+        return None if x is None else graph.Channels(x.axis, [a for a in x.atoms for _ in range(r2)])
+
+
+@register_rule(nn.PixelShuffle, F.pixel_shuffle, torch.pixel_shuffle)
+class PixelShuffleRule(Rule):
+    """Depth-to-space: input channels ``c * r * r .. c * r * r + r * r - 1`` become the spatial
+    phases of output channel ``c``; they are coupled, so a group is removed whole or not at all."""
+
+    def propagate(self, graph, node):
+        x, r2 = _space_depth(graph, node, "upscale_factor")
+        if x is None:
+            return None
+        for start in range(0, len(x.atoms), r2):
+            graph.union_all([x.atoms[start]] * r2, x.atoms[start:start + r2])
+        return graph.Channels(x.axis, x.atoms[::r2])
+
+
 @register_rule(torch.cat, torch.concat, torch.concatenate)
 class CatRule(Rule):
     """On the channel dim the channel lists are concatenated (offsets come for free); on another dim

@@ -18,8 +18,9 @@ from pycompress.cost import compare_latency, measure_cost, measure_latency  # no
 from pycompress.cost import example_tuple
 from pycompress.prune.criteria import Taylor
 from pycompress.prune.pruner import objects_from_options
+from pycompress.prune.tasks import Task, get_task
 from pycompress.prune.pruner import choose_threshold, induce_sparsity, prune  # noqa: F401  (re-exported: the old home)
-from pycompress.train import Trainer, atomic_save, evaluate_classifier, load_file, resolve_device
+from pycompress.train import Trainer, atomic_save, load_file, resolve_device
 
 __all__ = ["prune", "induce_sparsity", "choose_threshold", "measure_latency", "compare_latency", "run_experiment",
            "prune_experiment", "format_report"]
@@ -38,9 +39,9 @@ def train_cosine(model: nn.Module, train_data, val_data, *, epochs: int, lr: flo
             progress=progress).fit(resume=resume)
 
 
-def _stage(model, example_inputs, test_data) -> dict:
+def _stage(model, example_inputs, test_data, task) -> dict:
     return {**measure_cost(model, example_inputs).as_dict(),
-            **({"accuracy": evaluate_classifier(model, test_data)["accuracy"]} if test_data is not None else {})}
+            **(task.evaluate(model, test_data) if test_data is not None else {})}
 
 
 # old run_experiment keyword -> (PruneConfig key path(s)); one name per concept from now on
@@ -78,7 +79,7 @@ def _prune_config(config: Optional[PruneConfig], options: dict) -> PruneConfig:
 def run_experiment(model: nn.Module, example_inputs, train_data, val_data, test_data,
                    config: Optional[PruneConfig] = None, *, criterion=None,
                    model_factory: Optional[Callable[[], nn.Module]] = None, eval_data=None,
-                   log: Optional[Callable[[str], None]] = None, **options) -> dict:
+                   log: Optional[Callable[[str], None]] = None, task=None, **options) -> dict:
     """Dense training (optional) -> :func:`prune` -> fine-tuning, measured at each stage.
 
     Args:
@@ -92,6 +93,9 @@ def run_experiment(model: nn.Module, example_inputs, train_data, val_data, test_
         model_factory (callable): rebuilds the unpruned model, to reload a pruned
             checkpoint on resume.
         eval_data: the validation split (``val_data`` is the positional spelling).
+        task (str | Task, optional): overrides ``config.task``: the loss of every training and
+            scoring step and the quality measure (:mod:`pycompress.prune.tasks`; a detector's is
+            its own criterion and AP50).
 
     With ``checkpoint_dir`` every phase checkpoints: ``dense.pt`` and
     ``finetune.pt`` (Trainer checkpoints) and ``pruned.pt`` (the pruned
@@ -100,12 +104,18 @@ def run_experiment(model: nn.Module, example_inputs, train_data, val_data, test_
 
     Returns:
         dict: ``{"config", "dense", "pruned", "fine_tuned", "history", "prune_seconds", "model"}``; each
-        stage holds ``params``, ``macs``, ``flops`` (= 2 x MACs), test ``accuracy`` and the interleaved
+        stage holds ``params``, ``macs``, ``flops`` (= 2 x MACs), the task's test metrics (``accuracy``; a detector's ``AP50``, ``AP``, ``AP75``) and the interleaved
         median CPU latencies (``batch{b}_ms``) of the dense and final models.
     """
     from pycompress.prune.graph import load_pruned_state_dict
 
     cfg = _prune_config(config, options)
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    if not isinstance(task, Task):
+        task = get_task(cfg.task if task is None else task, model, **cfg.task_options)
+    task.check(model)
+    trainer_hooks = {"step_fn": task.loss_fn, "eval_fn": task.evaluate}
     val_data = eval_data if eval_data is not None else val_data
     seed = cfg.single_seed()
     log = log or print
@@ -116,9 +126,9 @@ def run_experiment(model: nn.Module, example_inputs, train_data, val_data, test_
     if cfg.dense.epochs:
         Trainer(model, train_data, cfg.dense, eval_data=val_data, seed=seed, device=device,
                 checkpoint_path=ck("dense.pt"), progress=cfg.progress,
-                run_config=result_settings(cfg, "dense", "finetune")).fit(resume=cfg.resume)
+                run_config=result_settings(cfg, "dense", "finetune"), **trainer_hooks).fit(resume=cfg.resume)
     model.cpu()
-    dense = _stage(model, example_inputs, test_data)
+    dense = _stage(model, example_inputs, test_data, task)
     log(f"dense: {dense}")
     history: list = []
     t0 = time.perf_counter()
@@ -127,7 +137,7 @@ def run_experiment(model: nn.Module, example_inputs, train_data, val_data, test_
             raise ValueError("resume after pruning needs model_factory to rebuild the pruned model")
         saved = load_file(ck("pruned.pt"), "pruned checkpoint")
         pruned = load_pruned_state_dict(model_factory(), saved["state_dict"], example_inputs=example_inputs)
-        history = saved["history"]
+        history, phase_plan = saved["history"], saved.get("phase_plan")
     else:
         if criterion is None:
             criterion = Taylor(flops_lambda=cfg.flops_lambda) if cfg.criterion == "taylor" else cfg.criterion
@@ -140,25 +150,29 @@ def run_experiment(model: nn.Module, example_inputs, train_data, val_data, test_
             weight_decay=cfg.finetune.weight_decay, seed=seed,
             singh=to_dict(cfg.singh) if cfg.criterion == "singh" else None)
         pruned = prune(model, example_inputs, criterion, schedule, target, train_data=train_data,
-                       val_data=val_data, ignored_layers=cfg.exclude, history=history, log=log)
+                       val_data=val_data, ignored_layers=cfg.exclude, history=history, log=log,
+                       loss_fn=task.loss_fn, eval_fn=task.evaluate, metric=task.metric)
+        phase_plan = getattr(schedule, "plan", None)
         if ck("pruned.pt"):
-            atomic_save({"state_dict": pruned.state_dict(), "history": history}, ck("pruned.pt"))
+            atomic_save({"state_dict": pruned.state_dict(), "history": history, "phase_plan": phase_plan},
+                        ck("pruned.pt"))
     prune_seconds = time.perf_counter() - t0
-    after = _stage(pruned, example_inputs, test_data)
+    after = _stage(pruned, example_inputs, test_data, task)
     log(f"pruned: {after}")
     final = copy.deepcopy(pruned)
     if cfg.finetune.epochs:
         Trainer(final, train_data, cfg.finetune, eval_data=val_data, seed=seed + 1, device=device,
                 checkpoint_path=ck("finetune.pt"), progress=cfg.progress,
-                run_config=result_settings(cfg, "finetune")).fit(resume=cfg.resume)
+                run_config=result_settings(cfg, "finetune"), **trainer_hooks).fit(resume=cfg.resume)
         final.cpu()
-    tuned = _stage(final, example_inputs, test_data)
+    tuned = _stage(final, example_inputs, test_data, task)
     log(f"fine-tuned: {tuned}")
     shape = tuple(example_inputs[0].shape[1:])
     latency = compare_latency({"dense": model, "pruned": final}, shape, cfg.latency_batch_sizes)
     for stage, key in ((dense, "dense"), (after, "pruned"), (tuned, "pruned")):
         stage.update(latency[key])
-    return {"config": to_dict(cfg), "dense": dense, "pruned": after, "fine_tuned": tuned, "history": history,
+    return {"config": to_dict(cfg), "task": task.name, "metric": task.metric, "phase_plan": phase_plan,
+            "dense": dense, "pruned": after, "fine_tuned": tuned, "history": history,
             "prune_seconds": prune_seconds, "model": final}
 
 
@@ -192,17 +206,19 @@ def format_report(report: dict) -> str:
 
     dense = report["dense"]
     batch_sizes = [k[len("batch"):-len("_ms")] for k in dense if k.startswith("batch") and k.endswith("_ms")]
+    metrics = [m for m in ("accuracy", "AP50", "AP") if m in dense] or ["accuracy"]
     rows = []
     for key in ("dense", "pruned", "fine_tuned"):
         s = report[key]
         rows.append([key, f"{s['params']} ({dense['params'] / s['params']:.1f}x)",
-                     f"{s['macs']} ({dense['macs'] / s['macs']:.1f}x)", f"{s['flops']}",
-                     f"{100 * s['accuracy']:.2f}%" if "accuracy" in s else "-"]
+                     f"{s['macs']} ({dense['macs'] / s['macs']:.1f}x)", f"{s['flops']}"]
+                    + [f"{100 * s[m]:.2f}%" if m in s else "-" for m in metrics]
                     + [f"{s[f'batch{b}_ms']:.3f}" for b in batch_sizes])
-    head = ["stage", "params", "MACs", "FLOPs (2 MACs)", "accuracy"] + [f"latency b{b} ms" for b in batch_sizes]
+    head = ["stage", "params", "MACs", "FLOPs (2 MACs)"] + metrics + [f"latency b{b} ms" for b in batch_sizes]
     threads = dense.get("threads")
-    return format_table(head, rows) + (f"\n(latency: median of interleaved runs, {threads} threads)"
-                                       if threads else "")
+    plan = report.get("phase_plan")
+    return (format_table(head, rows) + (f"\n(latency: median of interleaved runs, {threads} threads)" if threads else "")
+            + ("".join(f"\nphase {i + 1}: {', '.join(p)}" for i, p in enumerate(plan)) if plan else ""))
 
 
 def report_dict(report: dict) -> dict:
