@@ -71,7 +71,7 @@ def run_one(name, kwargs, size, library):
         with torch.no_grad():
             out = tuple(pruned(x).shape)
     except Exception as e:  # report every failure and go on with the next model
-        return {"pruned": False, "error": f"{type(e).__name__}: {e}"[:600],
+        return {"pruned": False, "input": size, "error": f"{type(e).__name__}: {e}"[:600],
                 "where": traceback.format_exc().strip().splitlines()[-3][:300]}
     cost = measure_cost(pruned, x)
     return {"pruned": cost.params < dense.params, "output_shape_kept": out == shape, "input": size,
@@ -87,12 +87,32 @@ def _write(path, report):
     os.replace(tmp, path)
 
 
+def table(report) -> str:
+    """The markdown table of a report: per model and library, the ratios or why it did not prune."""
+    def cell(r):
+        if not r.get("pruned"):
+            return "not pruned: " + r.get("error", "no channel removed").split("\n")[0][:90].replace("|", "/")
+        shape = "" if r["output_shape_kept"] else ", **output shape changed**"
+        return f"{r['params_ratio']:.3f} / {r['macs_ratio']:.3f}{shape}"
+
+    rows = ["| model | input | pycompress params / MACs | Torch-Pruning params / MACs |", "|---|---|---|---|"]
+    for name, libs in report["models"].items():
+        size = next((r["input"] for r in libs.values() if "input" in r), "")
+        rows.append(f"| {name} | {size} | {cell(libs['pycompress'])} | {cell(libs['torch_pruning'])} |")
+    return "\n".join(rows)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="results/prune/zoo.json")
     parser.add_argument("--models", nargs="*", help="a subset of the model names (updates their rows in --out)")
     parser.add_argument("--libraries", nargs="*", default=list(LIBRARIES), choices=list(LIBRARIES))
+    parser.add_argument("--table", action="store_true", help="print the markdown table of --out and exit")
     args = parser.parse_args()
+    if args.table:
+        with open(args.out) as f:
+            print(table(json.load(f)))
+        return
     import torch_pruning
 
     report = {"torch": torch.__version__, "torchvision": torchvision.__version__,
