@@ -209,29 +209,49 @@ class CNBlock(nn.Module):
         return x + stochastic_depth(h, 0.1, "row", self.training)
 
 
+class LayerNorm2d(nn.LayerNorm):
+    """torchvision's channels-first LayerNorm: fx traces through it to ``F.layer_norm``."""
+
+    def forward(self, x):
+        x = x.permute(0, 2, 3, 1)
+        x = nn.functional.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
 class TinyConvNeXt(nn.Module):
     def __init__(self):
         super().__init__()
         self.stem = nn.Conv2d(3, 8, 2, 2)
-        self.stem_norm = nn.LayerNorm(8)
+        self.stem_norm = LayerNorm2d(8)
         self.block = CNBlock(8)
         self.head_norm = nn.LayerNorm(8)
         self.head = nn.Linear(8, 3)
 
     def forward(self, x):
-        x = self.stem_norm(self.stem(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-        x = self.block(x).mean((2, 3))
+        x = self.block(self.stem_norm(self.stem(x))).mean((2, 3))
         return self.head(self.head_norm(x))
 
 
-def test_permute_with_channels_last_layernorm_and_linear():
+def test_permute_with_channels_last_layernorm_and_linear(tmp_path):
     model = _randomize(TinyConvNeXt())
-    graph, _ = _prune_matches_masked(model, _x(2, 3, 8, 8), keep=0.7)
+    x = _x(2, 3, 8, 8)
+    graph = DependencyGraph(model, x)
+    # the layer scale (a parameter of the block) and the traced-through LayerNorm2d shrink with the trunk
+    trunk = graph.group_of("stem.out")
+    assert not trunk.locked and {"stem_norm.norm", "block.layer_scale.param"} <= {str(m) for m in trunk.members}
+    reference = masked_forward(graph, trunk.units[:2], x)
+    graph.remove(trunk.units[:2])
+    with torch.no_grad():
+        assert torch.allclose(model(x), reference, rtol=0, atol=1e-9)
+    assert model.block.layer_scale.shape == (6, 1, 1) and model.stem_norm.normalized_shape == (6,)
+    graph, _ = _prune_matches_masked(model, x, keep=0.7)
     mlp = graph.group_of("block.fc1.out")
     assert not mlp.locked and {str(m) for m in mlp.members} == {"block.fc1.out", "block.fc2.in"}
-    # the layer scale is a parameter of the block, not a layer: it locks the trunk it multiplies
-    assert graph.group_of("stem.out").locked and "layer_scale" in graph.group_of("stem.out").reason
-    assert model.block.fc1.out_features < 32
+    assert model.block.fc1.out_features < 24
+    torch.save(model.state_dict(), tmp_path / "sd.pt")
+    reloaded = load_pruned_state_dict(_randomize(TinyConvNeXt()), torch.load(tmp_path / "sd.pt", weights_only=True))
+    with torch.no_grad():
+        assert torch.equal(reloaded(x), model(x))
 
 
 def test_layernorm_over_the_channels_prunes_and_reloads():
@@ -598,3 +618,149 @@ def test_multihead_attention_module_prunes_the_same_dims_in_every_head(tmp_path)
     with torch.no_grad():
         assert torch.equal(reloaded(x), model(x))
         assert torch.allclose(exported.module()(x), model(x), atol=1e-9)
+
+
+# ------------------------------------------------------------------ parameters used as operands (ViT)
+class TinyViT(nn.Module):
+    """A ViT: patchify conv, class token concatenated on the token dim, position embedding added,
+    one pre-norm encoder block with nn.MultiheadAttention, the class token's features to the head."""
+
+    def __init__(self, dim=8, heads=2, patch=2, image=4):
+        super().__init__()
+        tokens = (image // patch) ** 2 + 1
+        self.conv_proj = nn.Conv2d(3, dim, patch, patch)
+        self.class_token = nn.Parameter(torch.randn(1, 1, dim))
+        self.pos_embedding = nn.Parameter(torch.randn(1, tokens, dim))
+        self.ln_1, self.attention = nn.LayerNorm(dim), nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.ln_2, self.fc1, self.fc2 = nn.LayerNorm(dim), nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim)
+        self.ln, self.head = nn.LayerNorm(dim), nn.Linear(dim, 3)
+
+    def forward(self, images):
+        x = self.conv_proj(images).flatten(2).transpose(1, 2)
+        x = torch.cat([self.class_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embedding
+        y = self.ln_1(x)
+        x = x + self.attention(y, y, y, need_weights=False)[0]
+        x = x + self.fc2(nn.functional.gelu(self.fc1(self.ln_2(x))))
+        return self.head(self.ln(x)[:, 0])
+
+
+def test_vit_trunk_shrinks_its_class_token_and_position_embedding(tmp_path):
+    model = _randomize(TinyViT())
+    x = _x(2, 3, 4, 4)
+    graph = DependencyGraph(model, x)
+    trunk = graph.group_of("conv_proj.out")
+    assert not trunk.locked
+    assert {"class_token.param", "pos_embedding.param", "attention.embed"} <= {str(m) for m in trunk.members}
+    assert len(trunk) == 4  # one unit: the same position of both heads
+    reference = masked_forward(graph, trunk.units[:1], x)
+    graph.remove(trunk.units[:1])
+    with torch.no_grad():
+        assert torch.allclose(model(x), reference, rtol=0, atol=1e-9)
+    _prune_matches_masked(model, x, keep=0.7)
+    mha, width = model.attention, model.conv_proj.out_channels
+    assert width < 8 and mha.embed_dim == width == mha.head_dim * mha.num_heads
+    assert model.class_token.shape == (1, 1, width) and model.pos_embedding.shape == (1, 5, width)
+    torch.save(model.state_dict(), tmp_path / "sd.pt")
+    reloaded = load_pruned_state_dict(_randomize(TinyViT()), torch.load(tmp_path / "sd.pt", weights_only=True))
+    exported = torch.export.export(model, (x,))
+    with torch.no_grad():
+        assert torch.equal(reloaded(x), model(x))
+        assert torch.allclose(exported.module()(x), model(x), atol=1e-9)
+
+
+def test_a_parameter_read_twice_or_through_other_ops_still_locks():
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.scale = nn.Conv2d(1, 4, 1), nn.Parameter(torch.ones(4, 1, 1))
+            self.b = nn.Conv2d(4, 2, 1)
+
+        def forward(self, x):
+            h = self.a(x) * self.scale
+            return self.b(h), self.scale.sum()  # the second read is not one the graph can shrink
+
+    graph = DependencyGraph(Shared(), torch.rand(1, 1, 4, 4))
+    assert graph.group_of("a.out").locked and "scale" in graph.group_of("a.out").reason
+
+
+# ------------------------------------------------------------------ Swin's window attention
+def window_attention(input, qkv_weight, proj_weight, relative_position_bias, window_size, num_heads, shift_size,
+                     attention_dropout=0.0, dropout=0.0, qkv_bias=None, proj_bias=None, logit_scale=None,
+                     training=True):
+    """torchvision's shifted_window_attention without the shift and padding (windows tile the map)."""
+    B, H, W, C = input.shape
+    ws, num_windows = window_size, (H // window_size[0]) * (W // window_size[1])
+    x = input.view(B, H // ws[0], ws[0], W // ws[1], ws[1], C).permute(0, 1, 3, 2, 4, 5).reshape(
+        B * num_windows, ws[0] * ws[1], C)
+    qkv = nn.functional.linear(x, qkv_weight, qkv_bias)
+    q, k, v = qkv.reshape(x.size(0), x.size(1), 3, num_heads, C // num_heads).permute(2, 0, 3, 1, 4)
+    attn = (q * (C // num_heads) ** -0.5).matmul(k.transpose(-2, -1)) + relative_position_bias
+    x = attn.softmax(-1).matmul(v).transpose(1, 2).reshape(x.size(0), x.size(1), C)
+    x = nn.functional.linear(x, proj_weight, proj_bias)
+    x = x.view(B, H // ws[0], W // ws[1], ws[0], ws[1], C).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(B, H, W, C)
+
+
+def patch_merging_pad(x):
+    """torchvision's _patch_merging_pad for even maps: the 2x2 neighbours concatenated on the channels."""
+    return torch.cat([x[..., 0::2, 0::2, :], x[..., 1::2, 0::2, :], x[..., 0::2, 1::2, :], x[..., 1::2, 1::2, :]], -1)
+
+
+torch.fx.wrap("window_attention")
+torch.fx.wrap("patch_merging_pad")
+
+
+class WindowAttention(nn.Module):
+    def __init__(self, dim, heads, window):
+        super().__init__()
+        self.heads, self.window = heads, [window, window]
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.position_bias = nn.Parameter(torch.randn(1, heads, window * window, window * window))
+
+    def forward(self, x):
+        return window_attention(x, self.qkv.weight, self.proj.weight, self.position_bias, self.window, self.heads,
+                                shift_size=[0, 0], qkv_bias=self.qkv.bias, proj_bias=self.proj.bias,
+                                training=self.training)
+
+
+class TinySwin(nn.Module):
+    def __init__(self, dim=8, heads=2):
+        super().__init__()
+        self.patch, self.patch_norm = nn.Conv2d(3, dim, 2, 2), nn.LayerNorm(dim)
+        self.norm1, self.attn = nn.LayerNorm(dim), WindowAttention(dim, heads, 2)
+        self.norm2, self.fc1, self.fc2 = nn.LayerNorm(dim), nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim)
+        self.merge_norm, self.reduction = nn.LayerNorm(4 * dim), nn.Linear(4 * dim, 2 * dim, bias=False)
+        self.head = nn.Linear(2 * dim, 3)
+
+    def forward(self, images):
+        x = self.patch_norm(self.patch(images).permute(0, 2, 3, 1))
+        x = x + self.attn(self.norm1(x))
+        x = x + self.fc2(nn.functional.gelu(self.fc1(self.norm2(x))))
+        x = self.reduction(self.merge_norm(patch_merging_pad(x)))
+        return self.head(x.mean((1, 2)))
+
+
+def test_swin_window_attention_prunes_the_same_dim_of_every_head(tmp_path):
+    from pycompress.prune.rules import PatchMergingPadRule, ShiftedWindowAttentionRule
+
+    register_rule(window_attention)(ShiftedWindowAttentionRule)  # the rules torchvision's functions have
+    register_rule(patch_merging_pad)(PatchMergingPadRule)
+    model = _randomize(TinySwin())
+    x = _x(2, 3, 8, 8)
+    graph = DependencyGraph(model, x)
+    trunk = graph.group_of("patch.out")
+    assert not trunk.locked and len(trunk) == 4
+    assert {"attn.qkv.in", "attn.qkv.out", "attn.proj.in", "attn.proj.out", "merge_norm.norm"} <= \
+        {str(m) for m in trunk.members}
+    qkv_out = next(m for m in trunk.members if str(m) == "attn.qkv.out")
+    assert trunk.indices[qkv_out][1] == [1, 5, 9, 13, 17, 21]  # dim 1 of both heads in q, k and v
+    reference = masked_forward(graph, trunk.units[:1], x)
+    graph.remove(trunk.units[:1])
+    with torch.no_grad():
+        assert torch.allclose(model(x), reference, rtol=0, atol=1e-9)
+    assert (model.attn.qkv.in_features, model.attn.qkv.out_features, model.reduction.in_features) == (6, 18, 24)
+    _prune_matches_masked(model, x, keep=0.8)
+    torch.save(model.state_dict(), tmp_path / "sd.pt")
+    reloaded = load_pruned_state_dict(_randomize(TinySwin()), torch.load(tmp_path / "sd.pt", weights_only=True))
+    with torch.no_grad():
+        assert torch.equal(reloaded(x), model(x))

@@ -362,7 +362,7 @@ class TaylorWeight(Criterion):
                 continue
             for m in g.members:
                 for pname in ("weight", "bias"):
-                    t = getattr(mods[m.module], pname, None)
+                    t = getattr(mods.get(m.module), pname, None)  # a parameter member has no module
                     if isinstance(t, nn.Parameter) and t.requires_grad and not (m.kind == "in" and pname == "bias"):
                         params[(m.module, pname)] = t
         if not params:

@@ -192,6 +192,7 @@ class DependencyGraph:
         self._member_atoms: Dict[Member, List[int]] = {}
         self._info: Dict[str, object] = {}
         self._modules: Dict[str, Tuple[nn.Module, torch.fx.Node]] = {}
+        self._parameters: Dict[str, Tuple[int, torch.fx.Node]] = {}  # tensors shrunk as members: (dim, reader)
         self._rules: Dict[str, object] = {}
         for node in self.gm.graph.nodes:
             self._info[node.name] = self._visit(node)
@@ -278,6 +279,25 @@ class DependencyGraph:
                             "but no layer pruner: register one (pycompress.prune.pruners.register_pruner)")
         self._member_atoms[Member(module, kind)] = list(atoms)
 
+    def add_owned_member(self, module: str, kind: str, atoms: List[int], node: torch.fx.Node):
+        """:meth:`add_member` for a layer fx traced through (a ``LayerNorm`` subclass calling
+        ``F.layer_norm`` on its own weight): ``node`` is the call that reads its tensors."""
+        layer = self.model.get_submodule(module)
+        if pruner_for(layer) is None:
+            raise TypeError(f"{type(layer).__name__} ('{module}') has prunable channels but no layer pruner")
+        self._modules.setdefault(module, (layer, node))
+        self._member_atoms[Member(module, kind)] = list(atoms)
+
+    def add_parameter_member(self, node: torch.fx.Node, dim: int, atoms: List[int]):
+        """Declares that dim ``dim`` of the parameter or buffer a ``get_attr`` node reads holds
+        ``atoms`` (a layer scale, a class token, a position embedding): it shrinks with them."""
+        member = Member(node.target, "param")
+        if member in self._member_atoms:  # read at several places: the same channels each time
+            self.union_all(self._member_atoms[member], atoms)
+            return
+        self._parameters[node.target] = (dim, node)
+        self._member_atoms[member] = list(atoms)
+
     def member_size(self, member: "Member") -> int:
         """The size of a member dimension when the graph was traced."""
         return len(self._member_atoms[member])
@@ -337,7 +357,8 @@ class DependencyGraph:
     def _build_groups(self):
         per_unit: Dict[int, Dict[Member, List[int]]] = {}
         order: Dict[int, int] = {}
-        pos = {n.target: i for i, n in enumerate(self.gm.graph.nodes) if n.op == "call_module"}
+        at = {n: i for i, n in enumerate(self.gm.graph.nodes)}
+        pos = {name: at[node] for name, (_, node) in list(self._modules.items()) + list(self._parameters.items())}
         for member in sorted(self._member_atoms, key=lambda m: (pos[m.module], m.kind != "in")):
             for idx, atom in enumerate(self._member_atoms[member]):
                 r = self.find(atom)
@@ -402,6 +423,10 @@ class DependencyGraph:
         for m, idx in removal.items():
             by_module.setdefault(m.module, {})[m.kind] = idx
         for name, kinds in by_module.items():
+            if name in self._parameters:
+                _shrink_tensor(self.model, name, self._parameters[name][0],
+                               _keep(self.member_size(Member(name, "param")), kinds["param"]))
+                continue
             module = self._modules[name][0]
             for kind, idx in kinds.items():
                 size = len(self._member_atoms[Member(name, kind)])
@@ -431,7 +456,29 @@ class DependencyGraph:
             new_params, macs = pruner.cost(m, shape, removed.get(name, {}))
             params += new_params - sum(p.numel() for p in m.parameters(recurse=False))
             flops += macs
+        for name, (dim, _) in self._parameters.items():
+            t = _tensor_of(self.model, name)
+            if isinstance(t, nn.Parameter):
+                params -= t.numel() // t.shape[dim] * removed.get(name, {}).get("param", 0)
         return params, flops
+
+
+def _tensor_of(model: nn.Module, name: str) -> torch.Tensor:
+    owner, _, attr = name.rpartition(".")
+    return getattr(model.get_submodule(owner), attr)
+
+
+def _shrink_tensor(model: nn.Module, name: str, dim: int, keep: torch.Tensor):
+    """Keeps ``keep`` along ``dim`` of the parameter or buffer ``name`` of ``model``, in place."""
+    _replace_tensor(model, name, _tensor_of(model, name).detach().index_select(dim, keep).clone())
+
+
+def _replace_tensor(model: nn.Module, name: str, data: torch.Tensor):
+    """Sets the parameter or buffer ``name`` of ``model`` to ``data``, keeping its kind."""
+    owner, _, attr = name.rpartition(".")
+    module, old = model.get_submodule(owner), _tensor_of(model, name)
+    setattr(module, attr, nn.Parameter(data, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter)
+            else data)
 
 
 def _keep(size: int, removed: List[int]) -> torch.Tensor:
@@ -534,6 +581,15 @@ def load_pruned_state_dict(model: nn.Module, state_dict: Dict[str, torch.Tensor]
                              f"{current} (a pruned model can only be smaller)")
         if shape != current:
             pruner.shrink(m, pruner.saved_keep(m, shape))
+    owned = {id(t) for m in model.modules() if pruner_for(m) is not None
+             for t in list(m.parameters(recurse=False)) + list(m.buffers(recurse=False))}
+    for key, saved in state_dict.items():  # tensors shrunk as members of their own (a class token)
+        try:
+            t = _tensor_of(model, key)
+        except AttributeError:
+            continue
+        if isinstance(t, torch.Tensor) and id(t) not in owned and t.dim() == saved.dim() and t.shape != saved.shape:
+            _replace_tensor(model, key, t.new_zeros(saved.shape))  # the values are loaded just below
     model.load_state_dict(state_dict, strict=strict)
     if example_inputs is not None:
         _check_shapes_fit(model, example_tuple(example_inputs))

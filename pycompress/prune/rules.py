@@ -189,12 +189,16 @@ class LayerNormRule(Rule):
         info = masker.dependencies.channels(node.args[0])
         if len(m.normalized_shape) != 1 or info.axis != x.dim() - 1:
             return masker.run_unmasked(node, args, kwargs)
-        kept = masker.keep(info).nonzero().flatten()
-        out = torch.zeros_like(x)
-        w = None if m.weight is None else m.weight[kept]
-        b = None if m.bias is None else m.bias[kept]
-        out[..., kept] = F.layer_norm(x[..., kept], (len(kept),), w, b, m.eps)
-        return out
+        return _layer_norm_over_kept(x, masker.keep(info).nonzero().flatten(), m.weight, m.bias, m.eps)
+
+
+def _layer_norm_over_kept(x, kept, weight, bias, eps):
+    """What a LayerNorm over the last axis, pruned to the ``kept`` positions, computes (zeros elsewhere)."""
+    out = torch.zeros_like(x)
+    w = None if weight is None else weight[kept]
+    b = None if bias is None else bias[kept]
+    out[..., kept] = F.layer_norm(x[..., kept], (len(kept),), w, b, eps)
+    return out
 
 
 @register_rule(nn.MultiheadAttention)
@@ -319,7 +323,7 @@ class ElementwiseRule(Rule):
             if shape is None or isinstance(graph.channels(a), graph.Channels):
                 continue
             ax = axis - (out_ndim - len(shape))
-            if 0 <= ax < len(shape) and shape[ax] != 1:
+            if 0 <= ax < len(shape) and shape[ax] != 1 and not adopt_parameter(graph, a, axis - out_ndim, first.atoms):
                 graph.lock(first.atoms, f"combined in node '{node.name}' with '{a.name}', whose channels are not "
                                         "traced")
         return graph.Channels(axis, first.atoms)
@@ -515,6 +519,7 @@ class CatRule(Rule):
             if len(c.atoms) != len(traced[0].atoms):
                 graph.refuse(node, "inputs carry different channel counts")
             graph.union_all(traced[0].atoms, c.atoms)
+        untraced = [t for t in untraced if not adopt_parameter(graph, t, axis - ndim, traced[0].atoms)]
         if untraced:
             graph.lock(traced[0].atoms, f"concatenated in node '{node.name}' with '{untraced[0].name}', whose "
                                         "channels are not traced")
@@ -687,3 +692,149 @@ class ScaledDotProductAttentionRule(Rule):
         kept = masker.keep(q_info).nonzero().flatten()
         q, k = args[0][..., kept], args[1][..., kept]
         return F.scaled_dot_product_attention(q, k, *args[2:], **kwargs)
+
+
+# ---------------------------------------------------------------------------- parameters used as operands
+# A parameter read in the forward (ConvNeXt's layer scale, ViT's class token and position embedding)
+# is shrunk with the channels it meets, as a member of its own, instead of locking them.
+_PASS_TO_OPERAND = ("expand", "expand_as", "contiguous", "clone", "to", "type_as")
+
+
+def adopt_parameter(graph, operand, axis: int, atoms) -> bool:
+    """Makes the parameter behind the untraced ``operand`` a member holding ``atoms`` on its dim
+    ``axis`` (counted from the right, as broadcasting aligns dims). It may reach the operand through
+    ``expand`` and casts. False, with nothing changed, for anything else: an operand computed from
+    the parameter in another way, a parameter read elsewhere too, or a size that does not match."""
+    node = operand
+    while isinstance(node, torch.fx.Node) and node.op == "call_method" and node.target in _PASS_TO_OPERAND:
+        if node.target == "expand" and _arg(node, len(graph.shape(node)) + axis + 1, "size", -1) != -1:
+            return False  # the channel dim is expanded to a size written in the code
+        if len(node.users) != 1:
+            return False
+        node = node.args[0]
+    if not (isinstance(node, torch.fx.Node) and node.op == "get_attr" and len(node.users) == 1):
+        return False
+    tensor = _attr(graph.gm, node.target)
+    if not isinstance(tensor, torch.Tensor) or -axis > tensor.dim() or tensor.shape[axis] != len(atoms):
+        return False
+    graph.add_parameter_member(node, tensor.dim() + axis, atoms)
+    return True
+
+
+def _attr(module: nn.Module, target: str):
+    for part in target.split("."):
+        module = getattr(module, part, None)
+    return module
+
+
+@register_rule(F.layer_norm)
+class FunctionalLayerNormRule(Rule):
+    """``F.layer_norm`` over the last axis, called by a LayerNorm subclass fx traced through
+    (torchvision's channels-first ``LayerNorm2d`` permutes, normalises, permutes back): the
+    channels are that module's ``norm`` member, so its ``normalized_shape`` shrinks with them.
+    Over another axis it acts on each channel alone; any other caller locks the channels (its
+    ``normalized_shape`` is written in the code)."""
+
+    def propagate(self, graph, node):
+        x = graph.input_channels(node)
+        shape = _arg(node, 1, "normalized_shape")
+        if x.axis < len(graph.shape(node)) - len(shape):
+            return x
+        weight, bias = _arg(node, 2, "weight"), _arg(node, 3, "bias")
+        owner = weight.target.rpartition(".")[0] if isinstance(weight, torch.fx.Node) and \
+            weight.op == "get_attr" else None
+        layer = owner is not None and graph.model.get_submodule(owner)
+        if len(shape) == 1 and isinstance(layer, nn.LayerNorm) and weight.target == f"{owner}.weight" and (
+                bias is None or getattr(bias, "target", None) == f"{owner}.bias"):
+            graph.add_owned_member(owner, "norm", x.atoms, node)
+        else:
+            graph.lock(x.atoms, f"node '{node.name}' normalises over a shape written in the code")
+        return x
+
+    def run_masked(self, masker, node, args, kwargs):
+        info = masker.dependencies.channels(node.args[0])
+        x = args[0]
+        if info.axis != x.dim() - 1:
+            return masker.run_unmasked(node, args, kwargs)
+        w = args[2] if len(args) > 2 else kwargs.get("weight")
+        b = args[3] if len(args) > 3 else kwargs.get("bias")
+        eps = args[4] if len(args) > 4 else kwargs.get("eps", 1e-5)
+        return _layer_norm_over_kept(x, masker.keep(info).nonzero().flatten(), w, b, eps)
+
+
+# ---------------------------------------------------------------------------- Swin (torchvision)
+def _owner(graph, tensor_node, kind=nn.Linear) -> Optional[str]:
+    """The layer of type ``kind`` whose ``weight`` or ``bias`` a get_attr node reads, else None."""
+    if not (isinstance(tensor_node, torch.fx.Node) and tensor_node.op == "get_attr"):
+        return None
+    owner, _, attr = tensor_node.target.rpartition(".")
+    return owner if attr in ("weight", "bias") and isinstance(graph.model.get_submodule(owner), kind) else None
+
+
+@register_rule("torchvision.models.swin_transformer._patch_merging_pad")
+class PatchMergingPadRule(Rule):
+    """Swin's patch merging: the four 2x2 neighbours concatenated on the (last) channel dim."""
+
+    def propagate(self, graph, node):
+        x = graph.input_channels(node)
+        if x.axis != len(graph.shape(node)) - 1:
+            graph.refuse(node, "patch merging expects the channels on the last dim")
+        return graph.Channels(x.axis, x.atoms * 4)
+
+
+@register_rule("torchvision.models.swin_transformer.shifted_window_attention")
+class ShiftedWindowAttentionRule(Rule):
+    """torchvision's Swin attention, one opaque function of the block input ``(B, H, W, C)`` and
+    the weights of its ``qkv`` and ``proj`` Linear layers. It splits qkv into ``num_heads`` heads of
+    ``C // num_heads`` dims, C read from its input: so the input channels, qkv's rows (q, k and v of
+    every head) and proj's rows and columns are one set, position ``j`` of every head coupled.
+    Removing one unit removes dim ``j`` of every head everywhere, and the head dim stays
+    ``C // num_heads``. The masked reference runs the function on the kept channels and rows."""
+
+    _QKV, _PROJ = (1, "qkv_weight"), (2, "proj_weight")
+    _BIASES = (9, "qkv_bias"), (10, "proj_bias")
+
+    def _layers(self, graph, node):
+        (qkv_w, proj_w), (qkv_b, proj_b) = [[_arg(node, i, n) for i, n in pair]
+                                            for pair in ((self._QKV, self._PROJ), self._BIASES)]
+        qkv, proj = _owner(graph, qkv_w), _owner(graph, proj_w)
+        biases_match = all(b is None or _owner(graph, b) == owner for b, owner in ((qkv_b, qkv), (proj_b, proj)))
+        return (qkv, proj) if qkv and proj and biases_match and _arg(node, 11, "logit_scale") is None else None
+
+    def propagate(self, graph, node):
+        x = graph.input_channels(node)
+        heads, c = _arg(node, 5, "num_heads"), len(x.atoms)
+        layers = self._layers(graph, node)
+        if x.axis != len(graph.shape(node)) - 1 or not isinstance(heads, int) or c % heads or layers is None:
+            graph.lock(x.atoms, f"node '{node.name}' is not a shifted window attention over its own qkv and "
+                                "proj Linear layers (or is Swin V2's cosine attention)")
+            return x
+        qkv, proj = layers
+        head_dim = c // heads
+        for h in range(1, heads):
+            graph.union_all(x.atoms[:head_dim], x.atoms[h * head_dim:(h + 1) * head_dim])
+        graph.add_owned_member(qkv, "in", x.atoms, node)
+        graph.add_owned_member(qkv, "out", x.atoms * 3, node)  # (3, heads, head_dim) rows, as the code splits them
+        graph.add_owned_member(proj, "in", x.atoms, node)
+        graph.add_owned_member(proj, "out", x.atoms, node)
+        return x
+
+    def run_masked(self, masker, node, args, kwargs):
+        info = masker.dependencies.channels(node.args[0])
+        if self._layers(masker.dependencies, node) is None or info.axis != args[0].dim() - 1:
+            return masker.run_unmasked(node, args, kwargs)
+        kept = masker.keep(info).nonzero().flatten()
+        rows = torch.cat([kept + i * len(info.atoms) for i in range(3)])
+        slices = {self._QKV: lambda w: w[rows][:, kept], self._PROJ: lambda w: w[kept][:, kept],
+                  self._BIASES[0]: lambda b: b[rows], self._BIASES[1]: lambda b: b[kept]}
+        args, kwargs = list(args), dict(kwargs)
+        args[0] = args[0][..., kept]
+        for (i, name), cut in slices.items():
+            if len(args) > i and args[i] is not None:
+                args[i] = cut(args[i])
+            elif kwargs.get(name) is not None:
+                kwargs[name] = cut(kwargs[name])
+        out = node.target(*args, **kwargs)
+        full = out.new_zeros(out.shape[:-1] + (len(info.atoms),))
+        full[..., kept] = out
+        return full
