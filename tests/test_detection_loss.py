@@ -249,3 +249,15 @@ def test_bad_inputs(change, error, name):
 def test_module_rejects_bad_anchors():
     with pytest.raises(ValueError, match="anchors"):
         DetectionDistillLoss(torch.ones(3))
+
+
+def test_double_backward_is_refused_naming_the_op():
+    torch.manual_seed(0)
+    B, A, C, H, W = 1, 2, 3, 2, 2
+    student = torch.randn(B, A, 5 + C, H, W, requires_grad=True)
+    anchors = torch.tensor([[1.0, 1.0], [2.0, 1.5]])
+    cls = torch.full((B, A, H, W), -1, dtype=torch.int64)
+    box = torch.zeros(B, A, 4, H, W)
+    loss = detection_distill_loss(student, None, anchors, cls, box)
+    with pytest.raises(RuntimeError, match="detection_distill_loss: double backward"):
+        torch.autograd.grad(loss, student, create_graph=True)

@@ -8,6 +8,8 @@ and ``kd_loss_topk_triton``, made with ``torch.library.triton_op`` so that
 Public entry points: :func:`pycompress.kd_loss` and :class:`pycompress.KDLoss`.
 """
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
@@ -93,20 +95,24 @@ def differentiable_kd_loss(student, teacher, indices, target, temperature, diver
     return (row.sum() * scale.to(acc)).to(student.dtype)
 
 
-def _register_autograd(op: str, reduction_arg: int, n_args: int, topk: bool):
+def _register_autograd(op: str, reduction_arg: int, n_args: int, topk: Optional[bool] = None):
     """Autograd for a fused loss op returning (loss, d(loss)/d(arg 0)): backward scales the
-    saved gradient by the incoming one. No other argument receives a gradient. Under
-    ``create_graph=True`` the gradient is recomputed differentiably instead
-    (:func:`differentiable_kd_loss`), so second-order terms are not lost."""
+    saved gradient by the incoming one. No other argument receives a gradient. For the KD ops
+    (``topk`` given) a ``create_graph=True`` backward recomputes the gradient differentiably
+    (:func:`differentiable_kd_loss`), so second-order terms are not lost; other ops
+    (``topk=None``) refuse it with an error naming the op."""
 
     def setup_context(ctx, inputs, output):
         ctx.reduction = inputs[reduction_arg]
         ctx.student_shape = inputs[0].shape
         # The options after the tensors, for the differentiable recomputation.
-        ctx.options = inputs[4 if topk else 3:-1]
-        # References to the inputs, not copies: they are only read under create_graph.
-        tensors = inputs[:4] if topk else (inputs[0], inputs[1], None, inputs[2])
-        ctx.save_for_backward(output[1], *tensors)
+        if topk is None:
+            ctx.save_for_backward(output[1])
+        else:
+            ctx.options = inputs[4 if topk else 3:-1]
+            # References to the inputs, not copies: they are only read under create_graph.
+            tensors = inputs[:4] if topk else (inputs[0], inputs[1], None, inputs[2])
+            ctx.save_for_backward(output[1], *tensors)
         # The gradient output is a by-product, not a differentiable result. Without
         # these two lines autograd would materialise an N x V zero tensor as its
         # incoming gradient on every backward.
@@ -114,10 +120,14 @@ def _register_autograd(op: str, reduction_arg: int, n_args: int, topk: bool):
         ctx.set_materialize_grads(False)
 
     def backward(ctx, grad_loss, _grad_of_grad_output):
-        grad, student, teacher, indices, target = ctx.saved_tensors
+        grad = ctx.saved_tensors[0]
         if grad_loss is None:  # the loss was not used (grads are not materialised)
             return (None,) * n_args
+        if torch.is_grad_enabled() and topk is None:
+            raise RuntimeError(f"{op}: double backward (create_graph=True) is not supported; its gradient is a "
+                               "fused constant")
         if torch.is_grad_enabled():  # create_graph=True: a gradient that is itself differentiable
+            _, student, teacher, indices, target = ctx.saved_tensors
             temperature, divergence, beta, alpha, t2_scale, reduction, ignore_index, *tail = ctx.options
             with torch.enable_grad():
                 loss = differentiable_kd_loss(student, teacher, indices, target, temperature, divergence, beta,
