@@ -12,7 +12,7 @@ import pycompress
 transformers = pytest.importorskip("transformers", reason="the transformers integration needs transformers "
                                                           "(pip install -e '.[hf]')")
 from pycompress.integrations.transformers import (  # noqa: E402
-    DistillationTrainer, causal_lm_kd_loss, shifted_targets, teacher_topk)
+    DistillationTrainer, causal_lm_kd_loss, distillation_trainer, shifted_targets, teacher_topk)
 
 V = 61
 
@@ -160,6 +160,43 @@ def test_distillation_trainer_runs_two_steps(tmp_path):
     assert losses[0] == pytest.approx(first, rel=1e-3)
     assert losses[1] < losses[0]
     assert not torch.equal(student.lm_head.weight.detach(), before)
+
+
+def _word_tokenizer():
+    """A word-level tokenizer over V tokens built in code (no download): TRL's trainers need one for padding."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+
+    vocab = {f"t{i}": i for i in range(V - 1)} | {"<pad>": V - 1}
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel(vocab, unk_token="t0")),
+                                                pad_token="<pad>", eos_token="t1")
+
+
+def test_trl_sft_trainer_distils_through_the_fused_loss(tmp_path):
+    """TRL's SFTTrainer with only its loss replaced: same logged loss as the helper, and the student learns."""
+    trl = pytest.importorskip("trl", reason="the TRL recipe needs trl (pip install -e '.[hf]')")
+    datasets = pytest.importorskip("datasets")
+    student, teacher = _llama(16, 1, seed=0), _llama(24, 1, seed=1).eval()
+    input_ids = torch.randint(0, V - 1, (2, 9), generator=torch.Generator().manual_seed(3))
+    batch = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), labels=input_ids.clone())
+    first = causal_lm_kd_loss(student, teacher, batch, temperature=2.0, alpha=0.5).item()
+    args = trl.SFTConfig(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, learning_rate=1e-2,
+                         logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True)
+    trainer = distillation_trainer(trl.SFTTrainer)(
+        model=student, teacher_model=teacher, args=args, processing_class=_word_tokenizer(),
+        train_dataset=datasets.Dataset.from_dict({"input_ids": input_ids.tolist()}), temperature=2.0, alpha=0.5)
+    assert type(trainer).__name__ == "DistillationSFTTrainer" and isinstance(trainer, trl.SFTTrainer)
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert trainer.state.global_step == 2 and len(losses) == 2
+    assert losses[0] == pytest.approx(first, rel=1e-3)
+    assert losses[1] < losses[0]
+
+
+def test_distillation_trainer_is_one_class_per_base():
+    assert distillation_trainer(transformers.Trainer) is DistillationTrainer
+    with pytest.raises(TypeError, match="base must be"):
+        distillation_trainer(torch.nn.Module)
 
 
 # --- bad input ----------------------------------------------------------------------------------

@@ -4,13 +4,15 @@
 hidden states and hands those and the ``lm_head`` weights to
 :func:`pycompress.fused_linear_kd_loss`, so neither model's (tokens x vocabulary)
 logits are ever materialised. :class:`DistillationTrainer` is a
-``transformers.Trainer`` whose ``compute_loss`` is that helper.
+``transformers.Trainer`` whose ``compute_loss`` is that helper, and
+:func:`distillation_trainer` makes the same of any ``Trainer`` subclass, such as TRL's.
 
 transformers is imported lazily: ``import pycompress`` never needs it, and this
-module imports without it (only :class:`DistillationTrainer` requires it, when
-instantiated). See docs/transformers.md for when the fused loss equals the eager one.
+module imports without it (only the trainer classes require it, when built).
+See docs/transformers.md for when the fused loss equals the eager one.
 """
 
+import functools
 from typing import Mapping, Optional, Tuple, Union
 
 import torch
@@ -201,25 +203,36 @@ def causal_lm_kd_loss(student: torch.nn.Module, teacher: Union[torch.nn.Module, 
     return loss if num_items_in_batch is None else loss / num_items_in_batch
 
 
-def _trainer_class():
+@functools.lru_cache(maxsize=None)
+def distillation_trainer(base: type) -> type:
+    """Subclass a ``transformers.Trainer`` class so that its ``compute_loss`` is :func:`causal_lm_kd_loss`.
+
+    ``distillation_trainer(transformers.Trainer)`` is :class:`DistillationTrainer`;
+    ``distillation_trainer(trl.SFTTrainer)`` keeps TRL's dataset preparation, collator and
+    logging and only replaces the loss. One class is built per ``base``.
+
+    Args:
+        base: ``transformers.Trainer`` or a subclass of it.
+
+    Returns:
+        a class named ``"Distillation" + base.__name__`` whose constructor takes ``base``'s arguments plus
+        ``teacher_model`` and the keyword options of :func:`causal_lm_kd_loss` (``temperature``, ``alpha``,
+        ``divergence``, ``beta``, ``topk``, ``topk_tail``, ``chunk_size``).
+
+    Example:
+        >>> from trl import SFTConfig, SFTTrainer
+        >>> trainer = distillation_trainer(SFTTrainer)(model=student, teacher_model=teacher, args=SFTConfig(...),
+        ...                                            train_dataset=data, processing_class=tokenizer, alpha=0.5)
+        >>> trainer.train()
+    """
     from transformers import Trainer
 
-    class DistillationTrainer(Trainer):
-        """``transformers.Trainer`` that trains ``model`` to match ``teacher_model`` through
-        :func:`causal_lm_kd_loss`.
+    if not (isinstance(base, type) and issubclass(base, Trainer)):
+        raise TypeError(f"base must be transformers.Trainer or a subclass of it, got {base!r}")
 
-        Args:
-            teacher_model: a transformers causal LM with the student's vocabulary; moved to
-                the training device and put in eval mode.
-            temperature, alpha, divergence, beta, topk, topk_tail, chunk_size: as in
-                :func:`causal_lm_kd_loss`.
-            *args, **kwargs: those of ``transformers.Trainer``.
-
-        Example:
-            >>> trainer = DistillationTrainer(model=student, teacher_model=teacher, args=TrainingArguments(...),
-            ...                               train_dataset=data, temperature=2.0, alpha=0.5)
-            >>> trainer.train()
-        """
+    class Distillation(base):
+        __doc__ = (f"``{base.__module__}.{base.__name__}`` that trains ``model`` to match ``teacher_model`` "
+                   "through :func:`causal_lm_kd_loss`; built by :func:`distillation_trainer`.")
 
         def __init__(self, *args, teacher_model, temperature: float = 1.0, alpha: float = 0.5,
                      divergence: str = "forward_kl", beta: float = 0.5, topk: Optional[int] = None,
@@ -238,13 +251,14 @@ def _trainer_class():
                 loss = loss * self.accelerator.num_processes  # the count covers every process's tokens
             return (loss, {"loss": loss}) if return_outputs else loss
 
-    return DistillationTrainer
+    Distillation.__name__ = Distillation.__qualname__ = "Distillation" + base.__name__
+    return Distillation
 
 
 def __getattr__(name):
     # DistillationTrainer subclasses transformers.Trainer, so it is built on first access.
     if name == "DistillationTrainer":
-        cls = _trainer_class()
-        globals()[name] = cls
-        return cls
+        from transformers import Trainer
+
+        return distillation_trainer(Trainer)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
