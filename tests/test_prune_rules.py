@@ -465,6 +465,14 @@ def test_grouped_conv_prunes_the_same_positions_in_every_group(tmp_path):
     assert before.indices[next(m for m in before.members if str(m) == "blocks.0.conv2.in")][1] == [1, 5, 9]
     assert {"blocks.0.bn2.bn", "blocks.0.se_reduce.in", "blocks.0.se_expand.out", "blocks.0.conv3.in"} <= \
         {str(m) for m in after.members}
+    # a criterion reading the grouped conv's input columns scores unit k with column k of its filters
+    block, y = model.blocks[0], torch.tensor([0, 3])
+    params = [block.conv1.weight, block.bn1.weight, block.bn1.bias, block.conv2.weight]
+    grads = torch.autograd.grad(F.cross_entropy(model(x), y), params)
+    w1, bn_w, bn_b, w2 = [(p * g).detach().abs() for p, g in zip(params, grads)]
+    expected = torch.stack([w1[k::4].sum() + bn_w[k::4].sum() + bn_b[k::4].sum() + w2[:, k].sum() for k in range(4)])
+    scores = get_criterion("taylor_weight").scores(graph, [(x, y)])[graph.groups.index(before)]
+    assert torch.allclose(scores, expected, rtol=1e-9, atol=0)
     reference = masked_forward(graph, [before.units[1], after.units[2]], x)
     graph.remove([before.units[1], after.units[2]])
     with torch.no_grad():

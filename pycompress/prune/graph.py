@@ -26,8 +26,9 @@ Units that touch the same set of layer dimensions (the same *members*) form a
 :class:`Group`, e.g. ``conv1.out, bn1, conv2.in``. For a residual stage the
 group spans every conv output and every BN that feeds the adds; for a concat,
 the group of one branch carries that branch's channel offset in the consuming
-conv's input. Units that reach a graph input or output, an ignored layer or a
-grouped (non-depthwise) conv are *locked*: never pruned.
+conv's input. A grouped conv couples position k of each of its groups, so every
+group keeps the same number of channels. Units that reach a graph input or output
+or an ignored layer are *locked*: never pruned.
 
 Removing units rewrites the modules in place (new, smaller Parameters and
 buffers), each by the :mod:`pycompress.prune.pruners` entry of its type; the model stays an ordinary ``nn.Module`` of its own class, so it can
