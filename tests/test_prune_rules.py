@@ -833,10 +833,26 @@ def test_vit_width_written_as_an_attribute_follows_the_pruned_trunk(tmp_path):
         assert torch.allclose(exported.module()(x), model(x), atol=1e-9)
 
 
-def test_a_width_held_by_several_attributes_locks_and_says_which():
-    graph = DependencyGraph(TorchvisionViT(hidden_dim=8, mlp_dim=8), torch.rand(1, 3, 4, 4))
+class LiteralViT(TorchvisionViT):
+    """The width written as a literal in the code, held by no attribute."""
+
+    def __init__(self):
+        super().__init__()
+        del self.hidden_dim
+
+    def _process_input(self, x):
+        return self.conv_proj(x).reshape(x.shape[0], 8, 4).permute(0, 2, 1)
+
+
+@pytest.mark.parametrize("model, reason", [
+    (TorchvisionViT(hidden_dim=8, mlp_dim=8), "size 8 is hard-coded in node 'reshape' (attributes hidden_dim, mlp_dim "
+                                              "of the model all hold it)"),
+    (LiteralViT(), "(no int attribute of the model holds it)"),
+])
+def test_a_width_no_single_attribute_holds_locks_and_says_why(model, reason):
+    graph = DependencyGraph(model, torch.rand(1, 3, 4, 4))
     trunk = graph.group_of("conv_proj.out")
-    assert trunk.locked and "attributes hidden_dim, mlp_dim of the model all hold it" in trunk.reason
+    assert trunk.locked and reason in trunk.reason
     assert not graph.group_of("layers.0.mlp.0.out").locked  # the MLPs still prune
 
 

@@ -443,10 +443,9 @@ class ReshapeRule(Rule):
             stride = math.prod(in_shape[d] for d in dims_in if d > x.axis)
             atoms = [x.atoms[(p // stride) % len(x.atoms)] for p in range(math.prod(radix))]
             if axis in literal:
-                why = adopt_size_attribute(graph, node, literal[axis], x.atoms) if len(atoms) == len(x.atoms) \
-                    else "it counts merged positions"
-                if why:
-                    graph.lock(x.atoms, f"size {literal[axis]} is hard-coded in node '{node.name}' ({why})")
+                why = adopt_size_attribute(graph, node, literal[axis], x.atoms) if literal[axis].isdigit() else ""
+                if why is not None:
+                    graph.lock(x.atoms, f"size {literal[axis]} is hard-coded in node '{node.name}'{why}")
             return graph.Channels(axis, atoms)
         if dims_in != [x.axis]:
             graph.lock(x.atoms, f"reshape {in_shape} -> {out_shape} in node '{node.name}' mixes the channel dim "
@@ -470,17 +469,17 @@ def adopt_size_attribute(graph, node, size: str, atoms) -> Optional[str]:
     reshape (torchvision's ViT: ``x.reshape(n, self.hidden_dim, n_h * n_w)``, traced as the literal
     768). If exactly one public int attribute of that module equals the size, it becomes a ``size``
     member holding ``atoms``, set to the kept count when they are removed. Returns None when
-    adopted, else why not (for the lock reason)."""
-    if not size.isdigit() or int(size) != len(atoms):
-        return "not the channel count"
+    adopted, else why not (the end of the lock reason)."""
+    if int(size) != len(atoms):
+        return " (it counts merged positions, not channels)"
     stack = node.meta.get("nn_module_stack")
     owner = list(stack.values())[-1][0] if stack else ""
     module = graph.model.get_submodule(owner)
     names = [k for k, v in vars(module).items() if type(v) is int and v == int(size) and not k.startswith("_")]
     where = f"'{owner}'" if owner else "the model"
     if len(names) != 1:
-        return f"no int attribute of {where} holds it" if not names else \
-            f"attributes {', '.join(names)} of {where} all hold it"
+        return f" (no int attribute of {where} holds it)" if not names else \
+            f" (attributes {', '.join(names)} of {where} all hold it)"
     graph.add_size_member(owner, names[0], atoms, node)
     return None
 
