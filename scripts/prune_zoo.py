@@ -7,6 +7,7 @@ counter for both libraries). Needs an environment with torchvision and torch-pru
 results/prune/README.md); pycompress itself is pure Python here (no compiled extension needed).
 
     PYTHONPATH=. python scripts/prune_zoo.py --out results/prune/zoo.json
+    PYTHONPATH=. python scripts/prune_zoo.py --out results/prune/zoo.json --resume   # after an interruption
 """
 
 import argparse
@@ -107,6 +108,7 @@ def main():
     parser.add_argument("--out", default="results/prune/zoo.json")
     parser.add_argument("--models", nargs="*", help="a subset of the model names (updates their rows in --out)")
     parser.add_argument("--libraries", nargs="*", default=list(LIBRARIES), choices=list(LIBRARIES))
+    parser.add_argument("--resume", action="store_true", help="keep the rows already in --out and skip their models")
     parser.add_argument("--table", action="store_true", help="print the markdown table of --out and exit")
     args = parser.parse_args()
     if args.table:
@@ -118,11 +120,12 @@ def main():
     report = {"torch": torch.__version__, "torchvision": torchvision.__version__,
               "torch_pruning": torch_pruning.__version__, "criterion": "l1", "channels_removed": CHANNELS,
               "models": {}}
-    if args.models and os.path.exists(args.out):  # re-running a subset updates those rows only
+    if (args.models or args.resume) and os.path.exists(args.out):  # a subset or a resumed run updates rows only
         with open(args.out) as f:
             report["models"] = json.load(f)["models"]
+    done = set(report["models"]) if args.resume else set()
     for name, kwargs, size in MODELS:
-        if args.models and name not in args.models:
+        if (args.models and name not in args.models) or name in done:
             continue
         report["models"][name] = {lib: run_one(name, kwargs, size, lib) for lib in args.libraries}
         print(name, {lib: r.get("params_ratio", r.get("error", "")[:120]) for lib, r in report["models"][name].items()},

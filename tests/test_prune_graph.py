@@ -250,16 +250,18 @@ class HardCoded(nn.Module):
 def test_hard_coded_split_and_view_sizes_lock_their_channels():
     g = DependencyGraph(HardCoded(), torch.rand(1, 1, 2, 2))
     assert g.group_of("a.out").locked and "split sizes are hard-coded" in g.group_of("a.out").reason
-    assert g.group_of("c.out").locked and "hard-coded in node 'view'" in g.group_of("c.out").reason
+    assert g.group_of("c.out").locked and "hard-coded in node 'view' (it counts merged positions" in \
+        g.group_of("c.out").reason
     assert not g.group_of("b.out").locked
 
 
-def test_grouped_conv_is_locked_not_broken():
+def test_grouped_conv_couples_each_position_of_its_groups():
     model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, groups=2),
                           nn.ReLU(), nn.Conv2d(8, 4, 1))
     g = DependencyGraph(model, torch.rand(1, 1, 6, 6))
-    assert g.group_of("0.out").locked and "grouped conv" in g.group_of("0.out").reason
-    assert g.group_of("4.in").locked
+    assert [idx for m, idx in g.group_of("0.out").indices.items() if str(m) == "2.in"] == [[[0, 4], [1, 5],
+                                                                                              [2, 6], [3, 7]]]
+    assert not g.group_of("4.in").locked and g.group_of("4.in") is g.group_of("2.out")
 
 
 # ------------------------------------------------------------------ refusals (one per bad input)

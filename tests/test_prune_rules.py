@@ -422,6 +422,92 @@ def test_channel_shuffle_prunes_the_same_positions_in_every_group():
     _prune_matches_masked(model, x, keep=0.7)
 
 
+# ------------------------------------------------------------------ grouped convs (ResNeXt, RegNet)
+class ResNeXtBlock(nn.Module):
+    """torchvision's ResNeXt bottleneck (a grouped 3x3 between two 1x1) with RegNet-Y's
+    squeeze-and-excitation after the grouped conv."""
+
+    def __init__(self, cin=8, width=12, groups=3, cout=8):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(cin, width, 1, bias=False), nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, 1, 1, groups=groups, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.se_reduce, self.se_expand = nn.Conv2d(width, 4, 1), nn.Conv2d(4, width, 1)
+        self.conv3, self.bn3 = nn.Conv2d(width, cout, 1, bias=False), nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        scale = torch.sigmoid(self.se_expand(self.relu(self.se_reduce(out.mean((2, 3), keepdim=True)))))
+        return self.relu(self.bn3(self.conv3(out * scale)) + x)
+
+
+class TinyResNeXt(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, 1, 1)
+        self.blocks = nn.Sequential(ResNeXtBlock(), ResNeXtBlock(width=16, groups=4))
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        return self.fc(self.blocks(self.stem(x)).mean((2, 3)))
+
+
+def test_grouped_conv_prunes_the_same_positions_in_every_group(tmp_path):
+    model = _randomize(TinyResNeXt())
+    x = _x(2, 3, 6, 6)
+    graph = DependencyGraph(model, x)
+    before, after = graph.group_of("blocks.0.conv2.in"), graph.group_of("blocks.0.conv2.out")
+    assert before is not after and not before.locked and not after.locked
+    # 12 channels in 3 groups of 4: a unit is position k of every group, on each side separately
+    assert len(before) == len(after) == 4
+    assert before.indices[next(m for m in before.members if str(m) == "blocks.0.conv2.in")][1] == [1, 5, 9]
+    assert {"blocks.0.bn2.bn", "blocks.0.se_reduce.in", "blocks.0.se_expand.out", "blocks.0.conv3.in"} <= \
+        {str(m) for m in after.members}
+    # a criterion reading the grouped conv's input columns scores unit k with column k of its filters
+    block, y = model.blocks[0], torch.tensor([0, 3])
+    params = [block.conv1.weight, block.bn1.weight, block.bn1.bias, block.conv2.weight]
+    grads = torch.autograd.grad(F.cross_entropy(model(x), y), params)
+    w1, bn_w, bn_b, w2 = [(p * g).detach().abs() for p, g in zip(params, grads)]
+    expected = torch.stack([w1[k::4].sum() + bn_w[k::4].sum() + bn_b[k::4].sum() + w2[:, k].sum() for k in range(4)])
+    scores = get_criterion("taylor_weight").scores(graph, [(x, y)])[graph.groups.index(before)]
+    assert torch.allclose(scores, expected, rtol=1e-9, atol=0)
+    reference = masked_forward(graph, [before.units[1], after.units[2]], x)
+    graph.remove([before.units[1], after.units[2]])
+    with torch.no_grad():
+        assert torch.allclose(model(x), reference, rtol=0, atol=1e-9)
+    conv = model.blocks[0].conv2
+    assert (conv.in_channels, conv.out_channels, conv.groups, tuple(conv.weight.shape[:2])) == (9, 9, 3, (9, 3))
+    _prune_matches_masked(model, x, keep=0.6)
+    for block in model.blocks:
+        c = block.conv2
+        assert c.groups in (3, 4) and c.in_channels % c.groups == 0 and c.out_channels % c.groups == 0
+    torch.save(model.state_dict(), tmp_path / "sd.pt")
+    reloaded = load_pruned_state_dict(_randomize(TinyResNeXt()), torch.load(tmp_path / "sd.pt", weights_only=True),
+                                      example_inputs=x)
+    exported = torch.export.export(model, (x,))
+    with torch.no_grad():
+        assert torch.equal(reloaded(x), model(x))
+        assert torch.allclose(exported.module()(x), model(x), atol=1e-9)
+
+
+def test_grouped_conv_with_one_channel_per_group_locks_that_side():
+    # a depthwise conv with a channel multiplier: one input channel per group, two outputs
+    model = nn.Sequential(nn.Conv2d(1, 4, 1), nn.ReLU(), nn.Conv2d(4, 8, 3, padding=1, groups=4), nn.ReLU(),
+                          nn.Conv2d(8, 2, 1)).double()
+    x = _x(1, 1, 5, 5)
+    graph = DependencyGraph(model, x)
+    assert graph.group_of("0.out").locked and "'2' has one input channel per group" in graph.group_of("0.out").reason
+    outputs = graph.group_of("2.out")
+    assert not outputs.locked and len(outputs) == 2
+    reference = masked_forward(graph, outputs.units[:1], x)
+    graph.remove(outputs.units[:1])
+    with torch.no_grad():
+        assert torch.allclose(model(x), reference, rtol=0, atol=1e-9)
+    assert (model[2].out_channels, model[2].groups, model[4].in_channels) == (4, 4, 4)
+
+
 # ------------------------------------------------------------------ detectors (issue 14 stand-ins)
 def space_to_depth(x):
     """YOLOv2's passthrough (reorg): (B, C, H, W) -> (B, 4C, H/2, W/2)."""
@@ -666,6 +752,108 @@ def test_vit_trunk_shrinks_its_class_token_and_position_embedding(tmp_path):
     with torch.no_grad():
         assert torch.equal(reloaded(x), model(x))
         assert torch.allclose(exported.module()(x), model(x), atol=1e-9)
+
+
+class ViTEncoderBlock(nn.Module):
+    """torchvision's EncoderBlock."""
+
+    def __init__(self, heads, hidden_dim, mlp_dim):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(hidden_dim)
+        self.self_attention = nn.MultiheadAttention(hidden_dim, heads, batch_first=True)
+        self.dropout = nn.Dropout(0.1)
+        self.ln_2 = nn.LayerNorm(hidden_dim)
+        self.mlp = nn.Sequential(nn.Linear(hidden_dim, mlp_dim), nn.GELU(), nn.Dropout(0.1),
+                                 nn.Linear(mlp_dim, hidden_dim), nn.Dropout(0.1))
+
+    def forward(self, input):
+        torch._assert(input.dim() == 3, f"Expected (batch_size, seq_length, hidden_dim) got {input.shape}")
+        x = self.ln_1(input)
+        x, _ = self.self_attention(x, x, x, need_weights=False)
+        x = self.dropout(x) + input
+        return x + self.mlp(self.ln_2(x))
+
+
+class TorchvisionViT(nn.Module):
+    """torchvision's VisionTransformer in miniature, written as there: the patch embedding is
+    reshaped with the width as an int attribute (``reshape(n, self.hidden_dim, n_h * n_w)``,
+    which fx traces as a literal), the class token expanded and concatenated, the position
+    embedding added in the encoder."""
+
+    def __init__(self, image_size=4, patch_size=2, hidden_dim=8, mlp_dim=16, heads=2, num_classes=3):
+        super().__init__()
+        self.image_size, self.patch_size, self.hidden_dim, self.mlp_dim = image_size, patch_size, hidden_dim, mlp_dim
+        self.conv_proj = nn.Conv2d(3, hidden_dim, patch_size, patch_size)
+        self.class_token = nn.Parameter(torch.randn(1, 1, hidden_dim))
+        self.pos_embedding = nn.Parameter(torch.randn(1, (image_size // patch_size) ** 2 + 1, hidden_dim))
+        self.layers = nn.Sequential(ViTEncoderBlock(heads, hidden_dim, mlp_dim), ViTEncoderBlock(heads, hidden_dim,
+                                                                                                 mlp_dim))
+        self.ln = nn.LayerNorm(hidden_dim)
+        self.heads = nn.Sequential(nn.Linear(hidden_dim, num_classes))
+
+    def _process_input(self, x):
+        n, c, h, w = x.shape
+        p = self.patch_size
+        torch._assert(h == self.image_size, f"Wrong image height! Expected {self.image_size} but got {h}!")
+        x = self.conv_proj(x)
+        x = x.reshape(n, self.hidden_dim, (h // p) * (w // p))
+        return x.permute(0, 2, 1)
+
+    def forward(self, x):
+        x = self._process_input(x)
+        x = torch.cat([self.class_token.expand(x.shape[0], -1, -1), x], dim=1)
+        x = self.ln(self.layers(x + self.pos_embedding))
+        return self.heads(x[:, 0])
+
+
+def test_vit_width_written_as_an_attribute_follows_the_pruned_trunk(tmp_path):
+    model = _randomize(TorchvisionViT())
+    x = _x(2, 3, 4, 4)
+    graph = DependencyGraph(model, x)
+    trunk = graph.group_of("conv_proj.out")
+    assert not trunk.locked and "hidden_dim.size" in {str(m) for m in trunk.members}
+    assert len(trunk) == 4  # the same dim of both heads
+    reference = masked_forward(graph, trunk.units[:1], x)
+    graph.remove(trunk.units[:1])
+    with torch.no_grad():
+        assert torch.allclose(model(x), reference, rtol=0, atol=1e-9)
+    _prune_matches_masked(model, x, keep=0.7)
+    width = model.conv_proj.out_channels
+    assert width < 8 and model.hidden_dim == width and model.mlp_dim == 16
+    for block in model.layers:
+        mha = block.self_attention
+        assert mha.embed_dim == width == mha.head_dim * mha.num_heads and mha.num_heads == 2
+    torch.save(model.state_dict(), tmp_path / "sd.pt")
+    reloaded = load_pruned_state_dict(_randomize(TorchvisionViT()), torch.load(tmp_path / "sd.pt", weights_only=True),
+                                      example_inputs=x)
+    assert reloaded.hidden_dim == width
+    exported = torch.export.export(model, (x,))
+    with torch.no_grad():
+        assert torch.equal(reloaded(x), model(x))
+        assert torch.allclose(exported.module()(x), model(x), atol=1e-9)
+
+
+class LiteralViT(TorchvisionViT):
+    """The width written as a literal in the code, held by no attribute."""
+
+    def __init__(self):
+        super().__init__()
+        del self.hidden_dim
+
+    def _process_input(self, x):
+        return self.conv_proj(x).reshape(x.shape[0], 8, 4).permute(0, 2, 1)
+
+
+@pytest.mark.parametrize("model, reason", [
+    (TorchvisionViT(hidden_dim=8, mlp_dim=8), "size 8 is hard-coded in node 'reshape' (attributes hidden_dim, mlp_dim "
+                                              "of the model all hold it)"),
+    (LiteralViT(), "(no int attribute of the model holds it)"),
+])
+def test_a_width_no_single_attribute_holds_locks_and_says_why(model, reason):
+    graph = DependencyGraph(model, torch.rand(1, 3, 4, 4))
+    trunk = graph.group_of("conv_proj.out")
+    assert trunk.locked and reason in trunk.reason
+    assert not graph.group_of("layers.0.mlp.0.out").locked  # the MLPs still prune
 
 
 def test_a_parameter_read_twice_or_through_other_ops_still_locks():

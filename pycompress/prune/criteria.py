@@ -53,7 +53,18 @@ def _weight_slices(graph: DependencyGraph, group: Group, kinds, param: str = "we
         if t is None:
             continue
         dim = 1 if m.kind == "in" else 0
-        yield m, t, group.indices[m], dim
+        yield m, t, _weight_indices(mod, m, group.indices[m]), dim
+
+
+def _weight_indices(module: nn.Module, member, idx_lists):
+    """Per unit, the indices of ``member`` along its weight's dim. They are the member's own, except
+    for a grouped conv's input channels: its weight holds ``in_channels / groups`` columns, and a
+    unit (position k of every group) is column k of every filter."""
+    groups = getattr(module, "groups", 1)
+    if member.kind != "in" or groups == 1:
+        return idx_lists
+    per_group = module.in_channels // groups
+    return [sorted({i % per_group for i in idx}) for idx in idx_lists]
 
 
 def _per_unit(t: torch.Tensor, idx_lists, dim: int, fn) -> torch.Tensor:
@@ -391,7 +402,7 @@ class TaylorWeight(Criterion):
                     if c is None or (m.kind == "in" and pname == "bias"):
                         continue
                     dim = 1 if m.kind == "in" else 0
-                    total += _per_unit(c, g.indices[m], dim, torch.sum)
+                    total += _per_unit(c, _weight_indices(mods[m.module], m, g.indices[m]), dim, torch.sum)
             out[gi] = total
         if all(float(t.sum()) == 0.0 for t in out.values()):
             raise RuntimeError("taylor_weight: every score is zero (the loss gradient vanished)")

@@ -26,8 +26,9 @@ Units that touch the same set of layer dimensions (the same *members*) form a
 :class:`Group`, e.g. ``conv1.out, bn1, conv2.in``. For a residual stage the
 group spans every conv output and every BN that feeds the adds; for a concat,
 the group of one branch carries that branch's channel offset in the consuming
-conv's input. Units that reach a graph input or output, an ignored layer or a
-grouped (non-depthwise) conv are *locked*: never pruned.
+conv's input. A grouped conv couples position k of each of its groups, so every
+group keeps the same number of channels. Units that reach a graph input or output
+or an ignored layer are *locked*: never pruned.
 
 Removing units rewrites the modules in place (new, smaller Parameters and
 buffers), each by the :mod:`pycompress.prune.pruners` entry of its type; the model stays an ordinary ``nn.Module`` of its own class, so it can
@@ -59,7 +60,10 @@ class Member:
 
     ``kind`` is ``"out"`` (output channels / features of a Conv or Linear),
     ``"in"`` (input channels / features of a Conv or Linear), ``"bn"``
-    (BatchNorm features) or ``"dw"`` (channels of a depthwise conv, in = out).
+    (BatchNorm features), ``"dw"`` (channels of a depthwise conv, in = out), or another
+    kind of a registered pruner (``"norm"``, ``"embed"``). Two kinds are not a layer's:
+    ``"param"`` (a parameter used as an operand; ``module`` is its name) and ``"size"`` (an
+    int attribute that is a channel count; ``module`` is ``"owner.attribute"``).
     """
 
     module: str
@@ -193,6 +197,7 @@ class DependencyGraph:
         self._info: Dict[str, object] = {}
         self._modules: Dict[str, Tuple[nn.Module, torch.fx.Node]] = {}
         self._parameters: Dict[str, Tuple[int, torch.fx.Node]] = {}  # tensors shrunk as members: (dim, reader)
+        self._sizes: Dict[str, Tuple[str, str, torch.fx.Node]] = {}  # int attributes that are channel counts
         self._rules: Dict[str, object] = {}
         for node in self.gm.graph.nodes:
             self._info[node.name] = self._visit(node)
@@ -298,6 +303,21 @@ class DependencyGraph:
         self._parameters[node.target] = (dim, node)
         self._member_atoms[member] = list(atoms)
 
+    def add_size_member(self, owner: str, attr: str, atoms: List[int], node: torch.fx.Node):
+        """Declares that the int attribute ``attr`` of module ``owner`` is the count of ``atoms``, a size
+        the code writes into a reshape (ViT's ``hidden_dim``): removing some sets it to the count kept."""
+        name = f"{owner}.{attr}" if owner else attr
+        member = Member(name, "size")
+        if member in self._member_atoms:  # the module is called at several places
+            self.union_all(self._member_atoms[member], atoms)
+            return
+        self._sizes[name] = (owner, attr, node)
+        self._member_atoms[member] = list(atoms)
+
+    def size_attributes(self) -> Dict[str, Tuple[str, str]]:
+        """The int attributes that are channel counts (see :meth:`add_size_member`), by member name."""
+        return {name: (owner, attr) for name, (owner, attr, _) in self._sizes.items()}
+
     def member_size(self, member: "Member") -> int:
         """The size of a member dimension when the graph was traced."""
         return len(self._member_atoms[member])
@@ -359,6 +379,7 @@ class DependencyGraph:
         order: Dict[int, int] = {}
         at = {n: i for i, n in enumerate(self.gm.graph.nodes)}
         pos = {name: at[node] for name, (_, node) in list(self._modules.items()) + list(self._parameters.items())}
+        pos.update({name: at[node] for name, (_, _, node) in self._sizes.items()})
         for member in sorted(self._member_atoms, key=lambda m: (pos[m.module], m.kind != "in")):
             for idx, atom in enumerate(self._member_atoms[member]):
                 r = self.find(atom)
@@ -426,6 +447,11 @@ class DependencyGraph:
             if name in self._parameters:
                 _shrink_tensor(self.model, name, self._parameters[name][0],
                                _keep(self.member_size(Member(name, "param")), kinds["param"]))
+                continue
+            if name in self._sizes:
+                owner, attr, _ = self._sizes[name]
+                setattr(self.model.get_submodule(owner), attr,
+                        self.member_size(Member(name, "size")) - len(kinds["size"]))
                 continue
             module = self._modules[name][0]
             for kind, idx in kinds.items():
@@ -557,6 +583,10 @@ def load_pruned_state_dict(model: nn.Module, state_dict: Dict[str, torch.Tensor]
         example_inputs (Tensor or tuple, optional): run once (eval mode, no grad) after
             loading, so that layer shapes which contradict each other (a conv cut to 5
             channels feeding a layer that still expects 8) fail here, naming the layer.
+            They are also traced first, to find the int attributes that are channel counts
+            (ViT's ``hidden_dim``, see :meth:`DependencyGraph.add_size_member`): each is set to
+            the saved width of the layer or parameter that produces those channels. A model
+            with such attributes reloads only with ``example_inputs``.
 
     Returns:
         nn.Module: ``model``, modified in place.
@@ -567,6 +597,7 @@ def load_pruned_state_dict(model: nn.Module, state_dict: Dict[str, torch.Tensor]
     """
     if not isinstance(state_dict, dict):
         raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
+    sizes = {} if example_inputs is None else _saved_sizes(model, state_dict, example_tuple(example_inputs))
     for name, m in model.named_modules():
         pruner = pruner_for(m)
         if pruner is None:
@@ -591,9 +622,42 @@ def load_pruned_state_dict(model: nn.Module, state_dict: Dict[str, torch.Tensor]
         if isinstance(t, torch.Tensor) and id(t) not in owned and t.dim() == saved.dim() and t.shape != saved.shape:
             _replace_tensor(model, key, t.new_zeros(saved.shape))  # the values are loaded just below
     model.load_state_dict(state_dict, strict=strict)
+    for (owner, attr), value in sizes.items():
+        setattr(model.get_submodule(owner), attr, value)
     if example_inputs is not None:
         _check_shapes_fit(model, example_tuple(example_inputs))
     return model
+
+
+def _saved_sizes(model: nn.Module, state_dict, example_inputs: tuple) -> Dict[Tuple[str, str], int]:
+    """The values of the dense ``model``'s size attributes in the pruned model ``state_dict`` was saved
+    from: the saved width of a member carrying the same channels (the layer that produces them)."""
+    try:
+        graph = DependencyGraph(model, example_inputs)
+    except (ValueError, TypeError):  # a model the engine cannot trace has no size attributes
+        return {}
+    sizes = {}
+    for name, (owner, attr) in graph.size_attributes().items():
+        atoms = graph._member_atoms[Member(name, "size")]
+        for member, held in graph._member_atoms.items():
+            width = _saved_width(graph, member, state_dict) if held == atoms and member.kind != "size" else None
+            if width is not None:
+                sizes[(owner, attr)] = width
+                break
+    return sizes
+
+
+def _saved_width(graph: DependencyGraph, member: Member, state_dict) -> Optional[int]:
+    """How many channels ``member`` has in ``state_dict``, or None when it is not saved there."""
+    if member.module in graph._parameters:
+        saved = state_dict.get(member.module)
+        return None if saved is None else saved.shape[graph._parameters[member.module][0]]
+    module = graph.modules().get(member.module)
+    pruner = pruner_for(module) if module is not None else None
+    key = f"{member.module}.{pruner.weight_name}" if pruner is not None else None
+    if key not in state_dict:
+        return None
+    return len(pruner.saved_keep(module, tuple(state_dict[key].shape))[member.kind])
 
 
 def _check_shapes_fit(model: nn.Module, example_inputs: tuple):

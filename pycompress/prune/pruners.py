@@ -102,7 +102,9 @@ def _shrink_weight(m: nn.Module, keep: Dict[str, torch.Tensor], out_attr: str, i
 
 @register_pruner(nn.Conv1d, nn.Conv2d, nn.Conv3d)
 class ConvPruner(LayerPruner):
-    """Filters (``out``), input kernels (``in``) or, for a depthwise conv, both at once (``dw``)."""
+    """Filters (``out``), input kernels (``in``) or, for a depthwise conv, both at once (``dw``).
+    A grouped conv's ``in`` indices count its ``in_channels``; its rule keeps the same positions
+    in every group, so the weight keeps the columns of group 0's kept positions."""
 
     def shrink(self, m, keep):
         if "dw" in keep:
@@ -112,12 +114,19 @@ class ConvPruner(LayerPruner):
                 m.bias = _param(m.bias, m.bias[k])
             m.in_channels = m.out_channels = m.groups = len(k)
             return
+        if m.groups > 1 and "in" in keep:
+            k = keep["in"]
+            m.weight = _param(m.weight, m.weight[:, k[k < m.in_channels // m.groups]])
+            m.in_channels = len(k)
+            keep = {kind: v for kind, v in keep.items() if kind != "in"}
         _shrink_weight(m, keep, "out_channels", "in_channels")
 
     def saved_keep(self, m, shape):
         if is_depthwise(m):
             return {"dw": torch.arange(shape[0])}
-        return {"out": torch.arange(shape[0]), "in": torch.arange(shape[1])}
+        per_group = m.in_channels // m.groups
+        keep_in = torch.cat([torch.arange(shape[1]) + j * per_group for j in range(m.groups)])
+        return {"out": torch.arange(shape[0]), "in": keep_in}
 
     def cost(self, m, out_shape, removed):
         k = math.prod(m.kernel_size)

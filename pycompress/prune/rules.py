@@ -113,7 +113,7 @@ def _arg(node, index: int, name: str, default=None):
 @register_rule(nn.Conv1d, nn.Conv2d, nn.Conv3d)
 class ConvRule(Rule):
     """Input channels -> fresh output channels. A depthwise conv passes its channels through; a
-    grouped conv locks both sides (pruning it would have to keep every group's share equal)."""
+    grouped one is pruned the same way in every group (:class:`GroupedConvRule`)."""
 
     reads_untraced = True
 
@@ -126,13 +126,38 @@ class ConvRule(Rule):
             graph.add_member(name, "dw", x.atoms)
             return graph.Channels(1, x.atoms)
         if m.groups > 1:
-            why = f"grouped conv (groups={m.groups})"
-            graph.lock(x.atoms, why)
-            return graph.Channels(1, graph.new_atoms(m.out_channels, locked=why))
+            return _GROUPED_CONV.propagate(graph, node)
         graph.add_member(name, "in", x.atoms)
         out = graph.new_atoms(m.out_channels)
         graph.add_member(name, "out", out)
         return graph.Channels(1, out)
+
+
+class GroupedConvRule(Rule):
+    """A grouped conv (``1 < groups``, not depthwise: ResNeXt, RegNet). Group ``j`` reads input
+    channels ``j * in/groups ..`` and writes output channels ``j * out/groups ..``, and every group
+    must keep the same number of each. So position ``k`` of every group is coupled, on the input
+    side and, separately, on the output side: removing one unit removes input (or output) position
+    ``k`` of every group, ``groups`` stays, and each group's filters lose the same columns. With
+    one channel per group on a side (a depthwise conv with a channel multiplier) that side is locked:
+    its one unit would be all the channels."""
+
+    def propagate(self, graph, node):
+        m, name = graph.module(node), node.target
+        x = graph.input_channels(node, axis=1)
+        out = graph.new_atoms(m.out_channels)
+        for atoms, side in ((x.atoms, "input"), (out, "output")):
+            per_group = len(atoms) // m.groups
+            for j in range(1, m.groups):
+                graph.union_all(atoms[:per_group], atoms[j * per_group:(j + 1) * per_group])
+            if per_group == 1:
+                graph.lock(atoms, f"grouped conv '{name}' has one {side} channel per group (groups={m.groups})")
+        graph.add_member(name, "in", x.atoms)
+        graph.add_member(name, "out", out)
+        return graph.Channels(1, out)
+
+
+_GROUPED_CONV = GroupedConvRule()
 
 
 @register_rule(nn.Linear)
@@ -418,7 +443,9 @@ class ReshapeRule(Rule):
             stride = math.prod(in_shape[d] for d in dims_in if d > x.axis)
             atoms = [x.atoms[(p // stride) % len(x.atoms)] for p in range(math.prod(radix))]
             if axis in literal:
-                graph.lock(x.atoms, f"size {literal[axis]} is hard-coded in node '{node.name}'")
+                why = adopt_size_attribute(graph, node, literal[axis], x.atoms) if literal[axis].isdigit() else ""
+                if why is not None:
+                    graph.lock(x.atoms, f"size {literal[axis]} is hard-coded in node '{node.name}'{why}")
             return graph.Channels(axis, atoms)
         if dims_in != [x.axis]:
             graph.lock(x.atoms, f"reshape {in_shape} -> {out_shape} in node '{node.name}' mixes the channel dim "
@@ -435,6 +462,26 @@ class ReshapeRule(Rule):
         for p, atom in enumerate(x.atoms):  # couple every position with the same index on ``axis``
             graph.union(x.atoms[((p // inner) % n) * inner], atom)
         return graph.Channels(axis, [x.atoms[i * inner] for i in range(n)])
+
+
+def adopt_size_attribute(graph, node, size: str, atoms) -> Optional[str]:
+    """A width written in the code as an int attribute of the module whose ``forward`` holds the
+    reshape (torchvision's ViT: ``x.reshape(n, self.hidden_dim, n_h * n_w)``, traced as the literal
+    768). If exactly one public int attribute of that module equals the size, it becomes a ``size``
+    member holding ``atoms``, set to the kept count when they are removed. Returns None when
+    adopted, else why not (the end of the lock reason)."""
+    if int(size) != len(atoms):
+        return " (it counts merged positions, not channels)"
+    stack = node.meta.get("nn_module_stack")
+    owner = list(stack.values())[-1][0] if stack else ""
+    module = graph.model.get_submodule(owner)
+    names = [k for k, v in vars(module).items() if type(v) is int and v == int(size) and not k.startswith("_")]
+    where = f"'{owner}'" if owner else "the model"
+    if len(names) != 1:
+        return f" (no int attribute of {where} holds it)" if not names else \
+            f" (attributes {', '.join(names)} of {where} all hold it)"
+    graph.add_size_member(owner, names[0], atoms, node)
+    return None
 
 
 def _probe_axis(node, ndim: int, axis: int) -> int:
