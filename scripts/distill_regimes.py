@@ -132,15 +132,22 @@ def best_bias(logits, y, digit):
     return max(candidates, key=acc)
 
 
+def load_json(path, default):
+    """The results written so far (runs are resumed per seed), else ``default``."""
+    return json.load(open(path)) if os.path.exists(path) else default
+
+
 def omitted_class(args, data, teacher, common):
     strategy = {"hinton": Hinton(temperature=args.omit_temperature, alpha=args.omit_alpha)}
-    out = {"temperature": args.omit_temperature, "alpha": args.omit_alpha, "digits": {}}
+    path = os.path.join(args.out, "omitted_class.json")
+    out = load_json(path, {"temperature": args.omit_temperature, "alpha": args.omit_alpha, "digits": {}})
     x, y = data.train.tensors
-    for digit in range(10):
+    for digit in args.digits:
         transfer = TensorDataset(x[y != digit], y[y != digit])
-        rec = {"hard_on_digit": [], "soft_on_digit": [], "soft_adjusted_on_digit": [], "bias": [],
-               "soft_overall": [], "soft_adjusted_overall": []}
+        runs = out["digits"].setdefault(str(digit), {"runs": {}})["runs"]
         for seed in args.seeds:
+            if str(seed) in runs:
+                continue
             only_kd = {**common, "baseline": False}
             model = student_runs(student_cnn, teacher, transfer, strategy, seed, only_kd)["hinton"]
             val_logits, val_y = logits_of(model, data.val)
@@ -149,36 +156,79 @@ def omitted_class(args, data, teacher, common):
             shifted = test_logits.clone()
             shifted[:, digit] += b
             on = test_y == digit
-            rec["bias"].append(b)
-            rec["soft_on_digit"].append(float((test_logits[on].argmax(1) == digit).float().mean()))
-            rec["soft_adjusted_on_digit"].append(float((shifted[on].argmax(1) == digit).float().mean()))
-            rec["soft_overall"].append(float((test_logits.argmax(1) == test_y).float().mean()))
-            rec["soft_adjusted_overall"].append(float((shifted.argmax(1) == test_y).float().mean()))
-        out["digits"][str(digit)] = {k: summary(v) for k, v in rec.items() if v}
-        d = out["digits"][str(digit)]
-        print(f"omitted {digit}: on digit {d['soft_on_digit']['mean']:.3f} -> adjusted "
-              f"{d['soft_adjusted_on_digit']['mean']:.3f} (bias {d['bias']['mean']:.2f})", flush=True)
-        atomic_write_json(out, os.path.join(args.out, "omitted_class.json"))
+            runs[str(seed)] = {
+                "bias": b,
+                "soft_on_digit": float((test_logits[on].argmax(1) == digit).float().mean()),
+                "soft_adjusted_on_digit": float((shifted[on].argmax(1) == digit).float().mean()),
+                "soft_overall": float((test_logits.argmax(1) == test_y).float().mean()),
+                "soft_adjusted_overall": float((shifted.argmax(1) == test_y).float().mean())}
+            atomic_write_json(out, path)
+            r = runs[str(seed)]
+            print(f"omitted {digit} seed {seed}: on digit {r['soft_on_digit']:.3f} -> adjusted "
+                  f"{r['soft_adjusted_on_digit']:.3f} (bias {b:.2f})", flush=True)
+
+
+def omitted_class_summary(digit_record):
+    """{measure: summary over the seeds run} of one omitted digit."""
+    runs = list(digit_record["runs"].values())
+    return {k: summary([r[k] for r in runs]) for k in runs[0]}
+
+
+def small_set_teachers(args, labelled, seed):
+    """The ensemble's members: ``teacher_cnn`` trained on the labelled subset alone, a fixed step count."""
+    teachers = []
+    for k in range(args.ensemble_size):
+        path = os.path.join(args.work_dir, f"small_teacher_f{args.munge_fraction}_steps{args.teacher_steps}"
+                                           f"_s{seed}_{k}.pt")
+        member_seed = 100 * seed + k
+        torch.manual_seed(member_seed)
+        model = teacher_cnn()
+        if not os.path.exists(path):
+            train_teacher(model, labelled, seed=member_seed, epochs=1_000_000, max_steps=args.teacher_steps,
+                          lr=1e-3, output=path, progress=False)
+        teachers.append(load_state_dict(model, path).eval())
+    return teachers
 
 
 def munge_data_limited(args, data, common):
-    out = {"fraction": args.munge_fraction, "factors": args.factors, "seeds": {}}
-    test = {k: [] for k in ["teacher_ensemble", "baseline", *[f"munge x{f}" for f in args.factors]]}
+    """Teachers and student see the same labelled subset; MUNGE grows the transfer set; equal student steps."""
+    path = os.path.join(args.out, "munge_data_limited.json")
+    out = load_json(path, {})
+    if out.get("teacher_steps") != args.teacher_steps:  # a run of another design (e.g. the epoch-trained teachers)
+        out = {"fraction": args.munge_fraction, "factors": args.factors, "teacher_steps": args.teacher_steps,
+               "ensemble_size": args.ensemble_size, "student_steps": args.steps, "seeds": {}}
     for seed in args.seeds:
+        if str(seed) in out["seeds"]:
+            continue
         labelled = stratified_subset(data.train, args.munge_fraction, seed)
-        teachers = [get_teacher(os.path.join(args.work_dir, f"small_teacher_f{args.munge_fraction}_s{seed}_{k}.pt"),
-                                labelled, data.val, 100 * seed + k, args.teacher_epochs) for k in range(3)]
+        teachers = small_set_teachers(args, labelled, seed)
         ensemble = ProbabilityEnsemble(teachers).eval()
-        test["teacher_ensemble"].append(accuracy(ensemble, data.test))
+        rec = {"labelled_images": len(labelled),
+               "teacher_members_test": [accuracy(t, data.test) for t in teachers],
+               "teacher_members_train": [accuracy(t, labelled) for t in teachers],
+               "val": {"teacher_ensemble": accuracy(ensemble, data.val)},
+               "test": {"teacher_ensemble": accuracy(ensemble, data.test)}}
         runs = {f"munge x{f}": Munge(transfer_factor=float(f), generator="auto") for f in args.factors}
         for label, model in student_runs(student_cnn, ensemble, labelled, runs, seed, common).items():
-            test[label].append(accuracy(model, data.test))
-        out["labelled_images"] = len(labelled)
-        out["test"] = {k: summary(v) for k, v in test.items() if v}
-        out["paired_vs_baseline"] = {k: paired(v, test["baseline"]) for k, v in test.items()
-                                     if k.startswith("munge") and v}
-        atomic_write_json(out, os.path.join(args.out, "munge_data_limited.json"))
-        print(f"munge seed {seed}: " + ", ".join(f"{k} {v[-1]:.3f}" for k, v in test.items()), flush=True)
+            rec["val"][label] = accuracy(model, data.val)
+            rec["test"][label] = accuracy(model, data.test)
+        out["seeds"][str(seed)] = rec
+        out.update(munge_summary(out))
+        atomic_write_json(out, path)
+        print(f"munge seed {seed}: members {rec['teacher_members_test']}, " +
+              ", ".join(f"{k} {v:.3f}" for k, v in rec["test"].items()), flush=True)
+
+
+def munge_summary(out):
+    """Test summaries over the seeds run, paired differences against the same-seed student and the teacher."""
+    recs = list(out["seeds"].values())
+    test = {k: [r["test"][k] for r in recs] for k in recs[0]["test"]}
+    munge = [k for k in test if k.startswith("munge")]
+    return {"labelled_images": recs[0]["labelled_images"],
+            "test": {k: summary(v) for k, v in test.items()},
+            "paired_vs_baseline": {k: paired(test[k], test["baseline"]) for k in munge},
+            "gap_to_teacher": {k: summary([t - s for t, s in zip(test["teacher_ensemble"], test[k])])
+                               for k in ["baseline", *munge]}}
 
 
 def shallow_mimic(args, data, teacher, common):
@@ -216,7 +266,8 @@ def summary_rows(out_dir):
                         f"{len(d['values'])} seeds) | hard {ms(r['hard'])}, soft ({r['chosen_on_val']}) "
                         f"{ms(r['soft'])}, paired {ms(d)}, {d['better']} seeds better |")
     if (o := load("omitted_class.json")):
-        for digit, r in o["digits"].items():
+        for digit, record in sorted(o["digits"].items()):
+            r = omitted_class_summary(record)
             rows.append(f"| omitted digit {digit} ({len(r['bias']['values'])} seeds) | on the digit: "
                         f"{ms(r['soft_on_digit'])} -> {ms(r['soft_adjusted_on_digit'])} after bias "
                         f"{r['bias']['mean']:.2f}; overall {ms(r['soft_overall'])} -> "
@@ -225,7 +276,8 @@ def summary_rows(out_dir):
         t = m["test"]
         rows.append(f"| MUNGE data-limited ({m['labelled_images']} labelled, {len(t['baseline']['values'])} seeds) "
                     f"| ensemble {ms(t['teacher_ensemble'])}, no distillation {ms(t['baseline'])}, " +
-                    ", ".join(f"{k} {ms(t[k])} (paired {ms(v)})" for k, v in m["paired_vs_baseline"].items()) + " |")
+                    ", ".join(f"{k} {ms(t[k])} (paired {ms(v)}, {v['better']} seeds better; teacher gap "
+                              f"{ms(m['gap_to_teacher'][k])})" for k, v in m["paired_vs_baseline"].items()) + " |")
     if (s := load("shallow_mimic.json")):
         t = s["test"]
         rows.append(f"| shallow mimic ({s['student_parameters']:,} params, {len(t['baseline']['values'])} seeds) "
@@ -245,7 +297,11 @@ def main():
     p.add_argument("--omit-temperature", type=float, default=4.0)
     p.add_argument("--omit-alpha", type=float, default=0.9)
     p.add_argument("--munge-fraction", type=float, default=0.1)
-    p.add_argument("--factors", default="0,4,16")
+    p.add_argument("--factors", default="0,1,4,16", help="MUNGE transfer set sizes, x the labelled set")
+    p.add_argument("--teacher-steps", type=int, default=200,
+                   help="optimizer steps of each small-set teacher (200 of 64 images = ~108 epochs of 119)")
+    p.add_argument("--ensemble-size", type=int, default=3)
+    p.add_argument("--digits", default="0,1,2,3,4,5,6,7,8,9", help="the omitted digits")
     p.add_argument("--out", default="results/distill/regimes")
     p.add_argument("--work-dir", default="/tmp/pycompress_distill_teachers")
     p.add_argument("--summary", action="store_true", help="print the result rows of the JSON files in --out")
@@ -260,6 +316,7 @@ def main():
     args.temperatures = [float(t) for t in args.temperatures.split(",")]
     args.alphas = [float(a) for a in args.alphas.split(",")]
     args.factors = [int(f) for f in args.factors.split(",")]
+    args.digits = [int(d) for d in args.digits.split(",")]
     os.makedirs(args.out, exist_ok=True)
     os.makedirs(args.work_dir, exist_ok=True)
     data = digits_splits()

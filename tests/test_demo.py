@@ -52,6 +52,18 @@ def test_kernel_lines_are_the_reports_ratios(quick_demo):
         assert f"({k['speedup']:.1f}x)" in k["line"]
 
 
+def test_detection_runs_the_mehta_ozturk_workflow_with_the_teacher_cache(quick_demo):
+    report = quick_demo[0]
+    det, rows = report["detection"], {r["model"]: r for r in report["models"]}
+    workflow = det["workflow"]
+    assert workflow["config"]["strategies"] == ["mehta_ozturk"] and workflow["config"]["cache_teacher"]
+    assert det["teacher_cache"]["images"] == det["labeled_images"] == SIZES["det_train_images"][1]
+    assert rows["YOLO teacher"]["quality"] == workflow["teacher"]["test"]["AP50"]
+    assert rows["tiny YOLO alone"]["quality"] == workflow["runs"]["student_alone"]["test"]["AP50"]["mean"]
+    assert rows["tiny YOLO distilled"]["quality"] == workflow["runs"]["mehta_ozturk"]["test"]["AP50"]["mean"]
+    assert rows["tiny YOLO distilled"]["parameters"] < rows["YOLO teacher"]["parameters"] / 10
+
+
 def test_detection_is_skipped_with_a_reason_without_teacher(tmp_path, capsys, monkeypatch):
     from pycompress.cli import demo
 

@@ -7,7 +7,8 @@
    dense net block-sparsified (90 % of 8x8 blocks) and fine-tuned; latency against the dense net.
 3. Detection: the shipped YOLO teacher (``results/detection/yolo_teacher.pt``, found relative to
    the source tree; skipped with a printed reason when absent), a tiny YOLO student trained
-   alone and with :class:`pycompress.nn.DetectionDistillLoss` (objectness scaling + FM-NMS).
+   alone and distilled (objectness scaling + FM-NMS) by the workflow of
+   ``pycompress distill --strategy mehta_ozturk``, teacher cache included.
 4. The fused kernels against eager PyTorch: KD loss, NMS, block-sparse conv.
 
 Prints one summary table, writes the JSON report (``--output``, default ``demo_report.json``)
@@ -173,58 +174,47 @@ def _pruning(size, rows):
 
 
 def _detection(args, size, rows):
-    import torch
-
-    from pycompress.config import TrainConfig
+    """The workflow of ``pycompress distill --strategy mehta_ozturk`` (teacher cache included), on the demo's sizes."""
+    from pycompress.config import DataConfig, DistillConfig, ModelConfig, TeacherConfig, TrainConfig
     from pycompress.cost import compare_latency
-    from pycompress.data import digit_detection_splits
-    from pycompress.detection import evaluate
-    from pycompress.detection.workflow import detection_step
+    from pycompress.data import digit_detection
+    from pycompress.distill.workflow import distill_from_config
     from pycompress.models.detection import build_detector
-    from pycompress.nn import DetectionDistillLoss
-    from pycompress.train import Trainer
 
     if not os.path.exists(args.detection_teacher):
         reason = f"no detection teacher at {args.detection_teacher} (it ships in the source tree's results/detection)"
         print(f"detection: skipped, {reason}")
         return {"skipped": reason}
-    teacher = build_detector("yolo_teacher", width=16)
-    teacher.load_state_dict(torch.load(args.detection_teacher, map_location="cpu", weights_only=True))
-    teacher.eval().requires_grad_(False)
-    splits = digit_detection_splits(seed=0, num_images={"train": size["det_train_images"], "val": 8,
-                                                        "test": size["det_test_images"], "unlabeled": 8})
-    cfg = TrainConfig(epochs=size["det_epochs"], batch_size=16, optimizer="adam", lr=3e-3)
-
-    def train(distilled):
-        torch.manual_seed(0)
-        student = build_detector("tiny_yolo")
-        if distilled:
-            loss_fn = DetectionDistillLoss(student.anchors, fm_nms=True, objectness_scaling=True)
-
-            def step(model, batch):
-                images, boxes, labels = batch[0], batch[1], batch[2]
-                with torch.no_grad():
-                    teacher_raw = teacher(images)
-                return loss_fn(model(images), teacher_raw, *student.encode_targets(boxes, labels, batch[3]))
-        else:
-            step = detection_step(student, student.criterion())
-        Trainer(student, splits.train, cfg, step_fn=step, seed=0, progress=False).fit()
-        return student.eval()
-
-    alone, distilled = train(False), train(True)
-    ap = {k: evaluate(m, splits.test)["AP50"] for k, m in (("teacher", teacher), ("alone", alone),
-                                                          ("distilled", distilled))}
-    x = splits.test.tensors[0][:1]
-    latency = compare_latency({"teacher": teacher, "student": alone}, tuple(x.shape[1:]), (1,),
+    # labeled canvases only (unlabeled_ratio 0): at this step budget unlabeled ones did not help
+    # (results/detection/distill/README.md)
+    num_images = {"train": size["det_train_images"], "val": 8, "test": size["det_test_images"], "unlabeled": 8}
+    cfg = DistillConfig(
+        seeds=[0], strategies=["mehta_ozturk"], output="", progress=False,
+        strategy={"mehta_ozturk": {"fm_nms": True, "objectness_scaling": True}},
+        teacher=TeacherConfig(model="yolo_teacher", kwargs={"width": 16}, checkpoints=[args.detection_teacher]),
+        student=ModelConfig(model="tiny_yolo"),
+        data=DataConfig(dataset="pycompress.data:digit_detection_splits",
+                        kwargs={"seed": 0, "num_images": num_images}),
+        train=TrainConfig(epochs=size["det_epochs"], batch_size=16, optimizer="adam", lr=3e-3))
+    report = distill_from_config(cfg).report
+    runs = report["runs"]
+    ap = {"teacher": report["teacher"]["test"]["AP50"], "alone": runs["student_alone"]["test"]["AP50"]["mean"],
+          "distilled": runs["mehta_ozturk"]["test"]["AP50"]["mean"]}
+    # parameters, MACs and latency depend on the architecture only: fresh instances measure them
+    teacher = build_detector("yolo_teacher", width=16).eval()
+    student = build_detector("tiny_yolo").eval()
+    x = digit_detection("test", 1, seed=0).tensors[0]  # one canvas, for MACs and latency
+    latency = compare_latency({"teacher": teacher, "student": student}, tuple(x.shape[1:]), (1,),
                               repeats=size["latency_repeats"])
     _row(rows, "YOLO teacher", "detection", teacher, x, "AP50", ap["teacher"], latency["teacher"]["batch1_ms"])
-    _row(rows, "tiny YOLO alone", "detection", alone, x, "AP50", ap["alone"], latency["student"]["batch1_ms"])
-    _row(rows, "tiny YOLO distilled", "detection", distilled, x, "AP50", ap["distilled"],
+    _row(rows, "tiny YOLO alone", "detection", student, x, "AP50", ap["alone"], latency["student"]["batch1_ms"])
+    _row(rows, "tiny YOLO distilled", "detection", student, x, "AP50", ap["distilled"],
          latency["student"]["batch1_ms"])
-    print(f"detection AP50 on {len(splits.test)} test canvases: teacher {ap['teacher']:.3f}, student alone "
-          f"{ap['alone']:.3f}, distilled {ap['distilled']:.3f} ({len(splits.train)} training canvases x "
-          f"{size['det_epochs']} epochs)")
-    return {"AP50": ap, "train_images": len(splits.train), "epochs": size["det_epochs"]}
+    print(f"detection AP50 on {size['det_test_images']} test canvases: teacher {ap['teacher']:.3f}, student alone "
+          f"{ap['alone']:.3f}, distilled (mehta_ozturk) {ap['distilled']:.3f} ({report['labeled_images']} labeled "
+          f"+ {report['unlabeled_images']} unlabeled canvases x {size['det_epochs']} epochs, teacher cached)")
+    return {"AP50": ap, "labeled_images": report["labeled_images"], "unlabeled_images": report["unlabeled_images"],
+            "epochs": size["det_epochs"], "teacher_cache": report.get("teacher_cache"), "workflow": report}
 
 
 def _interleaved(fns, rounds=4):
