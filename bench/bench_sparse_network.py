@@ -234,7 +234,10 @@ def test_network(benchmark, network, sparsity):
                 err = float(np.abs(got - reference).max()) / scale
                 assert err < 1e-4, f"{runtime}: max error {err:.2e} of the output scale"
                 ROWS.append(dict(network=network, sparsity=sparsity, batch=batch, runtime=runtime,
-                                 min_s=min(times), median_s=float(np.median(times)), max_rel_error=err))
+                                 min_s=min(times), median_s=float(np.median(times)), max_rel_error=err,
+                                 omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", "unset")))
+                print(f"{network} {sparsity:.0%} batch {batch} {runtime}: {min(times) * 1e3:.2f} / "
+                      f"{np.median(times) * 1e3:.2f} ms", flush=True)
         sparse = torch.load(os.path.join(folder, "sparse.pt"), weights_only=False)
         x = torch.from_numpy(np.load(os.path.join(folder, "input_1.npy")))
         with torch.inference_mode():
@@ -246,7 +249,8 @@ def _print_table():
     yield
     if not ROWS:
         return
-    print(f"\nwhole networks, {machine()}, commit {commit()}; {RUNS} runs per process, min / median ms")
+    print(f"\nwhole networks, {machine()}, commit {commit()}, OMP_WAIT_POLICY="
+          f"{os.environ.get('OMP_WAIT_POLICY', 'unset')}; {RUNS} runs per process, min / median ms")
     print(f"{'network':<8} {'sparsity':>8} {'batch':>5}  " + "".join(f"{r:>20}" for r in RUNTIMES))
     keys = sorted({(r["network"], r["sparsity"], r["batch"]) for r in ROWS}, key=lambda k: (k[0] != "resnet", k))
     for key in keys:

@@ -125,6 +125,16 @@ class _LeafTracer(torch.fx.Tracer):
         return isinstance(m, (BlockSparseConv2d, BlockSparseLinear)) or super().is_leaf_module(m, qualname)
 
 
+def _trace(model: nn.Module, fn: str):
+    """(fx graph, modules by name, calls per module) of ``model``; ValueError naming ``fn`` if untraceable."""
+    try:
+        graph = _LeafTracer().trace(model)
+    except Exception as exc:  # fx raises many types for untraceable code
+        raise ValueError(f"{fn} needs a torch.fx-traceable model; tracing failed with "
+                         f"{type(exc).__name__}: {exc}") from exc
+    return graph, dict(model.named_modules()), Counter(n.target for n in graph.nodes if n.op == "call_module")
+
+
 def _fold_into_block_sparse(conv: BlockSparseConv2d, bn: nn.BatchNorm2d) -> None:
     """conv <- bn(conv) in place: each output channel's kept weights and bias scaled and shifted."""
     with torch.no_grad():
@@ -176,13 +186,7 @@ def fold_batchnorm(model: nn.Module, convs: Optional[Sequence[str]] = None,
     if model.training:
         raise ValueError("fold_batchnorm folds eval-mode statistics: call model.eval() first")
     model = _conversion_target(model, inplace, "fold_batchnorm")
-    try:
-        graph = _LeafTracer().trace(model)
-    except Exception as exc:  # fx raises many types for untraceable code
-        raise ValueError(f"fold_batchnorm needs a torch.fx-traceable model; tracing failed with "
-                         f"{type(exc).__name__}: {exc}") from exc
-    modules = dict(model.named_modules())
-    calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
+    graph, modules, calls = _trace(model, "fold_batchnorm")
     allowed = None if convs is None else set(convs)
 
     def single_module_user(node, kind):
@@ -269,13 +273,7 @@ def fuse_epilogues(model: nn.Module, inplace: bool = False) -> FoldReport:
     if model.training:
         raise ValueError("fuse_epilogues rewrites a model for inference: call model.eval() first")
     model = model if inplace else copy.deepcopy(model)
-    try:
-        graph = _LeafTracer().trace(model)
-    except Exception as exc:  # fx raises many types for untraceable code
-        raise ValueError(f"fuse_epilogues needs a torch.fx-traceable model; tracing failed with "
-                         f"{type(exc).__name__}: {exc}") from exc
-    modules = dict(model.named_modules())
-    calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
+    graph, modules, calls = _trace(model, "fuse_epilogues")
 
     def fusable_conv(operand: torch.fx.Node):
         """(conv node, identity nodes after it) when ``operand`` is a fusable conv's output."""
