@@ -28,7 +28,10 @@ bool cpu_bf16_dot() {
 }
 
 // Frees the idle output block that large CPU outputs are recycled through.
-void empty_cache() { BlockCache::get().clear(); }
+void empty_cache() {
+  BlockCache::get().clear();
+  BlockCache::activations().clear();
+}
 
 TORCH_LIBRARY(pycompress, m) {
   m.def("_cpu_vector_bits() -> int", &cpu_vector_bits);

@@ -75,8 +75,11 @@ def _block_sparse_conv2d_kernel(
 def block_sparse_conv2d_triton(input: torch.Tensor, values: torch.Tensor, col_idx: torch.Tensor,
                                row_ptr: torch.Tensor, bias: Optional[torch.Tensor], kernel: List[int],
                                stride: List[int], padding: List[int], dilation: List[int], out_channels: int,
-                               relu: bool, block_p: int = 64, input_precision: str = "tf32") -> torch.Tensor:
+                               relu: bool, residual: Optional[torch.Tensor] = None, block_p: int = 64,
+                               input_precision: str = "tf32") -> torch.Tensor:
     """The ``pycompress::block_sparse_conv2d`` op on Triton: same arguments and output as the CPU kernel.
+
+    The residual is added (and the ReLU applied after it) by torch after the kernel, not fused.
 
     Runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (tests).
     Registered as the op ``pycompress::block_sparse_conv2d_triton``
@@ -109,7 +112,11 @@ def block_sparse_conv2d_triton(input: torch.Tensor, values: torch.Tensor, col_id
         N, C, H, W, oh, ow, out_channels,
         KH=kernel[0], KW=kernel[1], SH=stride[0], SW=stride[1], PH=padding[0], PW=padding[1],
         DH=dilation[0], DW=dilation[1], BO=bo, BK=bk, BO_P=max(16, triton.next_power_of_2(bo)),
-        BK_P=max(16, triton.next_power_of_2(bk)), BLOCK_P=block_p, HAS_BIAS=bias is not None, RELU=bool(relu),
-        PRECISION=input_precision,
+        BK_P=max(16, triton.next_power_of_2(bk)), BLOCK_P=block_p, HAS_BIAS=bias is not None,
+        RELU=bool(relu) and residual is None, PRECISION=input_precision,
     )
+    if residual is not None:
+        out = out + residual.float()
+        if relu:
+            out = torch.relu(out)
     return out.to(input.dtype)

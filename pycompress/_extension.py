@@ -72,8 +72,9 @@ def cpu_bf16_dot() -> bool:
 
 
 def empty_cache() -> None:
-    """Returns to the system the one idle output block that large CPU outputs (the KD
-    loss's gradient, block-sparse conv outputs) are recycled through. A no-op without ``_C``."""
+    """Returns to the system the idle output blocks that large CPU outputs are recycled
+    through: the KD loss's last gradient and the block-sparse convs' idle outputs (up to
+    256 MiB). A no-op without ``_C``."""
     if has_ops():
         torch.ops.pycompress._empty_cache()
 

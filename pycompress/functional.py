@@ -328,14 +328,14 @@ _BLOCK_SPARSE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 def block_sparse_conv2d(input: torch.Tensor, values: torch.Tensor, col_idx: torch.Tensor, row_ptr: torch.Tensor,
                         bias: Optional[torch.Tensor], kernel_size, out_channels: int, stride=1, padding=0,
-                        dilation=1, relu: bool = False) -> torch.Tensor:
+                        dilation=1, relu: bool = False, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
     r"""2-D convolution with a block-sparse (BSR) weight; only nonzero blocks are multiplied.
 
     The weight is the GEMM view ``W`` (out_channels, in_channels * kh * kw) in BSR form
     (see :class:`pycompress.nn.BlockSparseConv2d`). groups = 1.
 
     .. math::
-        \mathrm{out} = \mathrm{act}(\mathrm{conv2d}(\mathrm{input}, W) + \mathrm{bias}),
+        \mathrm{out} = \mathrm{act}(\mathrm{conv2d}(\mathrm{input}, W) + \mathrm{bias} + \mathrm{residual}),
         \qquad \mathrm{act} = \mathrm{ReLU} \text{ if relu else identity}
 
     Args:
@@ -347,7 +347,9 @@ def block_sparse_conv2d(input: torch.Tensor, values: torch.Tensor, col_idx: torc
         bias (Tensor[out_channels], optional): added before the activation.
         kernel_size, stride, padding, dilation (int or (int, int)): as in ``F.conv2d``.
         out_channels (int): rows of ``W``; ``R * bo`` may exceed it by less than ``bo``.
-        relu (bool): fuse a ReLU into the store.
+        relu (bool): fuse a ReLU into the store (after the residual add).
+        residual (Tensor[N, out_channels, OH, OW], optional): added in the store, e.g. a
+            ResNet block's shortcut; same dtype as ``input``.
 
     Returns:
         Tensor[N, out_channels, OH, OW] in the input's dtype.
@@ -360,9 +362,13 @@ def block_sparse_conv2d(input: torch.Tensor, values: torch.Tensor, col_idx: torc
     dtype = input.dtype
     x = input if dtype in _BLOCK_SPARSE_DTYPES else input.float()
     b = bias if bias is None or bias.dtype == torch.float32 else bias.float()
+    if residual is not None:
+        if not isinstance(residual, torch.Tensor):
+            raise TypeError(f"residual must be a Tensor or None, got {type(residual).__name__}")
+        residual = residual.to(x.dtype)
     out = block_sparse_conv2d_op(x)(
         x, values, col_idx, row_ptr, b, list(pair(kernel_size)), list(pair(stride)), list(pair(padding)),
-        list(pair(dilation)), int(out_channels), bool(relu))
+        list(pair(dilation)), int(out_channels), bool(relu), residual)
     return out if out.dtype == dtype else out.to(dtype)
 
 

@@ -13,20 +13,23 @@
 //            at phase ((r*dh)%sh, (s*dw)%sw) of c, row (r*dh)/sh, column
 //            (s*dw)/sw (implicit GEMM: no im2col, no strided loads). Lanes
 //            with ow >= OW are computed and dropped (Wq/OW extra work).
-// Micro-kernel: a tile of MR = 4 output channels x NV = 6 vectors of q (16 fp32
-// lanes each with AVX-512; 8 x 3 for 1x1) kept in 24 accumulator registers; every nonzero
-// weight is broadcast and FMA'd against the NV input vectors, in one flat loop
-// over the block row's nonzero k. The last strip of an image uses only the
-// vectors it needs. Values are stored k-major
-// inside a block so the MR broadcasts of one k are contiguous. Tiles (image,
-// q strip, block row) are split over threads with at::parallel_for; bias and
-// ReLU are fused into the store.
+// Micro-kernel: a tile of MR = 4 output channels x NV vectors of q kept in
+// accumulator registers: NV = 6 with AVX-512 (16 fp32 lanes; 8 x 3 for 1x1),
+// NV = 3 with AVX2 (8 lanes, 16 registers). Every nonzero weight is broadcast
+// and FMA'd against the NV input vectors, in one flat loop over the block row's
+// nonzero k. The last strip of an image uses only the vectors it needs. Values
+// are stored k-major inside a block so the MR broadcasts of one k are
+// contiguous. Tiles (image, q strip, block row) are shared out in chunks over
+// the threads (work_sharing.h: no OpenMP team, no barrier). The store is the epilogue: + bias, + residual (a ResNet
+// shortcut of the output's shape), then ReLU.
 // Memory traffic per call: the input once (plus one padded copy), nonzero
-// weights once per q strip (from L2), the output once.
-// Scratch buffers are cached per thread and reused, so the hot path takes no
-// fresh page faults; the output comes from the huge-page allocator.
+// weights once per q strip (from L2), the residual once, the output once.
+// Scratch buffers are cached per thread and reused, and outputs are recycled
+// through the huge-page allocator's activations cache, so a steady inference
+// loop takes no fresh page faults.
 // Numerics: fp32 FMA accumulation in block order; no reassociation across
-// calls, so results do not depend on the thread count. bf16/fp16 inputs are
+// calls, so results do not depend on the thread count. The residual is added
+// in fp32 after the bias (one rounding less than a separate add). bf16/fp16 inputs are
 // widened to fp32 in the padded copy (so they never take the direct path) and
 // the result is rounded once, in the store, to the input's dtype. Exception,
 // on AVX512-BF16 builds: bf16 1x1 convs interleave channel pairs instead and
@@ -47,19 +50,29 @@
 
 #include "cpu/bf16_dot.h"
 #include "cpu/hugepage_alloc.h"
+#include "cpu/work_sharing.h"
 
 namespace pycompress {
 namespace {
 
 using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kW = Vec::size();
-// Micro-tile: 4 output channels x kNV = 6 vectors of q = 24 accumulators (+6
-// input vectors + 1 broadcast: 31 of the 32 zmm registers). Measured on this
-// AVX-512 machine, 1 thread, 50 % sparsity: 4 x 6 reaches ~200 GFLOP/s of
-// nonzero work against ~150 for 4 x 4, ~140 for 8 x 2, ~130 for 16 x 1 and
-// 4 x 7 (which spills): fewer broadcasts and loads per FMA.
+// Micro-tile: 4 output channels x kNV vectors of q, sized to the register file.
+// AVX-512 (32 zmm): kNV = 6, 24 accumulators + 6 input vectors + 1 broadcast =
+// 31 registers. Measured on a Zen 4, 1 thread, 50 % sparsity: 4 x 6 reaches
+// ~200 GFLOP/s of nonzero work against ~150 for 4 x 4, ~140 for 8 x 2, ~130 for
+// 16 x 1 and 4 x 7 (which spills): fewer broadcasts and loads per FMA.
+// AVX2 (16 ymm, no broadcast operand in the FMA): kNV = 3, 12 accumulators + 3
+// inputs + 1 broadcast = 16; the AVX-512 tile would spill most accumulators.
+#ifdef CPU_CAPABILITY_AVX512
 constexpr int kNV = 6;
+constexpr bool kTallTiles = true;  // 8 x 3 for 1x1 convs (see block_sparse_conv2d_cpu)
+#else
+constexpr int kNV = 3;
+constexpr bool kTallTiles = false;  // 8 x 3 needs 24 accumulators
+#endif
 constexpr int64_t kStrip = kNV * kW;
+constexpr int64_t kChunksPerThread = 8;  // work-sharing granularity of conv_tiles
 
 // Grows-only per-thread scratch: reused across calls (no page faults after the first).
 float* scratch(std::vector<float>& buf, int64_t n) {
@@ -174,6 +187,23 @@ struct Epilogue {
   int64_t cout, ohow;
   void* out;                // (N, cout, OH, OW) of out_type
   at::ScalarType out_type;  // float, bfloat16 or half: the input's dtype
+  const void* residual;     // nullptr, or (N, cout, OH, OW) of out_type added before the ReLU
+
+  // src[0:n] += residual[offset : offset + n] (widened to fp32), then the ReLU if relu.
+  void add_residual(int64_t offset, float* src, int64_t n) const {
+    alignas(64) float r[kStrip];
+    switch (out_type) {
+      case at::kBFloat16: copy_n(r, static_cast<const at::BFloat16*>(residual) + offset, n); break;
+      case at::kHalf: copy_n(r, static_cast<const at::Half*>(residual) + offset, n); break;
+      default: copy_n(r, static_cast<const float*>(residual) + offset, n);
+    }
+    for (int64_t i = 0; i < n; i += kW) {
+      const int64_t m = std::min<int64_t>(kW, n - i);
+      Vec v = Vec::loadu(src + i, m) + Vec::loadu(r + i, m);
+      if (relu) v = at::vec::clamp_min(v, Vec(0.f));
+      v.store(src + i, m);
+    }
+  }
 
   // out[offset : offset + n] = src[0:n] (fp32), rounded to the output dtype.
   void store(int64_t offset, const float* src, int64_t n) const {
@@ -210,13 +240,21 @@ void block_row(const Source& src, const float* x, const int64_t* koff, int64_t g
       const Vec b(e.bias && i < rows ? e.bias[co0 + i] : 0.f);
       for (int j = 0; j < NV; ++j) {
         acc[i][j] = acc[i][j] + b;
-        if (e.relu) acc[i][j] = at::vec::clamp_min(acc[i][j], Vec(0.f));
+        if (e.relu && !e.residual) acc[i][j] = at::vec::clamp_min(acc[i][j], Vec(0.f));
       }
     }
     if (contiguous) {
       float* o = static_cast<float*>(e.out) + out_g + co0 * ohow + q0;
+      const float* res = e.residual ? static_cast<const float*>(e.residual) + out_g + co0 * ohow + q0 : nullptr;
       for (int64_t i = 0; i < rows; ++i)
-        for (int j = 0; j < NV; ++j) acc[i][j].store(o + i * ohow + j * kW);
+        for (int j = 0; j < NV; ++j) {
+          Vec v = acc[i][j];
+          if (e.residual) {
+            v = v + Vec::loadu(res + i * ohow + j * kW);
+            if (e.relu) v = at::vec::clamp_min(v, Vec(0.f));
+          }
+          v.store(o + i * ohow + j * kW);
+        }
       continue;
     }
     // Scatter the valid run of each q-row.
@@ -232,7 +270,10 @@ void block_row(const Source& src, const float* x, const int64_t* koff, int64_t g
       // Without dropped lanes (wq == ow) the q-rows are contiguous in the output too.
       const int64_t len = src.wq == src.ow ? qend - q : std::min(src.ow - c, qend - q);
       const int64_t o = out_g + co0 * ohow + row * src.ow + c;
-      for (int64_t i = 0; i < rows; ++i) e.store(o + i * ohow, &tmp[i][q - q0], len);
+      for (int64_t i = 0; i < rows; ++i) {
+        if (e.residual) e.add_residual(o + i * ohow, &tmp[i][q - q0], len);
+        e.store(o + i * ohow, &tmp[i][q - q0], len);
+      }
       q += len;
     }
   }
@@ -258,11 +299,16 @@ void conv_tiles(const Source& src, const Bsr& w, const Epilogue& e) {
   const int tail_nv = static_cast<int>((src.img_q - (strips - 1) * SW + kW - 1) / kW);
   const int64_t ntiles = src.n_img * strips * w.R;
   // Tiles run in (image, strip, block row) order, so a thread keeps one strip
-  // of input in L2 across block rows. Threads get contiguous runs of equal
-  // estimated cost (nonzero k steps x vectors, plus the epilogue) rather than
-  // equal tile counts: block rows differ in density and tail strips are narrow.
+  // of input in L2 across block rows. They are cut into kChunksPerThread
+  // contiguous chunks per thread of equal estimated cost (nonzero k steps x
+  // vectors, plus the epilogue; block rows differ in density and tail strips
+  // are narrow), which the threads claim in turn from a shared counter
+  // (share_work): a thread that starts late (woken late, or preempted on a
+  // loaded machine) leaves its chunks to the others instead of making every
+  // call wait for it.
   const int64_t nthreads = std::min<int64_t>(at::get_num_threads(), ntiles);
-  std::vector<int64_t> split(nthreads + 1, ntiles);
+  const int64_t nchunks = std::min<int64_t>(nthreads * kChunksPerThread, ntiles);
+  std::vector<int64_t> split(nchunks + 1, ntiles);
   {
     auto cost = [&](int64_t t) {
       const int64_t r = t % w.R, strip = (t / w.R) % strips;
@@ -272,14 +318,14 @@ void conv_tiles(const Source& src, const Bsr& w, const Epilogue& e) {
     for (int64_t t = 0; t < ntiles; ++t) total += cost(t);
     split[0] = 0;
     int64_t acc = 0, i = 1;
-    for (int64_t t = 0; t < ntiles && i < nthreads; ++t) {
+    for (int64_t t = 0; t < ntiles && i < nchunks; ++t) {
       acc += cost(t);
-      while (i < nthreads && acc * nthreads >= total * i) split[i++] = t + 1;
+      while (i < nchunks && acc * nchunks >= total * i) split[i++] = t + 1;
     }
   }
   const std::vector<int64_t> steps = step_offsets(w, src.off);
-  at::parallel_for(0, nthreads, 1, [&](int64_t first, int64_t last) {
-    for (int64_t t = split[first]; t < split[last]; ++t) {
+  share_work(nchunks, [&](int64_t c) {
+    for (int64_t t = split[c]; t < split[c + 1]; ++t) {
       const int64_t r = t % w.R;
       const int64_t strip = (t / w.R) % strips;
       const int64_t g = t / (w.R * strips);
@@ -302,8 +348,9 @@ void copy_to_phase_planes(const T* x, float* buf, int64_t NC, int64_t H, int64_t
                           int64_t sh, int64_t sw, int64_t Hq, int64_t Wq, const std::vector<char>& used,
                           bool zero_borders) {
   const int64_t plane = Hq * Wq, P = sh * sw;
-  at::parallel_for(0, NC, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t nc = begin; nc < end; ++nc) {
+  const int64_t chunks = std::min<int64_t>(NC, at::get_num_threads() * kChunksPerThread);
+  share_work(chunks, [&](int64_t c) {
+    for (int64_t nc = NC * c / chunks; nc < NC * (c + 1) / chunks; ++nc) {
       const T* src_plane = x + nc * H * W;
       if (sh == 1 && sw == 1 && pw == 0) {  // no column padding: the plane's rows are one run
         float* d = buf + nc * plane;
@@ -391,7 +438,7 @@ struct ConvGeometry {
 ConvGeometry check_arguments(const at::Tensor& input, const at::Tensor& values, const at::Tensor& col_idx,
                              const at::Tensor& row_ptr, const std::optional<at::Tensor>& bias, at::IntArrayRef kernel,
                              at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-                             int64_t out_channels) {
+                             int64_t out_channels, const std::optional<at::Tensor>& residual) {
   constexpr const char* op = "pycompress::block_sparse_conv2d: ";
   TORCH_CHECK_VALUE(input.dim() == 4, op, "input must be 4-D (N, C, H, W), got ", input.dim(), "-D");
   const at::ScalarType dtype = input.scalar_type();
@@ -430,6 +477,13 @@ ConvGeometry check_arguments(const at::Tensor& input, const at::Tensor& values, 
     TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == out_channels, op, "bias must be (", out_channels,
                       ",), got ", bias->sizes());
     TORCH_CHECK_TYPE(bias->scalar_type() == at::kFloat, op, "bias must be float32, got ", bias->scalar_type());
+  }
+  if (residual.has_value() && residual->defined()) {
+    TORCH_CHECK_VALUE(residual->sizes() == at::IntArrayRef({g.N, out_channels, g.OH, g.OW}), op,
+                      "residual must have the output's shape (", g.N, ", ", out_channels, ", ", g.OH, ", ", g.OW,
+                      "), got ", residual->sizes());
+    TORCH_CHECK_TYPE(residual->scalar_type() == dtype, op, "residual must have the input's dtype ", dtype,
+                     ", got ", residual->scalar_type());
   }
   return g;
 }
@@ -546,9 +600,12 @@ void dispatch_tiles(const Source& src, SourceKind kind, bool tall_tiles, const a
 at::Tensor block_sparse_conv2d_cpu(const at::Tensor& input_in, const at::Tensor& values_in, const at::Tensor& col_idx_in,
                                    const at::Tensor& row_ptr_in, const std::optional<at::Tensor>& bias_in,
                                    at::IntArrayRef kernel, at::IntArrayRef stride, at::IntArrayRef padding,
-                                   at::IntArrayRef dilation, int64_t out_channels, bool relu) {
+                                   at::IntArrayRef dilation, int64_t out_channels, bool relu,
+                                   const std::optional<at::Tensor>& residual_in) {
   const ConvGeometry g = check_arguments(input_in, values_in, col_idx_in, row_ptr_in, bias_in, kernel, stride,
-                                         padding, dilation, out_channels);
+                                         padding, dilation, out_channels, residual_in);
+  at::Tensor residual;
+  if (residual_in.has_value() && residual_in->defined()) residual = residual_in->contiguous();
   at::Tensor bias_t;
   if (bias_in.has_value() && bias_in->defined()) bias_t = bias_in->contiguous();
   const at::Tensor input = input_in.contiguous();
@@ -558,7 +615,7 @@ at::Tensor block_sparse_conv2d_cpu(const at::Tensor& input_in, const at::Tensor&
   const int64_t* rptr = rptr_t.const_data_ptr<int64_t>();
   check_block_indices(cols, rptr, values.size(0), g);
 
-  at::Tensor out = empty_hugepage({g.N, out_channels, g.OH, g.OW}, input.options());
+  at::Tensor out = empty_hugepage({g.N, out_channels, g.OH, g.OW}, input.options(), BlockCache::activations());
   if (out.numel() == 0) return out;
   // 1x1 convs read the input in place, with 8 x 3 tiles when the block rows
   // allow: each k is a different channel plane, so no cache line is shared
@@ -566,7 +623,7 @@ at::Tensor block_sparse_conv2d_cpu(const at::Tensor& input_in, const at::Tensor&
   // FMA (measured 180 vs 150 GFLOP/s at 50 %, 1 thread). Images smaller than
   // one strip go through the padded copy, whose slack the strip may run into.
   const bool pointwise = g.kh == 1 && g.kw == 1 && g.sh == 1 && g.sw == 1 && g.ph == 0 && g.pw == 0;
-  const bool tall_tiles = pointwise && g.bo % 8 == 0;
+  const bool tall_tiles = kTallTiles && pointwise && g.bo % 8 == 0;
   const bool strip_fits = g.H * g.W >= (tall_tiles ? 3 : kNV) * kW;
   SourceKind kind = SourceKind::kPhasePlanes;
   if (pointwise && g.dtype == at::kFloat && strip_fits) kind = SourceKind::kDirect;
@@ -576,7 +633,7 @@ at::Tensor block_sparse_conv2d_cpu(const at::Tensor& input_in, const at::Tensor&
 #endif
   const Source src = make_source(kind, input, g);
   const Epilogue e{bias_t.defined() ? bias_t.const_data_ptr<float>() : nullptr, relu, out_channels, g.OH * g.OW,
-                   out.data_ptr(), g.dtype};
+                   out.data_ptr(), g.dtype, residual.defined() ? residual.const_data_ptr() : nullptr};
   dispatch_tiles(src, kind, tall_tiles, values, cols, rptr, g, e);
   return out;
 }

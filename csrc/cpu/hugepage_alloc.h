@@ -7,10 +7,14 @@
 // to the kernel on every free, so each call would pay again. Two remedies:
 //   * blocks are 2 MiB-aligned and advised MADV_HUGEPAGE (THP runs in
 //     `madvise` mode here), so a first touch faults 2 MiB at a time;
-//   * the most recently freed block is kept (one block, process-wide) and
-//     handed to the next request of the same size: a training loop's
-//     per-step gradient then reuses already-faulted memory. At most one idle
-//     block is held; pycompress.empty_cache() returns it.
+//   * freed blocks are kept and handed to the next request of the same size,
+//     so a training loop's per-step gradient, or an inference loop's
+//     activations, reuse already-faulted memory. The shared cache (get())
+//     keeps only the newest idle block; the activations cache of the
+//     block-sparse layers (activations()) keeps every idle block up to
+//     kActivationBytes in all (a network's outputs come in a few sizes that
+//     alternate, so one block would fault on most calls).
+//     pycompress.empty_cache() returns both.
 // Small tensors use the ordinary allocator.
 #pragma once
 
@@ -18,6 +22,8 @@
 
 #include <cstdlib>
 #include <mutex>
+#include <utility>
+#include <vector>
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -27,43 +33,65 @@ namespace pycompress {
 
 class BlockCache {
  public:
+  // Keeps the newest idle block, and older ones while all idle blocks fit in max_idle_bytes.
+  explicit BlockCache(size_t max_idle_bytes) : max_idle_bytes_(max_idle_bytes) {}
   static BlockCache& get() {
-    static BlockCache cache;
+    static BlockCache cache(0);
     return cache;
   }
-  // A cached block of exactly `bytes`, or nullptr (dropping a cached block of another size).
+  static constexpr size_t kActivationBytes = size_t(256) << 20;
+  static BlockCache& activations() {
+    static BlockCache cache(kActivationBytes);
+    return cache;
+  }
+  // A cached block of exactly `bytes`, or nullptr (the one-block cache then drops its block).
   void* take(size_t bytes) {
     std::lock_guard<std::mutex> lock(mutex_);
-    void* out = nullptr;
-    if (ptr_ != nullptr && bytes_ == bytes) out = ptr_;
-    else std::free(ptr_);
-    ptr_ = nullptr;
-    return out;
+    for (size_t i = 0; i < blocks_.size(); ++i) {
+      if (blocks_[i].second != bytes) continue;
+      void* out = blocks_[i].first;
+      idle_bytes_ -= bytes;
+      blocks_.erase(blocks_.begin() + i);
+      return out;
+    }
+    if (max_idle_bytes_ == 0) free_all();
+    return nullptr;
   }
   void give_back(void* ptr, size_t bytes) {
     std::lock_guard<std::mutex> lock(mutex_);
-    std::free(ptr_);  // keep only the newest block
-    ptr_ = ptr;
-    bytes_ = bytes;
+    blocks_.insert(blocks_.begin(), {ptr, bytes});  // newest first
+    idle_bytes_ += bytes;
+    while (blocks_.size() > 1 && idle_bytes_ > max_idle_bytes_) {  // drop the oldest
+      idle_bytes_ -= blocks_.back().second;
+      std::free(blocks_.back().first);
+      blocks_.pop_back();
+    }
   }
   void clear() {
     std::lock_guard<std::mutex> lock(mutex_);
-    std::free(ptr_);
-    ptr_ = nullptr;
+    free_all();
   }
 
  private:
+  void free_all() {
+    for (auto& b : blocks_) std::free(b.first);
+    blocks_.clear();
+    idle_bytes_ = 0;
+  }
+
   std::mutex mutex_;
-  void* ptr_ = nullptr;
-  size_t bytes_ = 0;
+  std::vector<std::pair<void*, size_t>> blocks_;
+  size_t idle_bytes_ = 0;
+  const size_t max_idle_bytes_;
 };
 
-inline at::Tensor empty_hugepage(at::IntArrayRef sizes, const at::TensorOptions& options) {
+inline at::Tensor empty_hugepage(at::IntArrayRef sizes, const at::TensorOptions& options,
+                                 BlockCache& cache = BlockCache::get()) {
   constexpr size_t kHuge = size_t(2) << 20;
   const size_t bytes = static_cast<size_t>(c10::multiply_integers(sizes)) * options.dtype().itemsize();
   if (bytes < 2 * kHuge || options.device().type() != at::kCPU) return at::empty(sizes, options);
   const size_t rounded = (bytes + kHuge - 1) / kHuge * kHuge;
-  void* ptr = BlockCache::get().take(rounded);
+  void* ptr = cache.take(rounded);
   if (ptr == nullptr) {
     ptr = std::aligned_alloc(kHuge, rounded);
     TORCH_CHECK(ptr != nullptr, "pycompress: out of memory allocating ", bytes, " bytes");
@@ -71,7 +99,7 @@ inline at::Tensor empty_hugepage(at::IntArrayRef sizes, const at::TensorOptions&
     madvise(ptr, rounded, MADV_HUGEPAGE);  // advisory: failure only costs speed
 #endif
   }
-  return at::from_blob(ptr, sizes, [rounded](void* p) { BlockCache::get().give_back(p, rounded); }, options);
+  return at::from_blob(ptr, sizes, [rounded, &cache](void* p) { cache.give_back(p, rounded); }, options);
 }
 
 }  // namespace pycompress

@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn.modules.utils import _pair
 
 from pycompress import functional as PF
-from pycompress.ops.block_sparse import block_rows, bsr_to_dense, dense_to_blocks
+from pycompress.ops.block_sparse import block_rows, bsr_to_dense, conv_out_size, dense_to_blocks
 
 # Above this density the CPU kernel is no faster than oneDNN's dense conv on
 # ResNet-50 shapes: at density 0.5 it still wins by 1.05-1.45x with 2 threads
@@ -199,10 +199,15 @@ class BlockSparseConv2d(_BlockSparseWeight):
         block_size ((int, int), optional): (bo, bk), bo output channels by bk columns
             of the GEMM view; default :func:`default_block_size`.
         dense_threshold (float): largest density that still runs block-sparse.
-        relu (bool): apply ReLU to the output (fused into the sparse kernel).
+        relu (bool): apply ReLU to the output (fused into the sparse kernel); with a
+            residual, after adding it.
 
     Shape:
         - input: (N, in_channels, H, W)
+        - residual (optional forward argument): broadcastable to the output; of the
+          output's shape and the input's dtype it is added in the kernel's store
+          (:func:`pycompress.sparsity.fuse_epilogues` passes a ResNet's shortcut),
+          otherwise by torch after the conv
         - output: (N, out_channels, OH, OW), as ``nn.Conv2d``
 
     Example:
@@ -270,21 +275,36 @@ class BlockSparseConv2d(_BlockSparseWeight):
                 conv.bias.copy_(self.bias)
         return conv
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         if not isinstance(input, torch.Tensor):
             raise TypeError(f"BlockSparseConv2d expects a Tensor input, got {type(input).__name__}")
+        if residual is not None and not isinstance(residual, torch.Tensor):
+            raise TypeError(f"BlockSparseConv2d: residual must be a Tensor or None, got {type(residual).__name__}")
         if input.dim() != 4:
             raise ValueError(f"BlockSparseConv2d expects a 4-D (N, C, H, W) input, got shape {tuple(input.shape)}")
         if input.shape[1] != self.in_channels:
             raise ValueError(f"BlockSparseConv2d expects {self.in_channels} input channels, got {input.shape[1]} "
                              f"(input shape {tuple(input.shape)})")
+        out_shape = (input.shape[0], self.out_channels,
+                     *(conv_out_size(input.shape[2 + i], self.kernel_size[i], self.stride[i], self.padding[i],
+                                     self.dilation[i]) for i in range(2)))
+        # The kernel adds a residual of exactly the output's shape and dtype; torch adds any other.
+        in_kernel = residual is None or (tuple(residual.shape) == out_shape and residual.dtype == input.dtype)
         if self.dense_reason() is not None:
             w = self.weight2d().reshape(self.out_channels, self.in_channels // self.groups, *self.kernel_size)
             out = F.conv2d(input, w.to(input.dtype), self.bias if self.bias is None else self.bias.to(input.dtype),
                            self.stride, self.padding, self.dilation, self.groups)
-            return torch.relu(out) if self.relu else out
-        return PF.block_sparse_conv2d(input, self.values, self.col_idx, self.row_ptr, self.bias, self.kernel_size,
-                                      self.out_channels, self.stride, self.padding, self.dilation, self.relu)
+        elif in_kernel:
+            return PF.block_sparse_conv2d(input, self.values, self.col_idx, self.row_ptr, self.bias,
+                                          self.kernel_size, self.out_channels, self.stride, self.padding,
+                                          self.dilation, self.relu, residual)
+        else:
+            out = PF.block_sparse_conv2d(input, self.values, self.col_idx, self.row_ptr, self.bias,
+                                         self.kernel_size, self.out_channels, self.stride, self.padding,
+                                         self.dilation)
+        if residual is not None:
+            out = out + residual
+        return torch.relu(out) if self.relu else out
 
     def extra_repr(self) -> str:
         s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "

@@ -22,7 +22,7 @@ def conv_out_size(size, kernel, stride, padding, dilation):
 
 
 def _block_sparse_conv2d_fake(input, values, col_idx, row_ptr, bias, kernel, stride, padding, dilation,
-                              out_channels, relu):
+                              out_channels, relu, residual=None):
     op = "pycompress::block_sparse_conv2d: "
     torch._check(input.dim() == 4, lambda: f"{op}input must be 4-D (N, C, H, W), got {input.dim()}-D")
     torch._check(values.dim() == 3, lambda: f"{op}values must be 3-D (nnzb, bk, bo), got {values.dim()}-D")
@@ -43,7 +43,13 @@ def _block_sparse_conv2d_fake(input, values, col_idx, row_ptr, bias, kernel, str
     oh = conv_out_size(input.shape[2], kernel[0], stride[0], padding[0], dilation[0])
     ow = conv_out_size(input.shape[3], kernel[1], stride[1], padding[1], dilation[1])
     torch._check(oh >= 1 and ow >= 1, lambda: f"{op}input {tuple(input.shape)} is smaller than the dilated kernel")
-    return input.new_empty(input.shape[0], out_channels, oh, ow)
+    out_shape = (input.shape[0], out_channels, oh, ow)
+    if residual is not None:
+        torch._check(tuple(residual.shape) == out_shape,
+                     lambda: f"{op}residual must have the output's shape {out_shape}, got {tuple(residual.shape)}")
+        torch._check(residual.dtype == input.dtype,
+                     lambda: f"{op}residual must have the input's dtype {input.dtype}, got {residual.dtype}")
+    return input.new_empty(out_shape)
 
 
 def block_rows(row_ptr: torch.Tensor) -> torch.Tensor:
@@ -72,19 +78,22 @@ def dense_to_blocks(weight2d, bk, bo, row_idx, col_idx):
 
 
 def _setup_context(ctx, inputs, output):
-    # inputs[11:]: the Triton op's launch options, which take no gradient.
+    # inputs[12:]: the Triton op's launch options, which take no gradient.
     input, values, col_idx, row_ptr, bias, kernel, stride, padding, dilation, out_channels, relu = inputs[:11]
+    residual = inputs[11] if len(inputs) > 11 else None
     ctx.n_inputs = len(inputs)
     ctx.save_for_backward(input, values, col_idx, row_ptr, output if relu else None)
     ctx.conv = (list(kernel), list(stride), list(padding), list(dilation), out_channels)
     ctx.has_bias = bias is not None
+    ctx.has_residual = residual is not None
 
 
 def _backward(ctx, grad_out):
     input, values, col_idx, row_ptr, output = ctx.saved_tensors
     kernel, stride, padding, dilation, out_channels = ctx.conv
-    if output is not None:  # fused ReLU
+    if output is not None:  # fused ReLU (after the residual add)
         grad_out = grad_out * (output > 0)
+    grad_residual = grad_out if ctx.has_residual and ctx.needs_input_grad[11] else None
     # fp32 like the forward's accumulation; grad_input goes back to the input's dtype.
     in_dtype, input, grad_out = input.dtype, input.float(), grad_out.float()
     k = input.shape[1] * kernel[0] * kernel[1]
@@ -99,7 +108,8 @@ def _backward(ctx, grad_out):
                                       block_rows(row_ptr), col_idx)
     if ctx.has_bias and ctx.needs_input_grad[4]:
         grad_bias = grad_out.sum((0, 2, 3))
-    return (grad_input, grad_values, None, None, grad_bias) + (None,) * (ctx.n_inputs - 5)
+    grads = (grad_input, grad_values, None, None, grad_bias) + (None,) * 6 + (grad_residual,)
+    return (grads + (None,) * ctx.n_inputs)[:ctx.n_inputs]
 
 
 if _extension.has_ops():

@@ -30,7 +30,8 @@ def onnx_custom_op_layers(model: nn.Module) -> List[str]:
     return [name for name, m in model.named_modules() if isinstance(m, (BlockSparseConv2d, BlockSparseLinear))]
 
 
-def export_onnx(model: nn.Module, example_inputs, path: str, *, output_names: Sequence[str] = None) -> str:
+def export_onnx(model: nn.Module, example_inputs, path: str, *, output_names: Sequence[str] = None,
+                opset_version: int = None) -> str:
     """Exports ``model`` (eval mode) to ONNX at ``path`` with torch.onnx's dynamo exporter.
 
     Args:
@@ -38,6 +39,8 @@ def export_onnx(model: nn.Module, example_inputs, path: str, *, output_names: Se
         example_inputs (Tensor | tuple): inputs of one forward, e.g. ``(1, 3, 64, 64)`` images.
         path (str): the ``.onnx`` file to write.
         output_names (sequence of str, optional): names of the graph outputs.
+        opset_version (int, optional): the ONNX opset; default the exporter's (older
+            runtimes such as DeepSparse 1.8 read opsets up to 19).
 
     Returns:
         str: ``path``.
@@ -58,7 +61,8 @@ def export_onnx(model: nn.Module, example_inputs, path: str, *, output_names: Se
         raise ImportError("ONNX export needs the deploy extra: pip install 'pycompress[deploy]'") from e
     model = model.eval()
     program = torch.onnx.export(model, example_tuple(example_inputs), dynamo=True, verbose=False,
-                                output_names=list(output_names) if output_names else None)
+                                output_names=list(output_names) if output_names else None,
+                                opset_version=opset_version)
     program.save(path)
     return path
 

@@ -8,6 +8,7 @@ default ``inplace=None`` still converts in place, with a DeprecationWarning.
 
 import copy
 import fnmatch
+import operator
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -92,8 +93,16 @@ class FoldedBatchNorm:
     relu: Optional[str] = None  # the nn.ReLU module that alone consumes the BN's output
 
 
+@dataclass
+class FusedEpilogue:
+    conv: str                   # the BlockSparseConv2d whose store now does the work
+    add: Optional[str] = None   # the fx node of the removed residual add, if any
+    relu: Optional[str] = None  # the fx node of the removed ReLU (after the add), now the conv's own
+
+
 class FoldReport(list):
-    """The folded pairs (a list of :class:`FoldedBatchNorm`) and ``model``, the folded model."""
+    """What was fused (a list of :class:`FoldedBatchNorm` or :class:`FusedEpilogue`) and
+    ``model``, the rewritten model."""
 
     def __init__(self, folded=(), model: Optional[nn.Module] = None):
         super().__init__(folded)
@@ -114,6 +123,16 @@ class _LeafTracer(torch.fx.Tracer):
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return isinstance(m, (BlockSparseConv2d, BlockSparseLinear)) or super().is_leaf_module(m, qualname)
+
+
+def _trace(model: nn.Module, fn: str):
+    """(fx graph, modules by name, calls per module) of ``model``; ValueError naming ``fn`` if untraceable."""
+    try:
+        graph = _LeafTracer().trace(model)
+    except Exception as exc:  # fx raises many types for untraceable code
+        raise ValueError(f"{fn} needs a torch.fx-traceable model; tracing failed with "
+                         f"{type(exc).__name__}: {exc}") from exc
+    return graph, dict(model.named_modules()), Counter(n.target for n in graph.nodes if n.op == "call_module")
 
 
 def _fold_into_block_sparse(conv: BlockSparseConv2d, bn: nn.BatchNorm2d) -> None:
@@ -167,13 +186,7 @@ def fold_batchnorm(model: nn.Module, convs: Optional[Sequence[str]] = None,
     if model.training:
         raise ValueError("fold_batchnorm folds eval-mode statistics: call model.eval() first")
     model = _conversion_target(model, inplace, "fold_batchnorm")
-    try:
-        graph = _LeafTracer().trace(model)
-    except Exception as exc:  # fx raises many types for untraceable code
-        raise ValueError(f"fold_batchnorm needs a torch.fx-traceable model; tracing failed with "
-                         f"{type(exc).__name__}: {exc}") from exc
-    modules = dict(model.named_modules())
-    calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
+    graph, modules, calls = _trace(model, "fold_batchnorm")
     allowed = None if convs is None else set(convs)
 
     def single_module_user(node, kind):
@@ -208,6 +221,112 @@ def fold_batchnorm(model: nn.Module, convs: Optional[Sequence[str]] = None,
         _set_submodule(model, bn_node.target, nn.Identity())
         folded.append(FoldedBatchNorm(node.target, bn_node.target, relu_node.target if relu_node else None))
     return FoldReport(folded, model)
+
+
+_ADDS = {operator.add, torch.add}
+_RELUS = {torch.relu, torch.nn.functional.relu, torch.relu_}
+
+
+def _is_relu(node: torch.fx.Node, modules: Dict[str, nn.Module], calls: Counter) -> bool:
+    """``node`` is a plain ReLU of its one argument: torch.relu, F.relu, ``.relu()`` or a once-called nn.ReLU."""
+    if node.op == "call_function":
+        return node.target in _RELUS and len(node.args) == 1 and set(node.kwargs) <= {"inplace"}
+    if node.op == "call_method":
+        return node.target in ("relu", "relu_") and len(node.args) == 1 and not node.kwargs
+    return (node.op == "call_module" and isinstance(modules.get(node.target), nn.ReLU)
+            and calls[node.target] == 1 and len(node.args) == 1)
+
+
+def fuse_epilogues(model: nn.Module, inplace: bool = False) -> FoldReport:
+    """Moves residual adds and ReLUs that follow a block-sparse conv into the conv's store.
+
+    For inference, after :func:`fold_batchnorm` (or ``block_sparsify(..., fold_bn=True)``):
+    ``relu(conv(x) + shortcut)`` becomes ``conv(x, shortcut)`` with the conv's fused ReLU on,
+    one kernel instead of a conv, an add and a ReLU, each reading and writing the whole
+    map; ``relu(conv(x))`` becomes ``conv(x)`` with its ReLU on (the functional ReLUs
+    that :func:`block_sparsify` leaves). The model is traced with torch.fx and the graph
+    rewritten; the add may be
+    ``+``, ``torch.add`` without ``alpha`` or ``.add``, the ReLU ``torch.relu``, ``F.relu``,
+    ``.relu()`` or a once-called ``nn.ReLU``. A conv is fused when it is a
+    :class:`~pycompress.nn.BlockSparseConv2d` called once, without a fused ReLU of its own
+    (that ReLU would come before the add), whose output feeds the add alone (through
+    ``nn.Identity`` modules, e.g. folded BatchNorms); of two such operands the first is
+    fused and the other becomes the residual. A residual whose shape or dtype differs
+    from the conv's output at run time is added by torch instead (broadcasting as ``+``).
+
+    Args:
+        model (nn.Module): an eval-mode, torch.fx-traceable model; rewritten in a copy, or
+            in place with ``inplace=True`` (its forward is then no longer the rewritten one:
+            use the returned ``.model``).
+
+    Returns:
+        FoldReport: the list of :class:`FusedEpilogue` (residual adds first, then lone
+        ReLUs); ``.model`` is the rewritten
+        ``torch.fx.GraphModule`` (the same parameters and state_dict keys).
+
+    Example:
+        >>> sparse = block_sparsify(model.eval(), 0.9, fold_bn=True, inplace=False).model
+        >>> fast = fuse_epilogues(sparse, inplace=False).model
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fuse_epilogues expects an nn.Module, got {type(model).__name__}")
+    if model.training:
+        raise ValueError("fuse_epilogues rewrites a model for inference: call model.eval() first")
+    model = model if inplace else copy.deepcopy(model)
+    graph, modules, calls = _trace(model, "fuse_epilogues")
+
+    def fusable_conv(operand: torch.fx.Node):
+        """(conv node, identity nodes after it) when ``operand`` is a fusable conv's output."""
+        chain = []
+        while (operand.op == "call_module" and isinstance(modules.get(operand.target), nn.Identity)
+               and len(operand.users) == 1 and len(operand.args) == 1):
+            chain.append(operand)
+            operand = operand.args[0]
+        conv = modules.get(operand.target) if operand.op == "call_module" else None
+        ok = (isinstance(conv, BlockSparseConv2d) and calls[operand.target] == 1 and not conv.relu
+              and len(operand.users) == 1 and len(operand.args) == 1 and not operand.kwargs)
+        return (operand, chain) if ok else None
+
+    fused = []
+    for add in list(graph.nodes):
+        is_add = ((add.op == "call_function" and add.target in _ADDS) or
+                  (add.op == "call_method" and add.target == "add"))
+        if not is_add or len(add.args) != 2 or add.kwargs or not all(isinstance(a, torch.fx.Node) for a in add.args):
+            continue
+        for i, operand in enumerate(add.args):
+            found = fusable_conv(operand)
+            if found is not None and add.args[1 - i] is not operand:
+                break
+        else:
+            continue
+        conv_node, chain = found
+        residual = add.args[1 - i]
+        relu = next(iter(add.users)) if len(add.users) == 1 else None
+        relu = relu if relu is not None and _is_relu(relu, modules, calls) and relu.args[0] is add else None
+        with graph.inserting_before(add):
+            new = graph.call_module(conv_node.target, (conv_node.args[0], residual))
+        last = relu if relu is not None else add
+        last.replace_all_uses_with(new)
+        for node in [relu, add, *chain, conv_node]:
+            if node is not None:
+                graph.erase_node(node)
+        conv = modules[conv_node.target]
+        conv.relu = relu is not None
+        fused.append(FusedEpilogue(conv_node.target, add.name, relu.name if relu is not None else None))
+    for relu in list(graph.nodes):
+        if not (_is_relu(relu, modules, calls) and isinstance(relu.args[0], torch.fx.Node)):
+            continue
+        found = fusable_conv(relu.args[0])
+        if found is None:
+            continue
+        conv_node, chain = found
+        relu.replace_all_uses_with(conv_node)
+        for node in [relu, *chain]:
+            graph.erase_node(node)
+        modules[conv_node.target].relu = True
+        fused.append(FusedEpilogue(conv_node.target, relu=relu.name))
+    graph.lint()
+    return FoldReport(fused, torch.fx.GraphModule(model, graph))
 
 
 def block_sparsify(model: nn.Module, sparsity: float = 0.9, block_size=None, include: Selector = None,

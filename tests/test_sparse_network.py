@@ -1,0 +1,209 @@
+"""Whole-network block-sparse inference: the fused residual epilogue (op, module, fx rewrite),
+recycled outputs, and sparse networks against their float64 masked dense twins."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pycompress.functional import block_sparse_conv2d
+from pycompress.models.nets import ResNetStyle
+from pycompress.nn import BlockSparseConv2d
+from pycompress.sparsity import FusedEpilogue, block_sparsify, fuse_epilogues
+from tests.test_block_sparse import masked_dense_twin, ref_conv
+
+pytestmark = pytest.mark.skipif(not torch.ops.pycompress.block_sparse_conv2d.default, reason="no _C")
+
+
+def _randomize_bn(model):
+    torch.manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    return model.eval()
+
+
+def _sparse_resnet(sparsity, width=16):
+    torch.manual_seed(0)
+    model = _randomize_bn(ResNetStyle(width=width, in_channels=3))
+    return block_sparsify(model, sparsity, fold_bn=True, inplace=False).model
+
+
+# ---- the op's residual epilogue ----
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("k,stride,hw", [(3, 1, 13), (1, 1, 20), (3, 2, 14), (1, 1, 3)])
+def test_residual_epilogue_matches_conv_plus_residual(k, stride, hw, relu, dtype):
+    torch.manual_seed(2)
+    conv = nn.Conv2d(16, 24, k, stride, k // 2)
+    m = BlockSparseConv2d.from_dense(conv, 0.6, block_size=(8, 8), dense_threshold=1.0)
+    x = torch.randn(2, 16, hw, hw)
+    residual = torch.randn(2, 24, (hw + 2 * (k // 2) - k) // stride + 1, (hw + 2 * (k // 2) - k) // stride + 1)
+    with torch.no_grad():
+        want = ref_conv(x.double(), conv.double(), m.block_mask(), 8, 8) + residual.double()
+        want = torch.relu(want) if relu else want
+        got = block_sparse_conv2d(x.to(dtype), m.values, m.col_idx, m.row_ptr, m.bias, k, 24, stride, k // 2,
+                                  relu=relu, residual=residual.to(dtype))
+    assert got.dtype == dtype
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=0.1, rtol=0.05)
+    torch.testing.assert_close(got.double(), want, **tol)
+
+
+def test_residual_gradients_match_dense():
+    torch.manual_seed(3)
+    conv = nn.Conv2d(8, 16, 3, padding=1)
+    m = BlockSparseConv2d.from_dense(conv, 0.5, block_size=(8, 8), dense_threshold=1.0, relu=True)
+    x = torch.randn(2, 8, 6, 6, requires_grad=True)
+    residual = torch.randn(2, 16, 6, 6, requires_grad=True)
+    dense = m.to_dense()
+    (m(x, residual) ** 2).sum().backward()
+    grads = (x.grad, residual.grad, m.values.grad, m.bias.grad)
+    x2, r2 = x.detach().clone().requires_grad_(), residual.detach().clone().requires_grad_()
+    (torch.relu(dense(x2) + r2) ** 2).sum().backward()
+    mask = m.block_mask().repeat_interleave(8, 0).repeat_interleave(8, 1).reshape(16, 8, 3, 3)
+    torch.testing.assert_close(grads[0], x2.grad, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(grads[1], r2.grad, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(grads[3], dense.bias.grad, atol=1e-4, rtol=1e-4)
+    dense_values = BlockSparseConv2d.from_dense(dense, block_mask=m.block_mask(), block_size=(8, 8)).values
+    assert dense_values.shape == grads[2].shape
+    w_grad = (dense.weight.grad * mask).reshape(16, -1)
+    # the kept blocks' gradient, in the values' (nnzb, bk, bo) layout
+    from pycompress.ops.block_sparse import block_rows, dense_to_blocks
+    torch.testing.assert_close(grads[2], dense_to_blocks(w_grad, 8, 8, block_rows(m.row_ptr), m.col_idx),
+                               atol=1e-4, rtol=1e-4)
+
+
+def test_residual_op_passes_opcheck():
+    torch.manual_seed(4)
+    m = BlockSparseConv2d.from_dense(nn.Conv2d(8, 8, 3, padding=1), 0.5, block_size=(8, 8), dense_threshold=1.0)
+    args = (torch.randn(1, 8, 5, 5, requires_grad=True), m.values.detach().requires_grad_(), m.col_idx, m.row_ptr,
+            m.bias.detach(), [3, 3], [1, 1], [1, 1], [1, 1], 8, True, torch.randn(1, 8, 5, 5, requires_grad=True))
+    torch.library.opcheck(torch.ops.pycompress.block_sparse_conv2d.default, args)
+
+
+def test_residual_bad_inputs_name_the_argument():
+    m = BlockSparseConv2d.from_dense(nn.Conv2d(8, 8, 3, padding=1), 0.5, block_size=(8, 8), dense_threshold=1.0)
+    x = torch.randn(1, 8, 5, 5)
+    op = torch.ops.pycompress.block_sparse_conv2d
+    args = (x, m.values.detach(), m.col_idx, m.row_ptr, None, [3, 3], [1, 1], [1, 1], [1, 1], 8, False)
+    with pytest.raises(ValueError, match="residual must have the output's shape"):
+        op(*args, torch.randn(1, 8, 5, 4))
+    with pytest.raises(TypeError, match="residual must have the input's dtype"):
+        op(*args, torch.randn(1, 8, 5, 5, dtype=torch.float64))
+    with pytest.raises(TypeError, match="residual must be a Tensor"):
+        block_sparse_conv2d(x, m.values, m.col_idx, m.row_ptr, None, 3, 8, padding=1, residual=[1.0])
+    with pytest.raises(TypeError, match="residual must be a Tensor"):
+        m(x, 1.0)
+
+
+def test_module_adds_a_broadcast_residual_unfused():
+    torch.manual_seed(5)
+    conv = nn.Conv2d(8, 8, 3, padding=1)
+    m = BlockSparseConv2d.from_dense(conv, 0.5, block_size=(8, 8), dense_threshold=1.0, relu=True)
+    x, bias = torch.randn(2, 8, 5, 5), torch.randn(8, 1, 1)
+    with torch.no_grad():
+        want = torch.relu(ref_conv(x, conv, m.block_mask(), 8, 8) + bias)
+        torch.testing.assert_close(m(x, bias), want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(m(x, bias.double().expand(2, 8, 5, 5)), want.double(), atol=1e-5, rtol=1e-5)
+
+
+def test_recycled_outputs_do_not_alias_live_tensors():
+    # 8 x 64 x 56 x 56 fp32 outputs come from the recycled huge-page blocks.
+    torch.manual_seed(6)
+    conv = nn.Conv2d(64, 64, 3, padding=1)
+    m = BlockSparseConv2d.from_dense(conv, 0.95, block_size=(8, 8))
+    x1, x2 = torch.randn(8, 64, 56, 56), torch.randn(8, 64, 56, 56)
+    with torch.no_grad():
+        y1 = m(x1)
+        y2 = m(x2)
+        del y2
+        y3 = m(x2, y1)  # y1 is read while a recycled block is written
+        ref1 = ref_conv(x1, conv, m.block_mask(), 8, 8)
+        torch.testing.assert_close(y1, ref1, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(y3, ref_conv(x2, conv, m.block_mask(), 8, 8) + ref1, atol=1e-4, rtol=1e-4)
+
+
+# ---- the fx rewrite ----
+
+def test_fuse_epilogues_fuses_every_resnet_block():
+    sparse = _sparse_resnet(0.75)
+    report = fuse_epilogues(sparse, inplace=False)
+    assert [(f.conv, f.add is not None) for f in report] == (
+        [(f"stages.{i}.conv2", True) for i in range(6)] + [(f"stages.{i}.conv1", False) for i in range(6)])
+    assert all(isinstance(f, FusedEpilogue) and f.relu is not None for f in report)
+    code = report.model.code
+    assert "add" not in code and "relu" not in code
+    assert all(report.model.get_submodule(f.conv).relu for f in report)
+    assert not any(m.relu for n, m in sparse.named_modules() if n.endswith("conv2"))  # the copy was rewritten
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(report.model(x), sparse(x), atol=1e-5, rtol=1e-5)
+    assert report.model.state_dict().keys() == sparse.state_dict().keys()
+
+
+@pytest.mark.parametrize("sparsity", [0.75, 0.9, 0.95])
+def test_sparse_resnet_matches_the_float64_masked_dense_model(sparsity):
+    sparse = _sparse_resnet(sparsity)
+    reference = masked_dense_twin(sparse).double()
+    fused = fuse_epilogues(sparse, inplace=False).model
+    for batch in (1, 3):
+        x = torch.randn(batch, 3, 24, 24)
+        with torch.no_grad():
+            want = reference(x.double())
+            got = fused(x)
+        assert (got.double() - want).abs().max() <= 1e-4 * want.abs().max()
+
+
+class _Variants(nn.Module):
+    """One residual add per ReLU spelling, plus adds that must stay unfused."""
+
+    def __init__(self):
+        super().__init__()
+        make = lambda relu=False: BlockSparseConv2d.from_dense(nn.Conv2d(8, 8, 3, padding=1), 0.5, (8, 8),
+                                                                dense_threshold=1.0, relu=relu)
+        self.a, self.b, self.c, self.d, self.e, self.f, self.g, self.h = (make() for _ in range(8))
+        self.own_relu = make(relu=True)
+        self.act = nn.ReLU()
+        self.ident = nn.Identity()
+
+    def forward(self, x):
+        x = F.relu(self.a(x) + x)
+        x = self.act(torch.add(x, self.ident(self.b(x))))  # conv second, through an Identity
+        x = (self.c(x) + x).relu()
+        x = self.d(x).add(x)  # no ReLU
+        x = self.own_relu(x) + x  # ReLU before the add: not fusable
+        y = self.e(x)
+        x = y + y  # the conv's output is used twice
+        x = torch.relu(self.f(x) + x[:, :1])  # broadcast residual: fused, added by torch at run time
+        x = torch.relu(self.g(x) + x) * 2
+        return F.relu(self.ident(self.h(x)), inplace=True)  # a lone ReLU
+
+
+def test_fuse_epilogues_spellings_and_refusals():
+    torch.manual_seed(7)
+    model = _Variants().eval()
+    report = fuse_epilogues(model, inplace=False)
+    assert [(f.conv, f.add is not None, f.relu is not None) for f in report] == [
+        ("a", True, True), ("b", True, True), ("c", True, True), ("d", True, False), ("f", True, True),
+        ("g", True, True), ("h", False, True)]
+    x = torch.randn(2, 8, 6, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(report.model(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_fuse_epilogues_bad_inputs():
+    with pytest.raises(TypeError, match="nn.Module"):
+        fuse_epilogues("model", inplace=False)
+    with pytest.raises(ValueError, match="eval"):
+        fuse_epilogues(ResNetStyle(), inplace=False)
+
+    class Untraceable(nn.Module):
+        def forward(self, x):
+            return x if x.sum() > 0 else -x
+
+    with pytest.raises(ValueError, match="traceable"):
+        fuse_epilogues(Untraceable().eval(), inplace=False)
