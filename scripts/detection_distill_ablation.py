@@ -170,7 +170,8 @@ def claim_holds(run: str, rule, table: dict) -> str:
     seeds = sorted(set(table[run]) & set(table[ref]))
     diffs = [table[run][s]["test"]["AP50"] - table[ref][s]["test"]["AP50"] for s in seeds]
     if kind == "near":
-        return "yes" if abs(statistics.mean(diffs)) < NEAR else "no"
+        verdict = "yes" if abs(statistics.mean(diffs)) < NEAR else "no"
+        return verdict + (f" ({len(seeds)} of {len(SEEDS)} seeds)" if len(seeds) < len(SEEDS) else "")
     if kind == "below":
         diffs = [-d for d in diffs]
     if kind == "best":
@@ -178,7 +179,8 @@ def claim_holds(run: str, rule, table: dict) -> str:
         means = {r: statistics.mean(table[r][s]["test"]["AP50"] for s in table[r]) for r in labeled}
         if max(means, key=means.get) != run:
             return "no (not the best)"
-    return "yes" if all(d > 0 for d in diffs) else "no" if all(d < 0 for d in diffs) else "mixed"
+    verdict = "yes" if all(d > 0 for d in diffs) else "no" if all(d < 0 for d in diffs) else "mixed"
+    return verdict + (f" ({len(seeds)} of {len(SEEDS)} seeds)" if len(seeds) < len(SEEDS) else "")
 
 
 def summarise(out: str) -> str:
@@ -189,8 +191,8 @@ def summarise(out: str) -> str:
         if run in RUNS and int(seed) in SEEDS:
             table.setdefault(run, {})[seed] = single_run(json.load(open(path)))
 
-    def ms(values):
-        return f"{statistics.mean(values):.3f} ± {statistics.stdev(values) if len(values) > 1 else 0:.3f}"
+    def ms(values):  # one seed has no spread to show
+        return f"{statistics.mean(values):.3f}" + (f" ± {statistics.stdev(values):.3f}" if len(values) > 1 else "")
 
     lines = []
     for name in ("strong", "weak"):
