@@ -11,7 +11,7 @@ Stages, each resumable (a run whose JSON exists is skipped; every JSON is writte
 
 1. ``selection``: lambda_distill of the full method, chosen by val AP50 on seed 100 (not one
    of the table's seeds), the test split withheld from these runs altogether;
-2. ``runs``: the table, one JSON per run and seed in ``<out>/runs/``: the student alone and the
+2. ``runs``: the table, one JSON per run and seed in ``<out>/per_run/``: the student alone and the
    full method at every seed first (the target), then the other rows seed by seed;
 3. ``summary.md`` from whatever JSONs exist (``--summary-only`` rewrites it without training).
 
@@ -136,7 +136,7 @@ def select_lambda(ablation: Ablation) -> float:
     if not os.path.exists(path):
         val = {}
         for lam in LAMBDAS:
-            output = os.path.join(ablation.out, "runs", f"select_lambda{lam:g}_seed{SELECTION_SEED}.json")
+            output = os.path.join(ablation.out, "per_run", f"select_lambda{lam:g}_seed{SELECTION_SEED}.json")
             ablation.run(f"select_lambda{lam:g}", SELECTION_SEED, output, STRONG, 0,
                          dict(BOTH, lambda_distill=lam), with_test=False)
             val[f"{lam:g}"] = single_run(json.load(open(output)))["val"]
@@ -187,7 +187,7 @@ def claim_holds(run: str, rule, table: dict) -> str:
 def summarise(out: str) -> str:
     """summary.md: one row per run, mean ± std over seeds and the paired differences."""
     table = {}  # run -> seed -> {"val", "test"}
-    for path in sorted(glob.glob(os.path.join(out, "runs", "*_seed[0-9]*.json"))):
+    for path in sorted(glob.glob(os.path.join(out, "per_run", "*_seed[0-9]*.json"))):
         run, seed = os.path.basename(path)[:-5].rsplit("_seed", 1)
         if run in RUNS and int(seed) in SEEDS:
             table.setdefault(run, {})[seed] = single_run(json.load(open(path)))
@@ -234,7 +234,7 @@ def main():
     parser.add_argument("--summary-only", action="store_true", help="rewrite summary.md from the JSONs so far")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    os.makedirs(os.path.join(args.out, "runs"), exist_ok=True)
+    os.makedirs(os.path.join(args.out, "per_run"), exist_ok=True)
     if not args.summary_only:
         ablation = Ablation(args.out, args.checkpoints)
         lam = select_lambda(ablation)
@@ -245,7 +245,7 @@ def main():
         order += [(run, seed) for seed in SEEDS for run in RUNS if (run, seed) not in order]
         for run, seed in order:
             teacher, ratio, options, _, _ = RUNS[run]
-            output = os.path.join(args.out, "runs", f"{run}_seed{seed}.json")
+            output = os.path.join(args.out, "per_run", f"{run}_seed{seed}.json")
             ablation.run(run, seed, output, teacher, ratio,
                          None if options is None else dict(options, lambda_distill=lam))
             write_summary(args.out)
