@@ -5,7 +5,8 @@ import torch
 
 from pycompress.config import DistillConfig, load_config, replace
 from pycompress.data import digit_detection_splits
-from pycompress.detection.distill import TeacherCache, distillation_step, distill_detector, training_pool
+from pycompress.detection.distill import (TeacherCache, detection_splits, distillation_step, distill_detector,
+                                          training_pool)
 from pycompress.distill.strategies import STRATEGIES, MehtaOzturk, make_strategy
 from pycompress.models.detection import build_detector
 
@@ -132,6 +133,36 @@ def test_resume_is_bit_identical_and_cache_trains_like_the_teacher(tmp_path, tea
     a, b = _final_student(exact_dir), _final_student(online_dir)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+def test_resume_refuses_a_checkpoint_of_other_distillation_settings(tmp_path, teacher_path):
+    # the checkpoint once recorded only the recipe: a resume under another lambda_distill or pool
+    # silently continued the old student
+    ckpt = str(tmp_path / "ckpt")
+    distill_detector(small_config(teacher_path, checkpoint_dir=ckpt, train={"max_steps": 1}))
+    with pytest.raises(ValueError, match="lambda_distill"):
+        distill_detector(small_config(teacher_path, checkpoint_dir=ckpt, resume=True, baseline=False,
+                                      strategy={"mehta_ozturk": {"lambda_distill": 2.0}}))
+    with pytest.raises(ValueError, match="unlabeled_ratio"):
+        distill_detector(small_config(teacher_path, checkpoint_dir=ckpt, resume=True, baseline=False,
+                                      detection={"unlabeled_ratio": 2.0}))
+    # the student alone does not depend on the teacher's settings: it resumes
+    report = distill_detector(small_config(teacher_path, checkpoint_dir=ckpt, resume=True, strategies=[],
+                                           detection={"unlabeled_ratio": 2.0}))
+    assert set(report["runs"]) == {"student_alone"}
+
+
+def test_given_splits_train_the_same_students_and_a_missing_test_split_is_not_scored(teacher_path):
+    cfg = small_config(teacher_path, baseline=False, train={"epochs": 1, "batch_size": 8})
+    splits = detection_splits(cfg)
+    generated = distill_detector(cfg)
+    given = distill_detector(cfg, splits=splits, evaluate_teacher=False)
+    assert given["runs"]["mehta_ozturk"]["seeds"] == generated["runs"]["mehta_ozturk"]["seeds"]
+    assert "test" in generated["teacher"] and set(given["teacher"]) == {"params"}
+    val_only = distill_detector(cfg, splits=(splits[0], splits[1], None, splits[3]), evaluate_teacher=False)
+    assert set(val_only["runs"]["mehta_ozturk"]["seeds"]["0"]) == {"val"}
+    with pytest.raises(ValueError, match="splits"):
+        distill_detector(cfg, splits=splits[:3])
 
 
 def test_distill_cli_runs_detection(tmp_path, teacher_path):

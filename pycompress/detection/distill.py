@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from pycompress.config import DistillConfig, to_dict
+from pycompress.config import DistillConfig, result_settings, to_dict
 
 __all__ = ["TeacherCache", "distillation_step", "distill_detector", "training_pool", "detection_splits",
            "load_teacher", "format_detection_table"]
@@ -152,7 +152,8 @@ def _summary(values: List[float]) -> dict:
 
 
 def distill_detector(cfg: DistillConfig, strategies: Optional[Dict[str, object]] = None,
-                     teacher: Optional[nn.Module] = None, cache: Optional[TeacherCache] = None) -> dict:
+                     teacher: Optional[nn.Module] = None, cache: Optional[TeacherCache] = None,
+                     splits: Optional[tuple] = None, evaluate_teacher: bool = True) -> dict:
     """Trains the student alone and with each detection strategy, over ``cfg.seeds``; one report.
 
     Args:
@@ -165,6 +166,11 @@ def distill_detector(cfg: DistillConfig, strategies: Optional[Dict[str, object]]
         cache (TeacherCache, optional): this teacher's cache over this pool, or over a larger pool of
             the same data (pools of a higher ``unlabeled_ratio`` start with the same images); built
             here when ``cache_teacher`` and not given. The report's ``teacher_cache`` is the cache used.
+        splits (tuple, optional): ``(train, val, test, unlabeled)`` instead of generating ``cfg.data``
+            again (an ablation's many calls share one data set); a split may be None (no test
+            split: the runs are scored on val only).
+        evaluate_teacher (bool): score the teacher on val and test in the report (an ablation that
+            calls this once per run scores it once itself).
 
     Returns:
         dict: ``config``, ``teacher`` (params, val / test AP), ``runs``: label -> ``options``,
@@ -194,8 +200,10 @@ def distill_detector(cfg: DistillConfig, strategies: Optional[Dict[str, object]]
             raise ValueError("missing teacher: set teacher.checkpoints or pass --teacher-checkpoint (train one "
                              "with `pycompress train-detector --save-model teacher.pt`)")
         teacher = load_teacher(cfg, cfg.teacher.checkpoints[0])
+    if splits is not None and (not isinstance(splits, (tuple, list)) or len(splits) != 4):
+        raise ValueError("splits must be a tuple (train, val, test, unlabeled)")
     device = resolve_device(cfg.device)
-    train, val, test, unlabeled = detection_splits(cfg)
+    train, val, test, unlabeled = detection_splits(cfg) if splits is None else splits
     eval_opts = dict(score_threshold=det.score_threshold, iou_threshold=det.iou_threshold,
                      max_detections=det.max_detections)
 
@@ -209,7 +217,8 @@ def distill_detector(cfg: DistillConfig, strategies: Optional[Dict[str, object]]
               "unlabeled_images": len(pool) - len(labeled_pool), "runs": {}}
     if teacher is not None:
         teacher.to(device).eval().requires_grad_(False)
-        report["teacher"] = {"params": sum(p.numel() for p in teacher.parameters()), **scores(teacher)}
+        report["teacher"] = {"params": sum(p.numel() for p in teacher.parameters()),
+                             **(scores(teacher) if evaluate_teacher else {})}
     if not (cfg.cache_teacher and strategies):
         cache = None
     elif cache is None:
@@ -222,6 +231,10 @@ def distill_detector(cfg: DistillConfig, strategies: Optional[Dict[str, object]]
         report["teacher_cache"] = {"dtype": str(cache.raw.dtype).replace("torch.", ""), "images": len(cache.raw),
                                    "bytes": cache.raw.numel() * cache.raw.element_size() + cache.keep.numel()}
 
+    # What a checkpoint must match to be resumed besides the recipe: the student alone depends on
+    # the student and the data only, a distilled student also on its teacher, pool and loss options.
+    settings = result_settings(cfg, "train", "strategies", "strategy", "baseline")
+    alone_settings = {k: settings[k] for k in ("device", "student", "data")}
     runs = ([("student_alone", None, labeled_pool)] if cfg.baseline else []) + \
         [(label, s, pool) for label, s in strategies.items()]
     for label, strategy, data in runs:
@@ -234,8 +247,10 @@ def distill_detector(cfg: DistillConfig, strategies: Optional[Dict[str, object]]
             step = distillation_step(model, strategy, teacher, cache)
             ckpt = (os.path.join(cfg.checkpoint_dir, f"{re.sub(r'[^A-Za-z0-9_.=-]+', '_', label)}_seed{seed}.pt")
                     if cfg.checkpoint_dir else None)
+            run_config = (alone_settings if strategy is None else
+                          {**settings, "label": label, "options": strategy.options()})
             trainer = Trainer(model, data, cfg.train, step_fn=step, device=device, seed=seed,
-                              checkpoint_path=ckpt, progress=cfg.progress)
+                              checkpoint_path=ckpt, progress=cfg.progress, run_config=run_config)
             start = time.perf_counter()
             trainer.fit(resume=cfg.resume)
             seconds += time.perf_counter() - start
