@@ -429,8 +429,7 @@ class DenseRows {
       // One prefetch per vector (a line holds one or more): cheaper than testing for line starts.
       __builtin_prefetch(prefetch_s + j, 0, 2);
       __builtin_prefetch(prefetch_t + j, 0, 2);
-      const Vec sv = kFull ? Vec::loadu(s + j) : IO::load(s + j, nn);
-      const Vec tv = kFull ? Vec::loadu(t + j) : IO::load(t + j, nn);
+      const Vec sv = IO::load(s + j, kFull ? W : nn), tv = IO::load(t + j, kFull ? W : nn);
       const Vec e_s = kept(fast_exp2(at::vec::fmsub(sv, vc2, vshs)));
       const Vec e_t = kept(fast_exp2(at::vec::fmsub(tv, vc2, vsht)));
       e_s.store(es + j);
