@@ -3,6 +3,11 @@
 Run: python -m pytest bench/bench_kd_loss.py --benchmark-enable -s
 The baseline is the issue's contract, T^2 * F.kl_div(log_softmax(s/T), log_softmax(t/T),
 log_target=True, reduction="batchmean"), the same expression tests/test_kd_loss.py checks against.
+Two limits are timed beside it: the memory roofline (torch.add(out=): read s and t, write one
+N x V tensor) and the compute floor (the kernel's own exponentials of s/T and t/T alone, from L1:
+pycompress::_kd_loss_exp_floor). Each variant is reported against both and against the tighter
+one (the slower of the two), interleaved with the other variants and, for the fused kernel and the
+limits, alone in a loop of their own.
 """
 
 import pytest
@@ -69,8 +74,12 @@ def test_kd_loss_forward_backward(benchmark, dtype):
         "torch.compile": _fwd_bwd(compiled_kd, s, t),
         # The bytes the op must move: read s and t, write one N x V gradient.
         "roofline": lambda: torch.add(s.detach(), t, out=out),
+        # The work it must do: two exponentials per element.
+        "compute floor": lambda: torch.ops.pycompress._kd_loss_exp_floor(s.detach(), t, T),
     }
     med = interleaved_medians(variants, repeats=5, warmup=3)
+    alone = {v: interleaved_medians({v: variants[v]}, repeats=5, warmup=2)[v]
+             for v in ("pycompress", "roofline", "compute floor")}
     benchmark.pedantic(variants["pycompress"], rounds=3, warmup_rounds=1)
 
     name = str(dtype).replace("torch.", "")
@@ -84,15 +93,23 @@ def test_kd_loss_forward_backward(benchmark, dtype):
     logits_bytes = N * V * s.element_size()
     rows = []
     print(f"\nKD loss fwd+bwd, N={N} V={V} T={T} {name}, {torch.get_num_threads()} threads")
-    print(f"{'variant':<14}{'ms':>9}{'GB/s':>8}{'ours faster by':>16}{'peak extra (logits)':>21}")
-    for v, sec in med.items():
-        ratio = sec / med["pycompress"]
-        extra = peak.get(v)
+    print(f"{'variant':<20}{'ms':>9}{'GB/s':>8}{'% roofline':>12}{'% floor':>9}{'% tighter':>11}"
+          f"{'ours faster by':>16}{'peak extra (logits)':>21}")
+    timings = [(v, "interleaved", sec) for v, sec in med.items()] + [(v, "alone", sec) for v, sec in alone.items()]
+    for v, mode, sec in timings:
+        limits = med if mode == "interleaved" else alone
+        roof, floor = limits["roofline"] / sec, limits["compute floor"] / sec
+        ratio = sec / limits["pycompress"]
+        extra = peak.get(v) if mode == "interleaved" else None
         extra_txt = f"{extra / logits_bytes:.2f}" if extra is not None else "-"
-        print(f"{v:<14}{sec * 1e3:>9.1f}{bytes_moved / sec / 1e9:>8.1f}{ratio:>15.2f}x{extra_txt:>21}")
-        rows.append({"op": "kd_loss fwd+bwd", "shape": [N, V], "dtype": name, "baseline": v,
+        label = v if mode == "interleaved" else f"{v} (alone)"
+        print(f"{label:<20}{sec * 1e3:>9.1f}{bytes_moved / sec / 1e9:>8.1f}{100 * roof:>11.0f}%{100 * floor:>8.0f}%"
+              f"{100 * max(roof, floor):>10.0f}%{ratio:>15.2f}x{extra_txt:>21}")
+        rows.append({"op": "kd_loss fwd+bwd", "shape": [N, V], "dtype": name, "baseline": v, "timing": mode,
                      "ms": round(sec * 1e3, 2), "ratio": round(ratio, 3),
                      "gb_per_s": round(bytes_moved / sec / 1e9, 1),
+                     "of_roofline": round(roof, 3), "of_compute_floor": round(floor, 3),
+                     "of_tighter_limit": round(max(roof, floor), 3),
                      "peak_extra_logits": None if extra is None else round(extra / logits_bytes, 3)})
     print("written to", write_rows(f"kd_loss_{name}", rows))
     assert med["pycompress"] > 0

@@ -18,4 +18,7 @@ TORCH_LIBRARY_FRAGMENT(pycompress, m) {
       "kd_loss_topk(Tensor student, Tensor teacher_values, Tensor teacher_indices, Tensor? target, "
       "float temperature, str divergence, float beta, float alpha, bool t2_scale, str reduction, "
       "int ignore_index, str tail, bool compute_grad) -> (Tensor, Tensor)");
+  // The CPU kernel's compute floor for benchmarks: its exponentials of student / T and
+  // teacher / T alone, from L1 (no memory traffic). Returns their sum (fp64, 0-dim).
+  m.def("_kd_loss_exp_floor(Tensor student, Tensor teacher, float temperature) -> Tensor");
 }

@@ -182,6 +182,52 @@ def test_vocabulary_sizes(V):
                divergence=divergence, reduction="mean")
 
 
+@pytest.mark.parametrize("divergence,T", itertools.product(("forward_kl", "reverse_kl", "jsd"), (1.0, 3.0)))
+def test_chunked_rows_with_masked_chunk_and_ignored_rows(divergence, T):
+    """The CPU kernel works in chunks of 1024 classes and writes a row's gradient while the next
+    row takes its exps. V = 2500 ends in a partial chunk off the vector width; a teacher chunk of
+    only -inf (masked classes) must give zero mass, not NaN; ignored rows inside a thread's range
+    interrupt the pipeline; the hard-label term needs its own exps at T != 1. Reverse KL is
+    infinite where P = 0 < Q, so there the teacher chunk is -1e4: a chunk whose normaliser
+    underflows to 0."""
+    s, t = _pair((12, 2500), torch.float32)
+    t[:, 1024:2048] = -1e4 if divergence == "reverse_kl" else -float("inf")
+    target = _target((12,), 2500, ignore_every=4)
+    target[5] = -100
+    _check(s, t, target, torch.float32, temperature=T, alpha=0.6, divergence=divergence, reduction="sum")
+
+
+@pytest.mark.parametrize("divergence", ("forward_kl", "reverse_kl", "jsd"))
+def test_masked_classes_of_both_models_contribute_nothing(divergence):
+    """Classes at -inf in student and teacher alike (a padded vocabulary) have P = Q = 0: they add
+    nothing to the loss (0 log 0 = 0) and get a zero gradient, not NaN."""
+    s, t = _pair((3, 1500), torch.float32)
+    s[:, 1400:] = t[:, 1400:] = -float("inf")
+    s1 = s.clone().requires_grad_()
+    loss = kd_loss(s1, t, temperature=2.0, divergence=divergence, reduction="none")
+    loss.sum().backward()
+    ref = reference_kd(s[:, :1400], t[:, :1400], temperature=2.0, divergence=divergence, reduction="none")
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-6)
+    assert torch.isfinite(s1.grad).all() and (s1.grad[:, 1400:] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+def test_exp_floor_probe_sums_the_kernels_exponentials(dtype):
+    """pycompress::_kd_loss_exp_floor (the benchmark's compute floor) computes exp(x / T) of the
+    first 1024 classes of row 0, repeated over every element of both inputs."""
+    s, t = (-x.abs() for x in _pair((3, 2100), dtype))
+    T = 2.0
+    got = torch.ops.pycompress._kd_loss_exp_floor(s, t, T)
+    first = lambda x: (x[0, :1024].double() / T).exp()  # noqa: E731
+    per_row = sum(first(x).sum() * 2 + first(x)[:52].sum() for x in (s, t))  # 2100 = 2 * 1024 + 52
+    assert got.dtype == torch.float64 and got.dim() == 0
+    torch.testing.assert_close(got, per_row * 3, rtol=1e-5, atol=0)
+    with pytest.raises(ValueError, match="temperature"):
+        torch.ops.pycompress._kd_loss_exp_floor(s, t, 0.0)
+    with pytest.raises(ValueError, match="one shape"):
+        torch.ops.pycompress._kd_loss_exp_floor(s, t[:, :5], T)
+
+
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 def test_extreme_logits(divergence):
     """Logits of +-1e4: every exp but the max underflows; no NaN may appear."""

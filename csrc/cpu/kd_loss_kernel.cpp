@@ -10,29 +10,35 @@
 // scale = T^2 when t2_scale (Hinton), and d(row loss)/ds is written in the same
 // call, already divided by the reduction's denominator: backward only scales.
 //
-// Passes over a row (rows in parallel, at::parallel_for):
-//   1. max of s and t: the only pass that streams s and t from DRAM;
-//   2. e_s = exp(x - max x), e_t = exp(y - max y) into a per-thread scratch row,
-//      with their sums: every exponential is computed exactly once. This pass
-//      also prefetches the next row, hiding pass 1's DRAM latency behind exps;
-//   3. the gradient from the scratch rows (s and t re-read from L2), written once.
-// Memory traffic: reads 2*N*V*sizeof(scalar), writes N*V*sizeof(scalar) for the
-// gradient (streamed: no read-for-ownership); nothing else of size N*V exists. At
-// V = 32k in fp32 a row's s, t and scratch are 512 KiB: they fit a 2 MiB L2 (Zen 4)
-// and spill to L3 on a 512 KiB L2 (Zen 3), where the re-reads still cost no DRAM.
-// Where the time goes (N = 1024, V = 32000, 2 threads, Zen 3 with AVX2): the kernel is
-// compute-bound, not memory-bound. Passes 1-2 (the loss without the gradient) take about
-// 80 % of the call, and pass 2's two exponentials per element (12 vector ops each) are
-// most of that; pass 3 is the remaining 20 %. fp32 runs at 52-59 % of a torch.add(out=)
-// roofline there, bf16 (half the bytes, the same exps) at about 35 %. The gradient buffer
-// costs no page faults after the first call (hugepage_alloc.h recycles it).
+// Dense divergences (DenseRows; rows in parallel, at::parallel_for, each thread a contiguous
+// range). A row is worked in chunks of 1024 classes:
+//   1. max (and min) of the chunk of s and t: the only loads from DRAM, prefetched into L2
+//      during the previous chunk's exps;
+//   2. e_s = 2^(c2 s - chunk shift), e_t likewise (c2 = log2(e) / T), from L1, into a
+//      per-thread scratch row, with their sums: every exponential is computed exactly once
+//      (two per element; three with a hard-label term at T != 1);
+//   3. once the row is done, each chunk's normaliser 2^(shift - row max) / Z is known, and
+//      the row's gradient is written from the scratch rows (streamed: no read-for-ownership)
+//      chunk by chunk while the next row runs steps 1-2, so that DRAM traffic and exps overlap.
+// Memory traffic: reads 2*N*V*sizeof(scalar), writes N*V*sizeof(scalar); nothing else of size
+// N*V exists. The scratch is two rows of e_s and e_t per thread (512 KiB at V = 32k).
+// Where the time goes (Zen 3, AVX2, 1 thread, N = 1024, V = 32000 fp32, CPU time on a loaded
+// machine): the kernel is compute-bound. The exps alone (pycompress::_kd_loss_exp_floor) take
+// 13.4 ms, 72 % of a torch.add(out=) roofline of 18.6 ms; storing them to scratch adds 5 ms
+// (19 ms); the loss without the gradient (steps 1-2, with the maxima, sums and cross term)
+// takes 29-31 ms and the gradient pass 6-8 ms more (36-39 ms: about 50 % of the roofline).
+// DRAM is not what is missing: with s and t in L3 (N = 16) the forward takes as long per row
+// (32 us) as from DRAM (30 us); the gap to the floor is the instructions around the exps (11
+// vector ops each, 6 on the FMA pipes). Without the next-chunk prefetch the forward took 43 ms.
+// bf16 moves half the bytes with the same exps, so its limit is the compute floor. The
+// gradient buffer costs no page faults after the first call (hugepage_alloc.h recycles it).
 // Numerics: fp32 lanes for fp32/bf16/fp16 (fp64 for fp64), max-shifted exponentials.
 // Row sums fold into fp64 every 16 vectors and the divergence is combined from them in
 // fp64, since at high T it is a small difference of two log-sums of about log(V): on
-// (2, 32768) at T = 1..20 the row loss stays within 5e-7 of float64 (eager fp32: up to
+// (2, 32768) at T = 1..20 the row loss stays within 1e-6 of float64 (eager fp32: up to
 // 4e-5). JSD's logs are of the ratios Q/M and P/M. Row losses are summed in fp64 in row
-// order, so the result does not depend on the thread count. NaN/Inf in a row propagate
-// as NaN.
+// order, so the result does not depend on the thread count. NaN and +inf in a row propagate
+// as NaN; a -inf logit is a masked class of probability 0 (0 log 0 = 0, zero gradient).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
@@ -80,17 +86,32 @@ template <typename scalar_t>
 struct Io : VecIo<scalar_t> {
   using typename VecIo<scalar_t>::Vec;
   // For the gradient, written once and read much later: a non-temporal store skips
-  // each line's read-for-ownership and does not evict the row's working set.
+  // each line's read-for-ownership and does not evict the row's working set. bf16 and
+  // fp16 stream the packed half vector.
   static void store_stream(scalar_t* p, const Vec& v, int64_t n) {
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-    if constexpr (std::is_same_v<scalar_t, float>) {
-      if (n == Vec::size() && (reinterpret_cast<uintptr_t>(p) % sizeof(Vec)) == 0) {
+    const auto aligned = [p](size_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; };
+    if (n == Vec::size()) {
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        if (aligned(sizeof(Vec))) {
 #if defined(CPU_CAPABILITY_AVX512)
-        _mm512_stream_ps(p, v);
+          _mm512_stream_ps(p, v);
 #else
-        _mm256_stream_ps(p, v);
+          _mm256_stream_ps(p, v);
 #endif
-        return;
+          return;
+        }
+      }
+      if constexpr (std::is_same_v<scalar_t, at::BFloat16> || std::is_same_v<scalar_t, at::Half>) {
+        if (aligned(sizeof(Vec) / 2)) {
+          const auto packed = at::vec::convert_from_float<scalar_t>(v, v);  // v's lanes come first
+#if defined(CPU_CAPABILITY_AVX512)
+          _mm256_stream_si256(reinterpret_cast<__m256i*>(p), _mm512_castsi512_si256(packed));
+#else
+          _mm_stream_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+#endif
+          return;
+        }
       }
     }
 #endif
@@ -98,25 +119,63 @@ struct Io : VecIo<scalar_t> {
   }
 };
 
-// exp(v) for v <= 0 (every caller passes max-shifted logits). fp32: 2^z with z = v log2(e),
-// split into round(z) and f in [-1/2, 1/2]; 2^f is a degree-5 polynomial fitted for relative
-// error (at most 1.9e-7, mean -2e-8: several times tighter than at::vec's exp_u20) in 12 vector
-// ops against exp_u20's 17. z is clamped at -127, where 2^round(z) is the bit pattern 0, so
-// exp of a very negative (or -inf) argument is exactly 0; NaN propagates. fp64: Sleef's exp.
+// max(a, b) and min(a, b) in one instruction with x86 maxps / minps semantics: b when either is
+// NaN. at::vec::maximum spends three on propagating NaN; the dense kernel does not need it from
+// its maxima, since a NaN logit reaches the row sums through its own exponential.
 template <typename Vec>
-inline Vec fast_exp(const Vec& v) {
+inline Vec max_one_op(const Vec& a, const Vec& b) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<Vec, Vectorized<float>>) return Vec(_mm512_max_ps(a, b));
+  if constexpr (std::is_same_v<Vec, Vectorized<double>>) return Vec(_mm512_max_pd(a, b));
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<Vec, Vectorized<float>>) return Vec(_mm256_max_ps(a, b));
+  if constexpr (std::is_same_v<Vec, Vectorized<double>>) return Vec(_mm256_max_pd(a, b));
+#endif
+  return at::vec::maximum(a, b);
+}
+template <typename Vec>
+inline Vec min_one_op(const Vec& a, const Vec& b) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<Vec, Vectorized<float>>) return Vec(_mm512_min_ps(a, b));
+  if constexpr (std::is_same_v<Vec, Vectorized<double>>) return Vec(_mm512_min_pd(a, b));
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<Vec, Vectorized<float>>) return Vec(_mm256_min_ps(a, b));
+  if constexpr (std::is_same_v<Vec, Vectorized<double>>) return Vec(_mm256_min_pd(a, b));
+#endif
+  return at::vec::minimum(a, b);
+}
+
+// 2^z for z < 128 (callers pass max-shifted logits in log2 units, z <= 0 up to rounding). fp32:
+// z = n + f with n = round(z), f in [-1/2, 1/2]; 2^f is a degree-5 polynomial fitted for relative
+// error (at most 1.9e-7, mean -2e-8: several times tighter than at::vec's exp_u20). Rounding adds
+// 1.5 * 2^23 + 127, which leaves n + 127 in the low mantissa bits: shifted up by 23 they are the
+// bits of 2^n. 11 vector ops (exp_u20: 17), six on the FMA pipes. z is clamped at -127, where
+// 2^n has the bit pattern 0, so a very negative (or -inf) argument gives exactly 0; NaN
+// propagates (the clamp keeps its second operand). fp64: Sleef's exp2.
+template <typename Vec>
+inline Vec fast_exp2(const Vec& z_in) {
   if constexpr (std::is_same_v<Vec, Vectorized<float>>) {
-    const Vec z = at::vec::maximum(Vec(-127.f), v * Vec(1.44269504088896341f));
-    const Vec n = z.round();
-    const Vec f = z - n;
+    constexpr float kRoundBias = 12582912.f + 127.f;  // 1.5 * 2^23 + 127, exact in fp32
+    const Vec z = max_one_op(Vec(-127.f), z_in);
+    const Vec rounded = z + Vec(kRoundBias);
+    const Vec f = z - (rounded - Vec(kRoundBias));
     Vec poly = at::vec::fmadd(f, Vec(0.0013264723820611835f), Vec(0.009671512991189957f));
     poly = at::vec::fmadd(f, poly, Vec(0.05550733581185341f));
     poly = at::vec::fmadd(f, poly, Vec(0.24022242426872253f));
     poly = at::vec::fmadd(f, poly, Vec(0.6931470036506653f));
     poly = at::vec::fmadd(f, poly, Vec(1.f));
-    // 2^n as float bits: (n + 127) << 23, formed exactly in fp32 (|n| <= 127) then converted.
-    const Vec biased = at::vec::fmadd(n, Vec(8388608.f), Vec(127.f * 8388608.f));
-    return poly * at::vec::cast<float>(at::vec::convert_to_int_of_same_size(biased));
+    const Vectorized<int32_t> pow2n = at::vec::cast<int32_t>(rounded) << Vectorized<int32_t>(23);
+    return poly * at::vec::cast<float>(pow2n);
+  } else {
+    return z_in.exp2();
+  }
+}
+
+// exp(v) for v <= 0, through fast_exp2.
+template <typename Vec>
+inline Vec fast_exp(const Vec& v) {
+  if constexpr (std::is_same_v<Vec, Vectorized<float>>) {
+    return fast_exp2(v * Vec(1.44269504088896341f));
   } else {
     return v.exp();
   }
@@ -229,149 +288,356 @@ typename Io<scalar_t>::acc_t kd_row_mse(const scalar_t* s, const scalar_t* t, in
   return loss;
 }
 
-// One row: returns the row loss and, when g != nullptr, writes gscale * d(loss)/ds.
-// es and et are scratch rows of at least V (rounded up to the vector width).
+// The dense kernel works on chunks of kChunk classes: a chunk of s and t (8 KiB in fp32) is read
+// from DRAM by its max loop and re-read from L1 by its exp loop.
+constexpr int64_t kChunk = 1024;
+
+// Rows of the dense divergences (forward KL, reverse KL, JSD) over one thread's range of rows.
+// Each exponential is taken once, relative to its chunk's maximum, into a scratch row; a chunk's
+// normaliser 2^(chunk max - row max) / Z is known when the row is done. Row r's gradient is
+// written while row r + 1 takes its exponentials, chunk by chunk, so that DRAM reads, gradient
+// stores and exps overlap all along the row instead of alternating memory-bound and
+// compute-bound passes. Rows alternate their chunk order: the scratch chunk a row's gradient
+// needs first is the one its exp loop wrote last (still in L2).
 template <Divergence D, typename scalar_t>
-typename Io<scalar_t>::acc_t kd_row(
-    const scalar_t* s, const scalar_t* t, int64_t V, int64_t target, scalar_t* g,
-    typename Io<scalar_t>::acc_t gscale, const RowParams<typename Io<scalar_t>::acc_t>& p,
-    typename Io<scalar_t>::acc_t* es, typename Io<scalar_t>::acc_t* et, const scalar_t* next_s,
-    const scalar_t* next_t) {
+class DenseRows {
   using IO = Io<scalar_t>;
   using acc_t = typename IO::acc_t;
   using Vec = Vectorized<acc_t>;
-  constexpr int64_t W = Vec::size();
-  constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
-  const bool need_ce = p.need_ce && target >= 0;
+  static constexpr int64_t W = Vec::size();
+  static constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+  static constexpr double kLn2 = 0.69314718055994531;
+  static constexpr double kLog2e = 1.44269504088896341;
 
-  if constexpr (D == Divergence::MSELogits) {
-    return kd_row_mse(s, t, V, target, need_ce, g, gscale, p);
-  } else {
-    // Pass 1: maxima (NaN-propagating, so a NaN row ends as NaN).
-    Vec vms(kNegInf), vmt(kNegInf);
-    for_chunks<W>(V, [&](int64_t j, int64_t n) {
-      vms = at::vec::maximum(vms, keep(IO::load(s + j, n), n, kNegInf));
-      vmt = at::vec::maximum(vmt, keep(IO::load(t + j, n), n, kNegInf));
+  struct Row {
+    std::vector<acc_t> scratch;
+    acc_t* es = nullptr;  // 2^(zs - its chunk's max): the student's unnormalised tempered softmax
+    acc_t* et = nullptr;  // forward KL: the teacher's likewise; JSD: then log(Q/M); reverse KL: s - t
+    acc_t* e1 = nullptr;  // cross-entropy at T != 1: exp(s - its chunk's max)
+    std::vector<acc_t> fs, ft, f1;  // per chunk: the factor normalising its es, et, e1
+    scalar_t* g = nullptr;          // the gradient row
+    int64_t target = -1;            // the CE class, or -1
+    acc_t log_ratio0 = 0, div = 0, kl_qm = 0;
+  };
+
+ public:
+  DenseRows(int64_t V, const RowParams<acc_t>& p, acc_t gscale)
+      : V_(V), C_((V + kChunk - 1) / kChunk), p_(p), ce_extra_(p.need_ce && !p.t_is_one),
+        c2_(static_cast<acc_t>(p.inv_t * kLog2e)), kappa_(static_cast<double>(c2_) * kLn2),
+        gsoft_(static_cast<acc_t>(p.soft_coef * kappa_ * gscale)), ghard_(p.hard_coef * gscale) {
+    const int64_t vpad = (V + W - 1) / W * W;
+    const int64_t slots = ce_extra_ ? 3 : 2;
+    for (Row& r : rows_) {
+      r.scratch.resize(slots * vpad);
+      r.es = r.scratch.data();
+      r.et = r.es + vpad;
+      r.e1 = ce_extra_ ? r.et + vpad : nullptr;
+      r.fs.resize(C_);
+      r.ft.resize(C_);
+      r.f1.resize(C_);
+    }
+    for (auto* v : {&shift_s_, &shift_t_, &shift_1_, &z_s_, &z_t_, &z_1_, &cross_, &w_s_, &w_t_, &w_1_}) v->resize(C_);
+  }
+
+  // The loss of one row (s, t); with g, its gradient is written by the next call or by finish().
+  // next_s and next_t (or nullptr) are the row that follows, prefetched meanwhile.
+  acc_t row(const scalar_t* s, const scalar_t* t, int64_t target, scalar_t* g, const scalar_t* next_s,
+            const scalar_t* next_t) {
+    Row& cur = pending_ == &rows_[0] ? rows_[1] : rows_[0];
+    reversed_ = !reversed_;
+    for (int64_t k = 0; k < C_; ++k) {
+      const int64_t c = reversed_ ? C_ - 1 - k : k;
+      // The chunk processed next: this row's next one, else the next row's first (the same c).
+      const int64_t next_c = k + 1 < C_ ? (reversed_ ? c - 1 : c + 1) : c;
+      // Without a next row it prefetches the current chunk again, which costs nothing.
+      const scalar_t* ps = k + 1 < C_ || !next_s ? s : next_s;
+      const scalar_t* pt = k + 1 < C_ || !next_t ? t : next_t;
+      exp_chunk(cur, s, t, c, ps + next_c * kChunk, pt + next_c * kChunk);
+      if (pending_) grad_chunk(*pending_, c);
+    }
+    const acc_t loss = finish_row(cur, s, target);
+    cur.g = g;
+    pending_ = g ? &cur : nullptr;
+    return loss;
+  }
+
+  // Writes the pending row's gradient.
+  void finish() {
+    if (pending_)
+      for (int64_t c = 0; c < C_; ++c) grad_chunk(*pending_, c);
+    pending_ = nullptr;
+  }
+
+ private:
+  struct ChunkSums {
+    double zs, zt, cross, z1;
+  };
+
+  // A chunk's shift in log2 units: m * scale; a chunk of -inf logits only (masked classes) shifts
+  // by 0, so that its exps are 0 rather than -inf - -inf.
+  static acc_t shift_of(acc_t m, acc_t scale) { return m == kNegInf ? acc_t(0) : m * scale; }
+  static double recorded_shift(acc_t m, acc_t shift) { return m == kNegInf ? -INFINITY : shift; }
+
+  void exp_chunk(Row& cur, const scalar_t* s, const scalar_t* t, int64_t c, const scalar_t* prefetch_s,
+                 const scalar_t* prefetch_t) {
+    const int64_t j0 = c * kChunk, n = std::min(kChunk, V_ - j0);
+    // The maxima, and the minimum to find -inf (masked) logits: the chunk's only loads from DRAM.
+    Vec vms(kNegInf), vmt(kNegInf), vlo(0);
+    for_chunks<W>(n, [&](int64_t jj, int64_t nn) {
+      const Vec sv = IO::load(s + j0 + jj, nn), tv = IO::load(t + j0 + jj, nn);
+      vms = max_one_op(vms, keep(sv, nn, kNegInf));
+      vmt = max_one_op(vmt, keep(tv, nn, kNegInf));
+      vlo = min_one_op(vlo, min_one_op(sv, tv));
     });
     const acc_t ms = hmax(vms), mt = hmax(vmt);
-    const acc_t mx = ms * p.inv_t, my = mt * p.inv_t;
-    const bool ce_extra = need_ce && !p.t_is_one;
+    // A 0 * inf in the cross term (e = 0 at a -inf logit) must count as 0, not NaN.
+    const bool has_neg_inf = at::vec::vec_reduce_all<acc_t>(
+        [](const auto& a, const auto& b) { return at::vec::minimum(a, b); }, vlo) == kNegInf;
+    const acc_t shs = shift_of(ms, c2_), sht = shift_of(mt, c2_), sh1 = shift_of(ms, acc_t(kLog2e));
+    shift_s_[c] = recorded_shift(ms, shs);
+    shift_t_[c] = recorded_shift(mt, sht);
+    shift_1_[c] = recorded_shift(ms, sh1);
+    // The exps, from L1, while the next chunk comes from DRAM into L2.
+    const ChunkSums sums = ce_extra_ ? exp_loop<true>(cur, s, t, j0, n, shs, sht, sh1, has_neg_inf, prefetch_s,
+                                                      prefetch_t)
+                                     : exp_loop<false>(cur, s, t, j0, n, shs, sht, sh1, has_neg_inf, prefetch_s,
+                                                       prefetch_t);
+    z_s_[c] = sums.zs;
+    z_t_[c] = sums.zt;
+    cross_[c] = sums.cross;
+    z_1_[c] = sums.z1;
+  }
 
-    // Pass 2: exponentials once, into scratch; their sums; the KL's cross term.
-    const Vec vit(p.inv_t), vmx(mx), vmy(my), vms1(ms);
-    RowSum<acc_t> zs, zt, cross, z1;
-    for_chunks_summed<W>(V, [&](int64_t j, int64_t n) {
-      // Pass 2 is compute-bound: pull the next row into cache meanwhile, so that
-      // its pass 1 (the only DRAM-bound pass) overlaps with this row's exps.
-      if (next_s) {
-        __builtin_prefetch(next_s + j);
-        __builtin_prefetch(next_t + j);
-      }
-      const Vec sv = IO::load(s + j, n);
-      const Vec x = sv * vit - vmx;
-      const Vec y = IO::load(t + j, n) * vit - vmy;
-      const Vec e_s = keep(fast_exp(x), n, acc_t(0));
-      const Vec e_t = keep(fast_exp(y), n, acc_t(0));
+  // The exp loop of chunk [j0, j0 + n): stores the exps (and reverse KL's s - t), returns the sums
+  // of e_s, e_t, the cross term and e_1. Plain loops over local accumulators (kept in registers:
+  // behind references they lived in memory, a store-to-load chain per add), full vectors apart
+  // from the tail, folded into fp64 lanes every RowSum<>::kRun vectors as RowSum does.
+  template <bool kCeExtra>
+  ChunkSums exp_loop(Row& cur, const scalar_t* s, const scalar_t* t, int64_t j0, int64_t n, acc_t shs,
+                     acc_t sht, acc_t sh1, bool has_neg_inf, const scalar_t* prefetch_s,
+                     const scalar_t* prefetch_t) {
+    const Vec vc2(c2_), vshs(shs), vsht(sht), vl2e(static_cast<acc_t>(kLog2e)), vsh1(sh1);
+    acc_t* const es = cur.es + j0;
+    acc_t* const et = cur.et + j0;
+    acc_t* const e1 = kCeExtra ? cur.e1 + j0 : nullptr;
+    s += j0;
+    t += j0;
+    Vec zs(0), zt(0), cross(0), z1(0);
+    const auto body = [&](auto full, int64_t j, int64_t nn) {
+      constexpr bool kFull = decltype(full)::value;
+      const auto kept = [nn](const Vec& v) { return kFull ? v : keep(v, nn, acc_t(0)); };
+      // One prefetch per vector (a line holds one or more): cheaper than testing for line starts.
+      __builtin_prefetch(prefetch_s + j, 0, 2);
+      __builtin_prefetch(prefetch_t + j, 0, 2);
+      const Vec sv = IO::load(s + j, kFull ? W : nn), tv = IO::load(t + j, kFull ? W : nn);
+      const Vec e_s = kept(fast_exp2(at::vec::fmsub(sv, vc2, vshs)));
+      const Vec e_t = kept(fast_exp2(at::vec::fmsub(tv, vc2, vsht)));
       e_s.store(es + j);
-      e_t.store(et + j);
       zs += e_s;
       zt += e_t;
-      if constexpr (D == Divergence::ForwardKL) cross += e_t * (y - x);
-      if constexpr (D == Divergence::ReverseKL) cross += e_s * (x - y);
-      if (ce_extra) z1 += keep(fast_exp(sv - vms1), n, acc_t(0));
-    }, zs, zt, cross, z1);
-    // The log-sums and the divergence are combined in fp64: at high T the divergence is a
-    // small difference of two log-sums of about log(V).
-    const double lzs = std::log(zs.total), lzt = std::log(zt.total);
-    const acc_t izs = static_cast<acc_t>(1 / zs.total), izt = static_cast<acc_t>(1 / zt.total);
-    const double lz1 = ce_extra ? std::log(z1.total) : lzs;
-    const acc_t iz1 = ce_extra ? static_cast<acc_t>(1 / z1.total) : izs;
-    // Cross-entropy at T = 1: lse(s) - s[target].
-    const acc_t ce = need_ce ? static_cast<acc_t>((p.t_is_one ? mx + lzs : ms + lz1) - static_cast<double>(s[target]))
-                             : acc_t(0);
+      // The cross term e * d, zero where e is (the chunk's -inf logits give d = +-inf there).
+      const auto cross_term = [&](const Vec& e, const Vec& d) {
+        return has_neg_inf ? cross + Vec::blendv(e * d, Vec(0), e == Vec(0)) : at::vec::fmadd(e, d, cross);
+      };
+      if constexpr (D == Divergence::ReverseKL) {
+        const Vec d = sv - tv;
+        d.store(et + j);
+        cross = cross_term(e_s, d);
+      } else {
+        e_t.store(et + j);
+        if constexpr (D == Divergence::ForwardKL) cross = cross_term(e_t, tv - sv);
+      }
+      if constexpr (kCeExtra) {
+        const Vec e = kept(fast_exp2(at::vec::fmsub(sv, vl2e, vsh1)));
+        e.store(e1 + j);
+        z1 += e;
+      }
+    };
+    constexpr int64_t kRun = RowSum<acc_t>::kRun * W;
+    LaneTotals totals;
+    for (int64_t run = 0; run < n; run += kRun) {
+      const int64_t run_end = std::min(n, run + kRun);
+      int64_t j = run;
+      for (; j + W <= run_end; j += W) body(std::true_type{}, j, W);
+      if (j < run_end) body(std::false_type{}, j, run_end - j);
+      totals.add(0, zs);
+      totals.add(1, zt);
+      totals.add(2, cross);
+      if constexpr (kCeExtra) totals.add(3, z1);
+      zs = zt = cross = z1 = Vec(0);
+    }
+    return {totals.sum(0), totals.sum(1), totals.sum(2), totals.sum(3)};
+  }
 
-    acc_t div = 0;
-    if constexpr (D == Divergence::ForwardKL) div = static_cast<acc_t>(cross.total / zt.total + (lzs - lzt));
-    if constexpr (D == Divergence::ReverseKL) div = static_cast<acc_t>(cross.total / zs.total + (lzt - lzs));
-    acc_t kl_qm = 0;  // JSD: KL(Q||M), needed by the gradient
-    if constexpr (D == Divergence::JSD) {
-      // JSD needs normalised P and Q, so its log terms wait for pass 2's sums. The logs are
-      // of the ratios Q/M and P/M of the very values summed: taking log Q and log P from the
-      // logits instead would subtract two separately rounded normalisers, an error of the
-      // divergence's own size at high T. Zero-probability entries contribute 0 (0 log 0 = 0),
-      // also where M = 0. et is overwritten with log(Q/M) for the gradient.
-      const Vec b(p.beta), b1(acc_t(1) - p.beta), vizs(izs), vizt(izt), zero(0);
-      RowSum<acc_t> js, kqm;
-      for_chunks_summed<W>(V, [&](int64_t j, int64_t n) {
-        const Vec q = Vec::loadu(es + j) * vizs;
-        const Vec pt = Vec::loadu(et + j) * vizt;
+  // Four fp64 lane accumulators: adding a vector is two widening conversions and two adds.
+  struct LaneTotals {
+    double lanes[4][W] = {};
+    void add(int k, const Vec& v) {
+      acc_t x[W];
+      v.store(x);
+      for (int64_t i = 0; i < W; ++i) lanes[k][i] += x[i];
+    }
+    double sum(int k) const {
+      double total = 0;
+      for (int64_t i = 0; i < W; ++i) total += lanes[k][i];
+      return total;
+    }
+  };
+
+  // Combines the chunks' sums (in fp64) into the row loss and the chunks' normalisers.
+  acc_t finish_row(Row& cur, const scalar_t* s, int64_t target) {
+    const bool need_ce = p_.need_ce && target >= 0;
+    double Ms = -INFINITY, Mt = -INFINITY, M1 = -INFINITY;
+    for (int64_t c = 0; c < C_; ++c) {
+      Ms = std::max(Ms, shift_s_[c]);
+      Mt = std::max(Mt, shift_t_[c]);
+      M1 = std::max(M1, shift_1_[c]);
+    }
+    double Zs = 0, Zt = 0, Z1 = 0, cross = 0;
+    for (int64_t c = 0; c < C_; ++c) {
+      w_s_[c] = std::exp2(shift_s_[c] - Ms);
+      w_t_[c] = std::exp2(shift_t_[c] - Mt);
+      Zs += z_s_[c] * w_s_[c];
+      Zt += z_t_[c] * w_t_[c];
+      cross += cross_[c] * (D == Divergence::ReverseKL ? w_s_[c] : w_t_[c]);
+      if (ce_extra_) {
+        w_1_[c] = std::exp2(shift_1_[c] - M1);
+        Z1 += z_1_[c] * w_1_[c];
+      }
+    }
+    for (int64_t c = 0; c < C_; ++c) {
+      cur.fs[c] = static_cast<acc_t>(w_s_[c] / Zs);
+      cur.ft[c] = static_cast<acc_t>(w_t_[c] / Zt);
+      if (ce_extra_) cur.f1[c] = static_cast<acc_t>(w_1_[c] / Z1);
+    }
+    // Log-sum-exps of x = kappa s and y = kappa t (kappa = 1/T as rounded into c2_), combined
+    // in fp64: at high T the divergence is a small difference of two log-sums of about log(V).
+    const double lse_x = Ms * kLn2 + std::log(Zs), lse_y = Mt * kLn2 + std::log(Zt);
+    double div = 0;
+    if constexpr (D == Divergence::ForwardKL) div = kappa_ * cross / Zt + (lse_x - lse_y);
+    if constexpr (D == Divergence::ReverseKL) div = kappa_ * cross / Zs + (lse_y - lse_x);
+    if constexpr (D == Divergence::JSD) div = jsd(cur);
+    double ce = 0;  // at T = 1: lse(s) - s[target]
+    if (need_ce) ce = (ce_extra_ ? M1 * kLn2 + std::log(Z1) : lse_x) - static_cast<double>(s[target]);
+    cur.target = need_ce ? target : -1;
+    cur.div = static_cast<acc_t>(div);
+    cur.log_ratio0 = static_cast<acc_t>(lse_x - lse_y);  // log Q - log P = kappa (s - t) - log_ratio0
+    return static_cast<acc_t>(p_.soft_coef * div + (need_ce ? p_.hard_coef * ce : 0.0));
+  }
+
+  // JSD needs normalised P and Q, so its log terms wait for the row's sums. The logs are of the
+  // ratios Q/M and P/M of the very values summed: taking log Q and log P from the logits instead
+  // would subtract two separately rounded normalisers, an error of the divergence's own size at
+  // high T. Zero-probability entries contribute 0 (0 log 0 = 0), also where M = 0. et is
+  // overwritten with log(Q/M) for the gradient.
+  double jsd(Row& cur) {
+    const Vec b(p_.beta), b1(acc_t(1) - p_.beta), zero(0);
+    RowSum<acc_t> js, kqm;
+    for (int64_t c = 0; c < C_; ++c) {
+      const int64_t j0 = c * kChunk;
+      const Vec vfs(cur.fs[c]), vft(cur.ft[c]);
+      for_chunks_summed<W>(std::min(kChunk, V_ - j0), [&](int64_t jj, int64_t) {
+        const int64_t j = j0 + jj;
+        const Vec q = Vec::loadu(cur.es + j) * vfs;
+        const Vec pt = Vec::loadu(cur.et + j) * vft;
         const Vec m = b * pt + b1 * q;
         const Vec r = Vec::blendv((q / m).log(), zero, q == zero);
         const Vec tq = q * r;
         const Vec tp = Vec::blendv(pt * (pt / m).log(), zero, pt == zero);
         js += b * tp + b1 * tq;
         kqm += tq;
-        r.store(et + j);
+        r.store(cur.et + j);
       }, js, kqm);
-      div = static_cast<acc_t>(js.total);
-      kl_qm = static_cast<acc_t>(kqm.total);
     }
-    const acc_t loss = p.soft_coef * div + (need_ce ? p.hard_coef * ce : acc_t(0));
-    if (!g) return loss;
+    cur.kl_qm = static_cast<acc_t>(kqm.total);
+    return js.total;
+  }
 
-    // Pass 3: the gradient, written once.
-    const acc_t gsoft = p.soft_coef * p.inv_t * gscale;
-    const Vec vgs(gsoft), vgh(p.hard_coef * gscale), vizs(izs), vizt(izt), viz1(iz1);
-    const Vec vlog_ratio0(static_cast<acc_t>((static_cast<double>(mx) - my) + (lzs - lzt)));
-    for_chunks<W>(V, [&](int64_t j, int64_t n) {
-      const Vec q = Vec::loadu(es + j) * vizs;
+  // Chunk c of a finished row's gradient, streamed to its gradient row.
+  void grad_chunk(const Row& r, int64_t c) {
+    const int64_t j0 = c * kChunk, n = std::min(kChunk, V_ - j0);
+    const bool ce = r.target >= 0;
+    const acc_t fs = r.fs[c];
+    acc_t soft_s = gsoft_ * fs;
+    if constexpr (D == Divergence::JSD) soft_s *= acc_t(1) - p_.beta;
+    const Vec vsoft_s(soft_s), vsoft_t(gsoft_ * r.ft[c]), vkappa(static_cast<acc_t>(kappa_));
+    const Vec vshift(D == Divergence::ReverseKL ? r.log_ratio0 + r.div : r.kl_qm);
+    const Vec vhard(ghard_ * (p_.t_is_one ? fs : r.f1[c]));
+    const acc_t* const es = r.es;
+    const acc_t* const et = r.et;
+    const acc_t* const e1 = p_.t_is_one ? r.es : r.e1;
+    scalar_t* const g = r.g;
+    for (int64_t j = j0; j < j0 + n; j += W) {
+      const int64_t nn = std::min(W, j0 + n - j);
+      const Vec q = Vec::loadu(es + j);  // unnormalised
       Vec gv;
       if constexpr (D == Divergence::ForwardKL) {
-        gv = vgs * (q - Vec::loadu(et + j) * vizt);
+        gv = at::vec::fmsub(q, vsoft_s, Vec::loadu(et + j) * vsoft_t);  // Q - P, scaled
       } else if constexpr (D == Divergence::ReverseKL) {
-        const Vec log_ratio = (IO::load(s + j, n) - IO::load(t + j, n)) * vit - vlog_ratio0;
-        gv = vgs * q * (log_ratio - Vec(div));
-      } else {  // JSD
-        gv = Vec(gsoft * (acc_t(1) - p.beta)) * q * (Vec::loadu(et + j) - Vec(kl_qm));
+        // Q (log Q/P - KL); 0 where Q = 0 (there s may be -inf and log Q/P too)
+        gv = Vec::blendv(q * vsoft_s * at::vec::fmsub(Vec::loadu(et + j), vkappa, vshift), Vec(0), q == Vec(0));
+      } else {
+        gv = q * vsoft_s * (Vec::loadu(et + j) - vshift);  // (1 - b) Q (log Q/M - KL(Q||M))
       }
-      if (need_ce) {
-        const Vec soft1 = p.t_is_one ? q : fast_exp(IO::load(s + j, n) - vms1) * viz1;
-        gv = subtract_at_target(gv + vgh * soft1, target, j, n, p.hard_coef * gscale);
+      if (ce) {
+        gv = at::vec::fmadd(Vec::loadu(e1 + j), vhard, gv);
+        gv = subtract_at_target(gv, r.target, j, nn, ghard_);
       }
-      IO::store_stream(g + j, gv, n);
-    });
-    return loss;
+      IO::store_stream(g + j, gv, nn);
+    }
   }
-}
+
+  const int64_t V_, C_;
+  const RowParams<acc_t> p_;
+  const bool ce_extra_;  // CE at T != 1 needs its own exps
+  const acc_t c2_;       // log2(e) / T: the exps are 2^(c2 * logit - shift)
+  const double kappa_;   // c2 ln 2: the 1/T the kernel computes with
+  const acc_t gsoft_, ghard_;
+  Row rows_[2];
+  Row* pending_ = nullptr;  // the row whose gradient is still to write
+  bool reversed_ = true;
+  // Per chunk of the current row: shifts (log2 units), sums of the exps, the cross term.
+  std::vector<double> shift_s_, shift_t_, shift_1_, z_s_, z_t_, z_1_, cross_, w_s_, w_t_, w_1_;
+};
 
 template <Divergence D, typename scalar_t>
 void kd_rows(const at::Tensor& student, const at::Tensor& teacher, const int64_t* row_s, const int64_t* row_t,
              const int64_t* target, at::Tensor& grad, typename Io<scalar_t>::acc_t gscale,
              const RowParams<typename Io<scalar_t>::acc_t>& p, std::vector<double>& row_loss) {
-  using acc_t = typename Io<scalar_t>::acc_t;
-  constexpr int64_t W = Vectorized<acc_t>::size();
   const int64_t N = static_cast<int64_t>(row_loss.size());
   const int64_t V = student.size(-1);
-  const int64_t Vpad = (V + W - 1) / W * W;
   const scalar_t* s = student.const_data_ptr<scalar_t>();
   const scalar_t* t = teacher.const_data_ptr<scalar_t>();
   scalar_t* g = grad.defined() ? grad.data_ptr<scalar_t>() : nullptr;
   const int64_t grain = std::max<int64_t>(1, 16384 / V);
   at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> scratch(D == Divergence::MSELogits ? 0 : 2 * Vpad);
-    acc_t* es = scratch.data();
-    acc_t* et = es + Vpad;
-    for (int64_t r = begin; r < end; ++r) {
-      scalar_t* g_row = g ? g + r * V : nullptr;
-      const int64_t y = target ? target[r] : -1;
-      if (y == -2) {  // ignored row: no loss, no gradient
-        row_loss[r] = 0;
-        if (g_row) std::fill(g_row, g_row + V, scalar_t(0));
-        continue;
+    if constexpr (D == Divergence::MSELogits) {
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t y = target ? target[r] : -1;
+        scalar_t* g_row = g ? g + r * V : nullptr;
+        if (y == -2) {  // ignored row: no loss, no gradient
+          row_loss[r] = 0;
+          if (g_row) std::fill(g_row, g_row + V, scalar_t(0));
+          continue;
+        }
+        row_loss[r] = kd_row_mse(s + row_s[r], t + row_t[r], V, y, p.need_ce && y >= 0, g_row, gscale, p);
       }
-      const bool has_next = r + 1 < end;
-      row_loss[r] = kd_row<D, scalar_t>(s + row_s[r], t + row_t[r], V, y, g_row, gscale, p, es, et,
-                                        has_next ? s + row_s[r + 1] : nullptr, has_next ? t + row_t[r + 1] : nullptr);
+    } else {
+      DenseRows<D, scalar_t> rows(V, p, gscale);
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t y = target ? target[r] : -1;
+        scalar_t* g_row = g ? g + r * V : nullptr;
+        if (y == -2) {
+          rows.finish();
+          row_loss[r] = 0;
+          if (g_row) std::fill(g_row, g_row + V, scalar_t(0));
+          continue;
+        }
+        const bool has_next = r + 1 < end;
+        row_loss[r] = rows.row(s + row_s[r], t + row_t[r], y, g_row, has_next ? s + row_s[r + 1] : nullptr,
+                               has_next ? t + row_t[r + 1] : nullptr);
+      }
+      rows.finish();
     }
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
     _mm_sfence();  // order the streamed gradient stores before the threads join
@@ -521,6 +787,49 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_cpu(const at::Tensor& student_in, con
     }
   });
   return {reduce_rows(row_loss, ls, student), compute_grad ? grad : at::empty({0}, student.options())};
+}
+
+// The dense kernel's compute floor: its exponentials alone, 2^(c2 x - shift) of every element of
+// student and teacher, widened from the input dtype as the kernel's exp loop does, but re-read
+// from one L1-resident chunk instead of DRAM. bench/bench_kd_loss.py times it like the memory
+// roofline. Returns the sum of the exps (so that none is optimised away), in fp64.
+at::Tensor kd_loss_exp_floor_cpu(const at::Tensor& student, const at::Tensor& teacher, double temperature) {
+  constexpr const char* op = "pycompress::_kd_loss_exp_floor";
+  TORCH_CHECK_VALUE(student.dim() >= 1 && student.size(-1) >= 1 && student.sizes() == teacher.sizes(), op,
+                    ": student and teacher must be (..., V) of one shape with V >= 1, got ", student.sizes(), " and ",
+                    teacher.sizes());
+  TORCH_CHECK_TYPE(student.scalar_type() == teacher.scalar_type(), op, ": student and teacher must share a dtype");
+  TORCH_CHECK_VALUE(temperature > 0, op, ": temperature must be > 0, got ", temperature);
+  const int64_t V = student.size(-1), N = student.numel() / V;
+  double total = 0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, student.scalar_type(), "kd_loss_exp_floor", [&] {
+    using IO = Io<scalar_t>;
+    using acc_t = typename IO::acc_t;
+    using Vec = Vectorized<acc_t>;
+    constexpr int64_t W = Vec::size();
+    const int64_t n = std::min(V, kChunk);
+    // The first chunk of row 0, contiguous (student may be a strided view).
+    const at::Tensor s0 = student.reshape({N, V}).select(0, 0).narrow(0, 0, n).contiguous();
+    const at::Tensor t0 = teacher.reshape({N, V}).select(0, 0).narrow(0, 0, n).contiguous();
+    const scalar_t* s = s0.const_data_ptr<scalar_t>();
+    const scalar_t* t = t0.const_data_ptr<scalar_t>();
+    const Vec vc2(static_cast<acc_t>(1.44269504088896341 / temperature)), vshift(0);
+    std::vector<double> row_sum(N);
+    at::parallel_for(0, N, std::max<int64_t>(1, 16384 / V), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        Vec acc(0);
+        for (int64_t j0 = 0; j0 < V; j0 += n) {
+          for_chunks<W>(std::min(n, V - j0), [&](int64_t j, int64_t nn) {
+            acc += keep(fast_exp2(at::vec::fmsub(IO::load(s + j, nn), vc2, vshift)), nn, acc_t(0));
+            acc += keep(fast_exp2(at::vec::fmsub(IO::load(t + j, nn), vc2, vshift)), nn, acc_t(0));
+          });
+        }
+        row_sum[r] = at::vec::vec_reduce_all<acc_t>([](const auto& a, const auto& b) { return a + b; }, acc);
+      }
+    });
+    for (double v : row_sum) total += v;
+  });
+  return at::scalar_tensor(total, at::kDouble);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -758,6 +1067,7 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_topk_cpu(
 TORCH_LIBRARY_IMPL(pycompress, CPU, m) {
   m.impl("kd_loss", &kd_loss_cpu);
   m.impl("kd_loss_topk", &kd_loss_topk_cpu);
+  m.impl("_kd_loss_exp_floor", &kd_loss_exp_floor_cpu);
 }
 
 }  // namespace pycompress
