@@ -243,16 +243,18 @@ def test_choose_threshold_validates_the_candidate_and_refuses_bad_options():
         choose_threshold(layer, [layer.weight], [0], multipliers=(0.5, 0), eval_fn=fake_eval)
 
 
-def test_singh_sparsifies_the_layers_reading_a_phase_too():
+def test_singh_sparsifies_the_layers_reading_a_phase_too_but_not_a_locked_head():
     """Singh's statistics read layer l (producing a unit) and l+1 (reading it): both are in the L1
-    penalty and the threshold of the phase."""
+    penalty and the threshold of the phase, unless l+1 is a head whose outputs are locked."""
     from pycompress.prune import DependencyGraph
     from pycompress.prune.pruner import _phase_weights
 
-    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 3, 3))
-    graph = DependencyGraph(model, torch.rand(1, 1, 8, 8))
-    weights = _phase_weights(graph, graph.prunable_groups())
-    assert [id(w) for w in weights] == [id(model[0].weight), id(model[3].weight)]
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 5, 3), nn.BatchNorm2d(5),
+                          nn.ReLU(), nn.Conv2d(5, 3, 3))
+    graph = DependencyGraph(model, torch.rand(1, 1, 12, 12))
+    first, second = graph.prunable_groups()
+    assert [id(w) for w in _phase_weights(graph, [first])] == [id(model[0].weight), id(model[3].weight)]
+    assert [id(w) for w in _phase_weights(graph, [second])] == [id(model[3].weight)]
 
 
 def test_singh_needs_validation_data(digits):

@@ -222,7 +222,8 @@ THRESHOLD_MULTIPLIERS = tuple(0.25 * 2 ** (k / 4) for k in range(17))
 @torch.no_grad()
 def choose_threshold(model: nn.Module, weights: Sequence[nn.Parameter], val_data, *, tolerance: float = 0.01,
                      multipliers: Sequence[float] = THRESHOLD_MULTIPLIERS, eval_fn: Optional[Callable] = None,
-                     metric: str = "accuracy", candidate: Optional[Callable[[nn.Module], nn.Module]] = None) -> float:
+                     metric: str = "accuracy", candidate: Optional[Callable[[nn.Module], nn.Module]] = None,
+                     log: Optional[Callable[[str], None]] = None) -> float:
     r"""Singh step 1b: zero every weight with :math:`|w| < a \cdot \overline{|W|}` (per layer).
 
     ``a`` is the largest multiplier whose validation ``metric`` (of ``eval_fn(model, val_data)``,
@@ -255,10 +256,14 @@ def choose_threshold(model: nn.Module, weights: Sequence[nn.Parameter], val_data
     while failing - passing > 1:
         mid = (passing + failing) // 2
         apply(multipliers[mid])
-        if eval_fn(candidate(model), val_data)[metric] >= base - tolerance:
+        quality = eval_fn(candidate(model), val_data)[metric]
+        if quality >= base - tolerance:
             passing = mid
         else:
             failing = mid
+        if log is not None:
+            log(f"threshold {multipliers[mid]:.3g} x mean|w|: val {metric} {quality:.4f} (before {base:.4f}, "
+                f"{'pass' if passing == mid else 'fail'})")
     best = multipliers[passing] if passing >= 0 else 0.0
     apply(best)
     return best
@@ -266,13 +271,17 @@ def choose_threshold(model: nn.Module, weights: Sequence[nn.Parameter], val_data
 
 def _phase_weights(graph: DependencyGraph, groups) -> List[nn.Parameter]:
     """The weights Singh's statistics read for ``groups``: of the layers producing their units (layer l,
-    ``out``/``dw``) and of the layers reading them (layer l+1, ``in``), each once."""
+    ``out``/``dw``) and of the prunable layers reading them (layer l+1, ``in``), each once. A reader
+    whose outputs are all locked (a detection head) is left alone: its weights are not spread like a
+    batch-normed conv's, so a threshold relative to their mean would zero whole classes."""
     mods = graph.modules()
+    producers = {m.module for g in graph.prunable_groups() for m in g.members if m.kind in ("out", "dw")}
     seen, out = set(), []
     for g in groups:
         for m in g.members:
             weight = getattr(mods[m.module], "weight", None)
-            if m.kind in ("out", "dw", "in") and isinstance(weight, nn.Parameter) and id(weight) not in seen:
+            wanted = m.kind in ("out", "dw") or (m.kind == "in" and m.module in producers)
+            if wanted and isinstance(weight, nn.Parameter) and id(weight) not in seen:
                 seen.add(id(weight))
                 out.append(weight)
     return out
@@ -394,7 +403,8 @@ class Phased(Schedule):
                     return copy_
 
                 a = choose_threshold(model, weights, pruner.val_data, tolerance=self.tolerance,
-                                     eval_fn=pruner.eval_fn, metric=pruner.metric, candidate=without_flagged)
+                                     eval_fn=pruner.eval_fn, metric=pruner.metric, candidate=without_flagged,
+                                     log=pruner.log)
                 units, n_flagged = [], 0
                 if a > 0:  # a = 0: every threshold cost accuracy, so this phase zeroes and prunes nothing
                     graph = pruner.trace()
