@@ -394,23 +394,31 @@ class Phased(Schedule):
                                 batch_size=tune.batch_size, lr=self.sparsity_lr, seed=self.seed + step,
                                 loss_fn=pruner.loss_fn)
 
-                def without_flagged(thresholded):  # what a threshold would leave: its flagged units removed
-                    copy_ = copy.deepcopy(thresholded)
-                    g = DependencyGraph(copy_, pruner.example_inputs, pruner.ignored_layers)
-                    flagged, _ = self._flagged_units(pruner, g, layer_set, which, target)
+                # The threshold only selects channels: what goes on (and is validated) is the model with the
+                # mostly-zero channels removed and every other weight as it was. Retraining is dense here, so
+                # zeroing the kept filters' small weights would only charge the tolerance a cost it undoes.
+                before = {k: v.clone() for k, v in model.state_dict().items()}
+
+                def remove_flagged(thresholded):  # -> (units, number flagged); thresholded loses them
+                    graph_ = DependencyGraph(thresholded, pruner.example_inputs, pruner.ignored_layers)
+                    flagged, n = self._flagged_units(pruner, graph_, layer_set, which, target)
+                    thresholded.load_state_dict(before)
                     if flagged:
-                        g.remove(flagged)
-                    return copy_
+                        graph_.remove(flagged)
+                    return flagged, n
+
+                def candidate(thresholded):
+                    pruned = copy.deepcopy(thresholded)
+                    remove_flagged(pruned)
+                    return pruned
 
                 a = choose_threshold(model, weights, pruner.val_data, tolerance=self.tolerance,
-                                     eval_fn=pruner.eval_fn, metric=pruner.metric, candidate=without_flagged,
-                                     log=pruner.log)
+                                     eval_fn=pruner.eval_fn, metric=pruner.metric, candidate=candidate, log=pruner.log)
                 units, n_flagged = [], 0
-                if a > 0:  # a = 0: every threshold cost accuracy, so this phase zeroes and prunes nothing
-                    graph = pruner.trace()
-                    units, n_flagged = self._flagged_units(pruner, graph, layer_set, which, target)
-                if units:
-                    graph.remove(units)
+                if a > 0:  # a = 0: every threshold cost accuracy, so this phase prunes nothing
+                    units, n_flagged = remove_flagged(model)
+                else:
+                    model.load_state_dict(before)
                 removed_this_round += len(units)
                 pruner.fine_tune(tune, tune.steps, self.seed + 1000 + step)
                 params, flops = count_params_flops(model, pruner.example_inputs)
