@@ -18,9 +18,10 @@ run() {  # run NAME CONFIG [--set KEY=VALUE ...]: pycompress prune, report P/NAM
 
 run ssd_dense_control $P/ssd_dense_control.toml
 run ssd_singh $P/ssd_singh.toml
-# the comparison rows: the 5x target (Singh stopped near 1x, see README.md), the same fine-tuning
-run ssd_taylor $P/ssd_taylor.toml
-run ssd_l1 $P/ssd_l1.toml
+# the comparison rows prune one-shot to the parameter fraction Singh reached, same fine-tuning
+kept=$($PY -c "import json; r = json.load(open('$P/ssd_singh.json')); print(r['pruned']['params'] / r['dense']['params'])")
+run ssd_taylor $P/ssd_taylor.toml --set target_params=$kept
+run ssd_l1 $P/ssd_l1.toml --set target_params=$kept
 run yolo_teacher_pruned $P/yolo_teacher_prune.toml
 [ -f $P/ssd_singh_deploy_latency.json ] || $PY scripts/detector_deploy_latency.py --detector-kwargs '{"name": "ssd", "width": 8}' \
   --dense $P/ssd_dense.pt --pruned $P/ssd_singh.pt --output $P/ssd_singh_deploy_latency.json \
