@@ -250,6 +250,7 @@ class PruneConfig(WorkflowConfig):
     max_layer_ratio: float = 0.9
     score_batches: int = 8
     fine_tune_steps: int = 0     # optimizer steps after each pruning step
+    report_steps: bool = False   # test metrics and interleaved latency of the model after every step (phase)
     flops_lambda: float = 0.0
     singh: SinghConfig = field(default_factory=SinghConfig)
     dense: TrainConfig = field(default_factory=_dense_train)

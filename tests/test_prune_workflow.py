@@ -195,6 +195,68 @@ def test_singh_phase_without_a_safe_threshold_prunes_nothing_and_goes_on(digits,
     assert count_params_flops(small, x)[0] < count_params_flops(model, x)[0]
 
 
+def test_choose_threshold_bisects_and_does_not_take_a_noisy_pass_above_a_failure():
+    """Quality holds up to 1.0 x mean|w|, fails above, and passes again by noise at the largest
+    multiplier: trying every multiplier and keeping the largest pass (the old rule) chose 4.0."""
+    from pycompress.prune import choose_threshold
+    from pycompress.prune.pruner import THRESHOLD_MULTIPLIERS
+
+    layer = nn.Linear(64, 4, bias=False)
+    with torch.no_grad():  # magnitudes spread so that every multiplier zeroes a different number of weights
+        layer.weight.copy_(1.05 ** torch.arange(256.0).reshape(4, 64))
+    w = layer.weight.detach().clone()
+    multiplier_of = {int((w < a * w.mean()).sum()): a for a in THRESHOLD_MULTIPLIERS}
+    assert len(multiplier_of) == len(THRESHOLD_MULTIPLIERS)
+    tried = []
+
+    def fake_eval(model, data):
+        a = multiplier_of.get(int((model.weight == 0).sum()), 0.0)
+        tried.append(a)
+        return {"accuracy": 0.9 if a <= 1.0 or a == 4.0 else 0.5}
+
+    a = choose_threshold(layer, [layer.weight], [0], tolerance=0.01, eval_fn=fake_eval)
+    assert a == 1.0
+    assert 4.0 not in tried and len(tried) <= 1 + 5  # the base, then about log2(17) bisection steps
+    assert torch.equal(layer.weight, torch.where(w.abs() < w.abs().mean(), torch.zeros_like(w), w))
+
+
+def test_choose_threshold_validates_the_candidate_and_refuses_bad_options():
+    from pycompress.prune import choose_threshold
+
+    layer = nn.Linear(8, 2)
+    pruned_copies = []
+
+    def candidate(model):  # the model the threshold would leave; here it always loses 0.2
+        pruned_copies.append(model)
+        return "pruned"
+
+    def fake_eval(model, data):
+        return {"accuracy": 0.7 if model == "pruned" else 0.9}
+
+    w = layer.weight.detach().clone()
+    assert choose_threshold(layer, [layer.weight], [0], tolerance=0.1, eval_fn=fake_eval, candidate=candidate) == 0.0
+    assert pruned_copies and torch.equal(layer.weight, w)  # nothing qualified: the weights are restored
+    assert choose_threshold(layer, [layer.weight], [0], tolerance=0.3, eval_fn=fake_eval, candidate=candidate) == 4.0
+    with pytest.raises(ValueError, match="tolerance"):
+        choose_threshold(layer, [layer.weight], [0], tolerance=-1, eval_fn=fake_eval)
+    with pytest.raises(ValueError, match="multipliers"):
+        choose_threshold(layer, [layer.weight], [0], multipliers=(0.5, 0), eval_fn=fake_eval)
+
+
+def test_singh_sparsifies_the_layers_reading_a_phase_too_but_not_a_locked_head():
+    """Singh's statistics read layer l (producing a unit) and l+1 (reading it): both are in the L1
+    penalty and the threshold of the phase, unless l+1 is a head whose outputs are locked."""
+    from pycompress.prune import DependencyGraph
+    from pycompress.prune.pruner import _phase_weights
+
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 5, 3), nn.BatchNorm2d(5),
+                          nn.ReLU(), nn.Conv2d(5, 3, 3))
+    graph = DependencyGraph(model, torch.rand(1, 1, 12, 12))
+    first, second = graph.prunable_groups()
+    assert [id(w) for w in _phase_weights(graph, [first])] == [id(model[0].weight), id(model[3].weight)]
+    assert [id(w) for w in _phase_weights(graph, [second])] == [id(model[3].weight)]
+
+
 def test_singh_needs_validation_data(digits):
     with pytest.raises(ValueError, match="val_data"):
         prune(_tiny_vgg(), torch.rand(1, 1, 8, 8), "singh", target=Target(params=0.5), train_data=digits.train)
@@ -214,6 +276,20 @@ def test_run_experiment_reports_and_resumes_after_pruning(digits, tmp_path):
     assert all(torch.equal(p, q) for p, q in zip(_params(first["model"]), _params(again["model"])))
     table = format_report(first)
     assert "fine_tuned" in table and "x)" in table
+
+
+def test_run_experiment_reports_every_singh_phase(digits):
+    x = digits.train[0][0].unsqueeze(0)
+    report = run_experiment(_tiny_vgg(), x, digits.train, digits.val, digits.test, criterion="singh",
+                            target_params=0.5, finetune_epochs=0, report_steps=True, latency_batch_sizes=(1, 2),
+                            singh={"phases": 2, "l1": 1e-2, "sparsity_steps": 5, "tolerance": 0.05, "rounds": 1,
+                                   "rho": 0.5}, log=lambda s: None)
+    assert report["history"]
+    for record in report["history"]:
+        assert {"params", "macs", "accuracy", "batch1_ms", "batch2_ms"} <= set(record["stage"])
+        assert record["stage"]["params"] == record["params"] and "val_accuracy" in record
+    assert report["history"][-1]["stage"]["params"] == report["pruned"]["params"]
+    assert "step 1" in format_report(report)
 
 
 def test_compare_latency_reports_every_model_and_batch():

@@ -174,7 +174,7 @@ class Iterative(Schedule):
                       "target_reached": reached}
             pruner.fine_tune(self.fine_tune, self.fine_tune.steps, self.seed + step)
             if pruner.val_data is not None:
-                record[f"val_{pruner.metric}"] = pruner.quality(pruner.model)
+                record.update(pruner.validate(pruner.model))
             pruner.log(f"prune step {step}{'' if self.units_per_step else f'/{self.steps}'}: -{len(units)} "
                        f"channels, params {params} ({pruner.dense_params / params:.2f}x), FLOPs {flops} "
                        f"({pruner.dense_flops / flops:.2f}x)"
@@ -215,41 +215,75 @@ def induce_sparsity(model: nn.Module, weights: Sequence[nn.Parameter], train_dat
                step_fn=step_fn)
 
 
+# 0.25 to 4 x mean|w| in steps of 2 ** (1/4): fine enough that one step does not flip a whole layer
+THRESHOLD_MULTIPLIERS = tuple(0.25 * 2 ** (k / 4) for k in range(17))
+
+
 @torch.no_grad()
 def choose_threshold(model: nn.Module, weights: Sequence[nn.Parameter], val_data, *, tolerance: float = 0.01,
-                     multipliers: Sequence[float] = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0),
-                     eval_fn: Optional[Callable] = None, metric: str = "accuracy") -> float:
+                     multipliers: Sequence[float] = THRESHOLD_MULTIPLIERS, eval_fn: Optional[Callable] = None,
+                     metric: str = "accuracy", candidate: Optional[Callable[[nn.Module], nn.Module]] = None,
+                     log: Optional[Callable[[str], None]] = None) -> float:
     r"""Singh step 1b: zero every weight with :math:`|w| < a \cdot \overline{|W|}` (per layer).
 
     ``a`` is the largest multiplier whose validation ``metric`` (of ``eval_fn(model, val_data)``,
     default :func:`~pycompress.train.evaluate_classifier`'s accuracy; a detector's AP50) stays
-    within ``tolerance`` of its value before thresholding. The chosen zeroing is
-    applied to ``weights`` in place; returns ``a`` (0.0 if none qualifies).
+    within ``tolerance`` of its value before thresholding. With ``candidate``, what is validated is
+    ``candidate(thresholded model)``: for Singh, a copy with the units the threshold flags removed,
+    so the tolerance bounds the cost of the pruning itself, not only of the zeroing. Quality is
+    taken to fall as the threshold grows, so the multipliers are bisected (about log2(n)
+    evaluations) rather than all tried: a noisy pass far above a failure is not taken. The chosen
+    zeroing is applied to
+    ``weights`` in place; returns ``a`` (0.0 if none qualifies).
     """
     if val_data is None:
         raise ValueError("singh needs val_data to choose the sparsity threshold")
+    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or tolerance < 0:
+        raise ValueError(f"tolerance must be a number >= 0, got {tolerance!r}")
+    multipliers = sorted(multipliers)
+    if not multipliers or any(not a > 0 for a in multipliers):
+        raise ValueError(f"multipliers must be a non-empty sequence of positive numbers, got {multipliers!r}")
     eval_fn = eval_fn or evaluate_classifier
+    candidate = candidate or (lambda m: m)
     base = eval_fn(model, val_data)[metric]
     saved = [w.detach().clone() for w in weights]
-    best = 0.0
-    for a in sorted(multipliers):
+
+    def apply(a):
         for w, s in zip(weights, saved):
             w.copy_(torch.where(s.abs() < a * s.abs().mean(), torch.zeros_like(s), s))
-        if eval_fn(model, val_data)[metric] >= base - tolerance:
-            best = a
-    for w, s in zip(weights, saved):
-        w.copy_(torch.where(s.abs() < best * s.abs().mean(), torch.zeros_like(s), s))
+
+    passing, failing = -1, len(multipliers)  # index of the largest known pass / the smallest known failure
+    while failing - passing > 1:
+        mid = (passing + failing) // 2
+        apply(multipliers[mid])
+        quality = eval_fn(candidate(model), val_data)[metric]
+        if quality >= base - tolerance:
+            passing = mid
+        else:
+            failing = mid
+        if log is not None:
+            log(f"threshold {multipliers[mid]:.3g} x mean|w|: val {metric} {quality:.4f} (before {base:.4f}, "
+                f"{'pass' if passing == mid else 'fail'})")
+    best = multipliers[passing] if passing >= 0 else 0.0
+    apply(best)
     return best
 
 
-def _producer_weights(graph: DependencyGraph, groups) -> List[nn.Parameter]:
+def _phase_weights(graph: DependencyGraph, groups) -> List[nn.Parameter]:
+    """The weights Singh's statistics read for ``groups``: of the layers producing their units (layer l,
+    ``out``/``dw``) and of the prunable layers reading them (layer l+1, ``in``), each once. A reader
+    whose outputs are all locked (a detection head) is left alone: its weights are not spread like a
+    batch-normed conv's, so a threshold relative to their mean would zero whole classes."""
     mods = graph.modules()
+    producers = {m.module for g in graph.prunable_groups() for m in g.members if m.kind in ("out", "dw")}
     seen, out = set(), []
     for g in groups:
         for m in g.members:
-            if m.kind in ("out", "dw") and m.module not in seen:
-                seen.add(m.module)
-                out.append(mods[m.module].weight)
+            weight = getattr(mods[m.module], "weight", None)
+            wanted = m.kind in ("out", "dw") or (m.kind == "in" and m.module in producers)
+            if wanted and isinstance(weight, nn.Parameter) and id(weight) not in seen:
+                seen.add(id(weight))
+                out.append(weight)
     return out
 
 
@@ -355,24 +389,44 @@ class Phased(Schedule):
                     continue
                 step += 1
                 graph = pruner.trace()
-                weights = _producer_weights(graph, [g for g in graph.groups if group_key(g) in layer_set])
+                weights = _phase_weights(graph, [g for g in graph.groups if group_key(g) in layer_set])
                 induce_sparsity(model, weights, pruner.train_data, l1=self.l1, steps=self.sparsity_steps,
                                 batch_size=tune.batch_size, lr=self.sparsity_lr, seed=self.seed + step,
                                 loss_fn=pruner.loss_fn)
+
+                # The threshold only selects channels: what goes on (and is validated) is the model with the
+                # mostly-zero channels removed and every other weight as it was. Retraining is dense here, so
+                # zeroing the kept filters' small weights would only charge the tolerance a cost it undoes.
+                before = {k: v.clone() for k, v in model.state_dict().items()}
+
+                def remove_flagged(thresholded):  # -> (units, number flagged); thresholded loses them
+                    graph_ = DependencyGraph(thresholded, pruner.example_inputs, pruner.ignored_layers)
+                    flagged, n = self._flagged_units(pruner, graph_, layer_set, which, target)
+                    thresholded.load_state_dict(before)
+                    if flagged:
+                        graph_.remove(flagged)
+                    return flagged, n
+
+                def candidate(thresholded):
+                    pruned = copy.deepcopy(thresholded)
+                    remove_flagged(pruned)
+                    return pruned
+
                 a = choose_threshold(model, weights, pruner.val_data, tolerance=self.tolerance,
-                                     eval_fn=pruner.eval_fn, metric=pruner.metric)
+                                     eval_fn=pruner.eval_fn, metric=pruner.metric, candidate=candidate, log=pruner.log)
                 units, n_flagged = [], 0
-                if a > 0:  # a = 0: every threshold cost accuracy, so this phase zeroes and prunes nothing
-                    units, n_flagged = self._flagged_units(pruner, graph, layer_set, which, target)
-                if units:
-                    graph.remove(units)
+                if a > 0:  # a = 0: every threshold cost accuracy, so this phase prunes nothing
+                    units, n_flagged = remove_flagged(model)
+                else:
+                    model.load_state_dict(before)
                 removed_this_round += len(units)
                 pruner.fine_tune(tune, tune.steps, self.seed + 1000 + step)
                 params, flops = count_params_flops(model, pruner.example_inputs)
                 record = {"step": step, "round": rnd + 1, "layers": [k[0] for k in layer_set],
                           "threshold_multiplier": a, "flagged": n_flagged, "removed_units": len(units),
-                          "params": params, "flops": flops, f"val_{pruner.metric}": pruner.quality(model)}
-                pruner.log(f"singh round {rnd + 1} phase {step}: threshold {a} x mean|w|, {n_flagged} flagged, "
+                          "params": params, "flops": flops,
+                          **pruner.validate(model)}
+                pruner.log(f"singh round {rnd + 1} phase {step}: threshold {a:.3g} x mean|w|, {n_flagged} flagged, "
                            f"-{len(units)} channels, params {params} ({pruner.dense_params / params:.2f}x), "
                            f"FLOPs {flops} ({pruner.dense_flops / flops:.2f}x), val {pruner.metric} "
                            f"{record[f'val_{pruner.metric}']:.4f}")
@@ -417,6 +471,8 @@ class Pruner:
         eval_fn (callable, optional): ``eval_fn(model, val_data) -> dict`` of metrics; default
             :func:`~pycompress.train.evaluate_classifier`.
         metric (str): the key of ``eval_fn``'s dict that measures quality (``"accuracy"``; a detector's ``"AP50"``).
+        on_step (callable, optional): ``on_step(model, record)`` after each step, e.g. to keep a copy of
+            the model of every phase for a per-phase report.
 
     Example:
         >>> pruner = Pruner(model, x, L1(), Iterative(steps=4), Target(params=0.5))
@@ -427,7 +483,7 @@ class Pruner:
     def __init__(self, model: nn.Module, example_inputs, criterion, schedule: Schedule, target: Target, *,
                  train_data=None, val_data=None, loss_fn: Optional[Callable] = None, ignored_layers: Iterable = (),
                  log: Optional[Callable[[str], None]] = None, eval_fn: Optional[Callable] = None,
-                 metric: str = "accuracy"):
+                 metric: str = "accuracy", on_step: Optional[Callable[[nn.Module, dict], None]] = None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if not isinstance(schedule, Schedule):
@@ -447,6 +503,7 @@ class Pruner:
             raise ValueError("ignored_layers must hold submodules of model or their names")
         schedule.check(self)
         self.log = log or (lambda s: None)
+        self.on_step = on_step
         graph = self.trace()
         self.dense_params, self.dense_flops = graph.cost()
         self.original_sizes = {group_key(g): len(g) for g in graph.groups}
@@ -455,9 +512,9 @@ class Pruner:
         self._steps = schedule.run(self)
         self.done = False
 
-    def quality(self, model: nn.Module) -> float:
-        """``metric`` of ``model`` on ``val_data``."""
-        return self.eval_fn(model, self.val_data)[self.metric]
+    def validate(self, model: nn.Module) -> Dict[str, float]:
+        """Every metric of ``eval_fn`` on ``val_data``, keyed ``val_<name>`` as the history records are."""
+        return {f"val_{k}": v for k, v in self.eval_fn(model, self.val_data).items()}
 
     def trace(self) -> DependencyGraph:
         """The dependency graph of the model as it is now."""
@@ -490,6 +547,8 @@ class Pruner:
             self.done = True
             return None
         self.history.append(record)
+        if self.on_step is not None:
+            self.on_step(self.model, record)
         return record
 
     def run(self) -> nn.Module:
@@ -549,7 +608,7 @@ def prune(model: nn.Module, example_inputs, criterion="taylor", schedule: Option
           target: Optional[Target] = None, *, train_data=None, val_data=None, loss_fn: Optional[Callable] = None,
           ignored_layers: Iterable = (), inplace: bool = False, history: Optional[list] = None,
           log: Optional[Callable[[str], None]] = None, eval_fn: Optional[Callable] = None, metric: str = "accuracy",
-          **legacy) -> nn.Module:
+          on_step: Optional[Callable[[nn.Module, dict], None]] = None, **legacy) -> nn.Module:
     """Structurally prunes ``model`` and returns a physically smaller ``nn.Module``.
 
     Args:
@@ -569,6 +628,7 @@ def prune(model: nn.Module, example_inputs, criterion="taylor", schedule: Option
         log (callable, optional): receives progress lines.
         eval_fn (callable, optional): ``eval_fn(model, val_data) -> dict``; default classification accuracy.
         metric (str): the key of ``eval_fn``'s dict used as quality (the threshold, the records).
+        on_step (callable, optional): ``on_step(model, record)`` after each step (see :class:`Pruner`).
         **legacy: deprecated (one release): the keyword form ``target_params=``,
             ``target_flops=``, ``channel_ratio=``, ``steps=``, ``units_per_step=``, ``per_layer=``,
             ``round_to=``, ``max_layer_ratio=``, ``batch_size=``, ``score_batches=``,
@@ -604,7 +664,8 @@ def prune(model: nn.Module, example_inputs, criterion="taylor", schedule: Option
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     model = model if inplace else copy.deepcopy(model)
     pruner = Pruner(model, example_inputs, criterion, schedule, target, train_data=train_data, val_data=val_data,
-                    loss_fn=loss_fn, ignored_layers=ignored_layers, log=log, eval_fn=eval_fn, metric=metric)
+                    loss_fn=loss_fn, ignored_layers=ignored_layers, log=log, eval_fn=eval_fn, metric=metric,
+                    on_step=on_step)
     pruner.run()
     if history is not None:
         history.extend(pruner.history)

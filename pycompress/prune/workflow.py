@@ -105,7 +105,9 @@ def run_experiment(model: nn.Module, example_inputs, train_data, val_data, test_
     Returns:
         dict: ``{"config", "dense", "pruned", "fine_tuned", "history", "prune_seconds", "model"}``; each
         stage holds ``params``, ``macs``, ``flops`` (= 2 x MACs), the task's test metrics (``accuracy``; a detector's ``AP50``, ``AP``, ``AP75``) and the interleaved
-        median CPU latencies (``batch{b}_ms``) of the dense and final models.
+        median CPU latencies (``batch{b}_ms``) of the dense and final models. With
+        ``report_steps``, each history record also holds a ``stage`` of the model after that step
+        (before the final fine-tuning): cost, test metrics, latency interleaved with the others.
     """
     from pycompress.prune.graph import load_pruned_state_dict
 
@@ -138,9 +140,12 @@ def run_experiment(model: nn.Module, example_inputs, train_data, val_data, test_
         saved = load_file(ck("pruned.pt"), "pruned checkpoint")
         pruned = load_pruned_state_dict(model_factory(), saved["state_dict"], example_inputs=example_inputs)
         history, phase_plan = saved["history"], saved.get("phase_plan")
+        step_models = [load_pruned_state_dict(model_factory(), sd, example_inputs=example_inputs)
+                       for sd in saved.get("step_state_dicts", [])]
     else:
         if criterion is None:
             criterion = Taylor(flops_lambda=cfg.flops_lambda) if cfg.criterion == "taylor" else cfg.criterion
+        singh = getattr(criterion, "name", criterion) == "singh"  # a name or an instance: its options apply
         criterion, schedule, target = objects_from_options(
             criterion, target_params=cfg.target_params, target_flops=cfg.target_flops,
             channel_ratio=cfg.channel_ratio, steps=cfg.steps, units_per_step=cfg.units_per_step,
@@ -148,14 +153,19 @@ def run_experiment(model: nn.Module, example_inputs, train_data, val_data, test_
             batch_size=cfg.finetune.batch_size, score_batches=cfg.score_batches,
             fine_tune_steps=cfg.fine_tune_steps, lr=cfg.finetune.lr, momentum=cfg.finetune.momentum,
             weight_decay=cfg.finetune.weight_decay, seed=seed,
-            singh=to_dict(cfg.singh) if cfg.criterion == "singh" else None)
+            singh=to_dict(cfg.singh) if singh else None)
+        step_models = []
+        keep_step = (lambda m, record: step_models.append(copy.deepcopy(m))) if cfg.report_steps else None
         pruned = prune(model, example_inputs, criterion, schedule, target, train_data=train_data,
                        val_data=val_data, ignored_layers=cfg.exclude, history=history, log=log,
-                       loss_fn=task.loss_fn, eval_fn=task.evaluate, metric=task.metric)
+                       loss_fn=task.loss_fn, eval_fn=task.evaluate, metric=task.metric, on_step=keep_step)
         phase_plan = getattr(schedule, "plan", None)
+        for record, m in zip(history, step_models):
+            record["stage"] = _stage(m, example_inputs, test_data, task)
+            log(f"after step {record['step']}: {record['stage']}")
         if ck("pruned.pt"):
-            atomic_save({"state_dict": pruned.state_dict(), "history": history, "phase_plan": phase_plan},
-                        ck("pruned.pt"))
+            atomic_save({"state_dict": pruned.state_dict(), "history": history, "phase_plan": phase_plan,
+                         "step_state_dicts": [m.state_dict() for m in step_models]}, ck("pruned.pt"))
     prune_seconds = time.perf_counter() - t0
     after = _stage(pruned, example_inputs, test_data, task)
     log(f"pruned: {after}")
@@ -168,9 +178,12 @@ def run_experiment(model: nn.Module, example_inputs, train_data, val_data, test_
     tuned = _stage(final, example_inputs, test_data, task)
     log(f"fine-tuned: {tuned}")
     shape = tuple(example_inputs[0].shape[1:])
-    latency = compare_latency({"dense": model, "pruned": final}, shape, cfg.latency_batch_sizes)
+    steps = {f"step {r['step']}": m for r, m in zip(history, step_models)}
+    latency = compare_latency({"dense": model, **steps, "pruned": final}, shape, cfg.latency_batch_sizes)
     for stage, key in ((dense, "dense"), (after, "pruned"), (tuned, "pruned")):
         stage.update(latency[key])
+    for record, key in zip(history, steps):
+        record["stage"].update(latency[key])
     return {"config": to_dict(cfg), "task": task.name, "metric": task.metric, "phase_plan": phase_plan,
             "dense": dense, "pruned": after, "fine_tuned": tuned, "history": history,
             "prune_seconds": prune_seconds, "model": final}
@@ -201,15 +214,15 @@ def prune_experiment(cfg: PruneConfig) -> dict:
 
 
 def format_report(report: dict) -> str:
-    """A plain-text table of the report's three stages."""
+    """A plain-text table of the report's stages: dense, each step (with ``report_steps``), pruned, fine-tuned."""
     from pycompress.cli.common import format_table
 
     dense = report["dense"]
     batch_sizes = [k[len("batch"):-len("_ms")] for k in dense if k.startswith("batch") and k.endswith("_ms")]
     metrics = [m for m in ("accuracy", "AP50", "AP") if m in dense] or ["accuracy"]
     rows = []
-    for key in ("dense", "pruned", "fine_tuned"):
-        s = report[key]
+    stages = [("dense", dense)] + [(f"step {r['step']}", r["stage"]) for r in report.get("history", []) if "stage" in r]
+    for key, s in stages + [("pruned", report["pruned"]), ("fine_tuned", report["fine_tuned"])]:
         rows.append([key, f"{s['params']} ({dense['params'] / s['params']:.1f}x)",
                      f"{s['macs']} ({dense['macs'] / s['macs']:.1f}x)", f"{s['flops']}"]
                     + [f"{100 * s[m]:.2f}%" if m in s else "-" for m in metrics]

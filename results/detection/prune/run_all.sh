@@ -1,0 +1,32 @@
+#!/bin/sh
+# Issue 14's prune runs, one after another, at nice 19 and one thread. Resumable: a run whose report
+# exists is skipped; an interrupted one continues from its checkpoints (CK, default /tmp/singh_ck).
+# The dense SSD (ssd_dense.pt) comes first, from the train-detector command of README.md.
+set -e
+cd "$(dirname "$0")/../../.."
+P=results/detection/prune
+CK=${CK:-/tmp/singh_ck}
+PY=${PY:-python}
+
+run() {  # run NAME CONFIG [--set KEY=VALUE ...]: pycompress prune, report P/NAME.json, weights P/NAME.pt
+  name=$1; config=$2; shift 2
+  [ -f $P/$name.json ] && { echo "skip $name (report exists)"; return; }
+  echo "run $name"
+  nice -n 19 $PY -m pycompress prune --config $config --checkpoint-dir $CK/$name --resume "$@" \
+    --output $P/$name.json --save $P/$name.pt > $P/$name.log 2>&1
+}
+
+run ssd_dense_control $P/ssd_dense_control.toml
+run ssd_singh $P/ssd_singh.toml
+# the comparison rows prune one-shot to the parameter fraction Singh reached, same fine-tuning
+kept=$($PY -c "import json; r = json.load(open('$P/ssd_singh.json')); print(r['pruned']['params'] / r['dense']['params'])")
+run ssd_taylor $P/ssd_taylor.toml --set target_params=$kept
+run ssd_l1 $P/ssd_l1.toml --set target_params=$kept
+run yolo_teacher_pruned $P/yolo_teacher_prune.toml
+[ -f $P/ssd_singh_deploy_latency.json ] || $PY scripts/detector_deploy_latency.py --detector-kwargs '{"name": "ssd", "width": 8}' \
+  --dense $P/ssd_dense.pt --pruned $P/ssd_singh.pt --output $P/ssd_singh_deploy_latency.json \
+  > $P/ssd_singh_deploy_latency.log 2>&1
+run ssd_singh_front $P/ssd_singh.toml --set target_params=0.75 --set singh.rounds=1 \
+  --set 'singh.phase_layers=[["backbone.*"]]'
+run ssd_singh_back $P/ssd_singh.toml --set target_params=0.75 --set singh.rounds=1 \
+  --set 'singh.phase_layers=[["extras.*"]]'
