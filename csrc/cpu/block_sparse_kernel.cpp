@@ -19,8 +19,8 @@
 // and FMA'd against the NV input vectors, in one flat loop over the block row's
 // nonzero k. The last strip of an image uses only the vectors it needs. Values
 // are stored k-major inside a block so the MR broadcasts of one k are
-// contiguous. Tiles (image, q strip, block row) are shared out in chunks over
-// the threads (work_sharing.h: no OpenMP team, no barrier). The store is the epilogue: + bias, + residual (a ResNet
+// contiguous. Tiles (image, q strip, block row) are split over threads with
+// at::parallel_for. The store is the epilogue: + bias, + residual (a ResNet
 // shortcut of the output's shape), then ReLU.
 // Memory traffic per call: the input once (plus one padded copy), nonzero
 // weights once per q strip (from L2), the residual once, the output once.
@@ -45,12 +45,12 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <type_traits>
 #include <vector>
 
 #include "cpu/bf16_dot.h"
 #include "cpu/hugepage_alloc.h"
-#include "cpu/work_sharing.h"
 
 namespace pycompress {
 namespace {
@@ -302,10 +302,9 @@ void conv_tiles(const Source& src, const Bsr& w, const Epilogue& e) {
   // of input in L2 across block rows. They are cut into kChunksPerThread
   // contiguous chunks per thread of equal estimated cost (nonzero k steps x
   // vectors, plus the epilogue; block rows differ in density and tail strips
-  // are narrow), which the threads claim in turn from a shared counter
-  // (share_work): a thread that starts late (woken late, or preempted on a
-  // loaded machine) leaves its chunks to the others instead of making every
-  // call wait for it.
+  // are narrow), which the threads claim in turn from a shared counter: a
+  // thread that starts late (woken late, or preempted on a loaded machine)
+  // leaves its chunks to the others instead of making every call wait for it.
   const int64_t nthreads = std::min<int64_t>(at::get_num_threads(), ntiles);
   const int64_t nchunks = std::min<int64_t>(nthreads * kChunksPerThread, ntiles);
   std::vector<int64_t> split(nchunks + 1, ntiles);
@@ -324,16 +323,19 @@ void conv_tiles(const Source& src, const Bsr& w, const Epilogue& e) {
     }
   }
   const std::vector<int64_t> steps = step_offsets(w, src.off);
-  share_work(nchunks, [&](int64_t c) {
-    for (int64_t t = split[c]; t < split[c + 1]; ++t) {
-      const int64_t r = t % w.R;
-      const int64_t strip = (t / w.R) % strips;
-      const int64_t g = t / (w.R * strips);
-      const int nv = strip == strips - 1 ? tail_nv : NV;
-      const int64_t qs = strip * SW;
-      const int64_t q0 = src.exact_end && strip == strips - 1 ? src.img_q - nv * kW : qs;
-      const float* x = src.data + g * src.img_stride + q0;
-      block_row_n<MR, NV, Step>(nv, src, x, steps.data(), g, q0, qs, r, w, e);
+  std::atomic<int64_t> next_chunk{0};
+  at::parallel_for(0, nthreads, 1, [&](int64_t, int64_t) {
+    for (int64_t c = next_chunk++; c < nchunks; c = next_chunk++) {
+      for (int64_t t = split[c]; t < split[c + 1]; ++t) {
+        const int64_t r = t % w.R;
+        const int64_t strip = (t / w.R) % strips;
+        const int64_t g = t / (w.R * strips);
+        const int nv = strip == strips - 1 ? tail_nv : NV;
+        const int64_t qs = strip * SW;
+        const int64_t q0 = src.exact_end && strip == strips - 1 ? src.img_q - nv * kW : qs;
+        const float* x = src.data + g * src.img_stride + q0;
+        block_row_n<MR, NV, Step>(nv, src, x, steps.data(), g, q0, qs, r, w, e);
+      }
     }
   });
 }
@@ -348,9 +350,8 @@ void copy_to_phase_planes(const T* x, float* buf, int64_t NC, int64_t H, int64_t
                           int64_t sh, int64_t sw, int64_t Hq, int64_t Wq, const std::vector<char>& used,
                           bool zero_borders) {
   const int64_t plane = Hq * Wq, P = sh * sw;
-  const int64_t chunks = std::min<int64_t>(NC, at::get_num_threads() * kChunksPerThread);
-  share_work(chunks, [&](int64_t c) {
-    for (int64_t nc = NC * c / chunks; nc < NC * (c + 1) / chunks; ++nc) {
+  at::parallel_for(0, NC, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t nc = begin; nc < end; ++nc) {
       const T* src_plane = x + nc * H * W;
       if (sh == 1 && sw == 1 && pw == 0) {  // no column padding: the plane's rows are one run
         float* d = buf + nc * plane;
