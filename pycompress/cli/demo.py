@@ -313,6 +313,7 @@ def _figure(rows, path):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import LogLocator, NullFormatter, StrMethodFormatter
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 6.5))
     markers = "osD^v<>"
@@ -322,6 +323,10 @@ def _figure(rows, path):
             ax.scatter(r["latency_ms"], r["quality"], s=70, marker=markers[i % len(markers)],
                        label=f"{r['model']} ({r['parameters']:,} params)")
         ax.set_xscale("log")
+        # Plain ms labels at 1-2-5 steps: matplotlib's default minor labels (3x10^-1, 4x10^-1) overlap.
+        ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(StrMethodFormatter("{x:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("CPU latency at batch 1 (ms, log scale)")
         ax.set_ylabel(f"test {metric}")
         ax.set_title("classifiers (digits)" if metric == "accuracy" else "detectors (digit canvases)")
