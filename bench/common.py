@@ -8,28 +8,14 @@ and reports the median of each.
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
-import time
 
 import torch
 
+from pycompress.cost import interleaved_medians  # noqa: F401  (the benches' one timer)
+
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-
-
-def interleaved_medians(fns: dict, repeats: int = 7, warmup: int = 2) -> dict:
-    """Median seconds of each callable, timed round-robin after `warmup` untimed rounds."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(v) for name, v in times.items()}
 
 
 def rss_bytes(key: str = "VmRSS:") -> int:

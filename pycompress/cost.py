@@ -18,7 +18,7 @@ import math
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Dict, Iterable, Optional, Sequence
+from typing import Callable, Dict, Iterable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -109,6 +109,28 @@ def measure_cost(model: nn.Module, example_inputs) -> Cost:
     return Cost(count_params(model), count_macs(model, example_inputs))
 
 
+def _check_rounds(repeats, warmup):
+    for name, v in (("repeats", repeats), ("warmup", warmup)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < (1 if name == "repeats" else 0):
+            raise ValueError(f"{name} must be an int >= {1 if name == 'repeats' else 0}, got {v!r}")
+
+
+def interleaved_medians(fns: Dict[str, Callable[[], object]], repeats: int = 7, warmup: int = 2) -> Dict[str, float]:
+    """Median seconds of each zero-argument callable, timed round-robin (A B A B ...) after
+    ``warmup`` untimed rounds, so machine noise hits every callable alike."""
+    _check_rounds(repeats, warmup)
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(v) for name, v in times.items()}
+
+
 @torch.inference_mode()
 def compare_latency(models: Dict[str, nn.Module], input_shape: Sequence[int], batch_sizes: Sequence[int] = (1, 32),
                     repeats: int = 30, warmup: int = 5) -> Dict[str, Dict[str, float]]:
@@ -117,28 +139,20 @@ def compare_latency(models: Dict[str, nn.Module], input_shape: Sequence[int], ba
     Returns:
         dict: ``name -> {"threads": n, "batch{b}_ms": median ms, ...}``.
     """
-    for name, v in (("repeats", repeats), ("warmup", warmup)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < (1 if name == "repeats" else 0):
-            raise ValueError(f"{name} must be an int >= {1 if name == 'repeats' else 0}, got {v!r}")
+    _check_rounds(repeats, warmup)
     out = {name: {"threads": torch.get_num_threads()} for name in models}
-    for bs in batch_sizes:
-        x = torch.randn(bs, *input_shape)
-        times = {name: [] for name in models}
-        modes = {name: m.training for name, m in models.items()}
-        for m in models.values():
-            m.eval()
-        try:
-            for r in range(warmup + repeats):
-                for name, m in models.items():
-                    t = time.perf_counter()
-                    m(x)
-                    if r >= warmup:
-                        times[name].append(time.perf_counter() - t)
-        finally:
-            for name, m in models.items():
-                m.train(modes[name])
-        for name in models:
-            out[name][f"batch{bs}_ms"] = 1e3 * statistics.median(times[name])
+    modes = {name: m.training for name, m in models.items()}
+    for m in models.values():
+        m.eval()
+    try:
+        for bs in batch_sizes:
+            x = torch.randn(bs, *input_shape)
+            seconds = interleaved_medians({name: (lambda m=m: m(x)) for name, m in models.items()}, repeats, warmup)
+            for name, sec in seconds.items():
+                out[name][f"batch{bs}_ms"] = 1e3 * sec
+    finally:
+        for name, m in models.items():
+            m.train(modes[name])
     return out
 
 

@@ -299,6 +299,19 @@ def test_compare_latency_reports_every_model_and_batch():
     assert out["a"]["threads"] == torch.get_num_threads()
 
 
+
+def test_interleaved_medians_times_round_robin_after_untimed_warmup():
+    from pycompress.cost import interleaved_medians
+
+    calls = []
+    out = interleaved_medians({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=3, warmup=2)
+    assert calls == ["a", "b"] * 5 and set(out) == {"a", "b"} and all(v >= 0 for v in out.values())
+    for bad in ({"repeats": 0}, {"warmup": -1}, {"repeats": True}):
+        with pytest.raises(ValueError, match="repeats|warmup"):
+            interleaved_medians({"a": lambda: None}, **bad)
+    with pytest.raises(ValueError, match="repeats"):
+        compare_latency({"a": nn.Linear(4, 4)}, (4,), batch_sizes=(), repeats=0)
+
 # ------------------------------------------------------------------ CLI
 def test_cli_on_a_user_model_and_dataset_given_by_import_path(tmp_path, capsys):
     from pycompress.cli.prune import main

@@ -217,23 +217,13 @@ def _detection(args, size, rows):
             "epochs": size["det_epochs"], "teacher_cache": report.get("teacher_cache"), "workflow": report}
 
 
-def _interleaved(fns, rounds=4):
-    """Median seconds of each zero-argument function, timed interleaved (the first round is warm-up)."""
-    times = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            t = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t)
-    return {name: statistics.median(v[1:]) for name, v in times.items()}
-
-
 def _kernels(args, size):
     import torch
     import torch.nn.functional as F
     from torch import nn
 
     from pycompress import kd_loss
+    from pycompress.cost import interleaved_medians
     from pycompress.functional import nms
     from pycompress.nn import BlockSparseConv2d
 
@@ -265,7 +255,7 @@ def _kernels(args, size):
                                                          "eager": lambda: _eager_nms(boxes, scores, 0.5)}),
             ("block_sparse_conv", "block-sparse conv 256->256 3x3 at 90%, batch 8 14x14 (eager = dense conv)",
              {"pycompress": lambda: _no_grad(sparse, image), "eager": lambda: _no_grad(conv, image)})):
-        ms = {k: 1e3 * sec for k, sec in _interleaved(fns).items()}
+        ms = {k: 1e3 * sec for k, sec in interleaved_medians(fns, repeats=3, warmup=1).items()}
         ratio = ms["eager"] / ms["pycompress"]
         results[name] = {"pycompress_ms": ms["pycompress"], "eager_ms": ms["eager"], "speedup": ratio,
                          "line": f"{label}: pycompress {ms['pycompress']:.2f} ms, eager PyTorch "
