@@ -214,6 +214,7 @@ class SinghConfig:
     rounds: int = 3
     lr: Optional[float] = None   # SGD learning rate of sparsity induction (None: finetune.lr)
     tolerance: float = 0.01      # quality (accuracy, a detector's AP50) the sparsity threshold may cost on val
+    recovery_steps: int = 0      # SGD steps each threshold's pruned candidate trains before it is validated
     phase_layers: List[List[str]] = field(default_factory=list)  # layer patterns per phase; empty: `phases` slices
 
 

@@ -243,6 +243,41 @@ def test_choose_threshold_validates_the_candidate_and_refuses_bad_options():
         choose_threshold(layer, [layer.weight], [0], multipliers=(0.5, 0), eval_fn=fake_eval)
 
 
+def test_choose_threshold_measures_the_tolerance_from_the_reference():
+    """A candidate that retrains is compared with the model given the same steps, not with the
+    model before them: here retraining alone is worth 0.2, so a candidate at 0.95 is a loss."""
+    from pycompress.prune import choose_threshold
+
+    layer, trained = nn.Linear(8, 2), nn.Linear(8, 2)
+
+    def fake_eval(model, data):  # the layer as it is: 0.8; retrained alone: 1.0; a retrained candidate: 0.95
+        return {"accuracy": 1.0 if model is trained else 0.95 if model == "candidate" else 0.8}
+
+    kw = dict(eval_fn=fake_eval, candidate=lambda m: "candidate")
+    assert choose_threshold(layer, [layer.weight], [0], tolerance=0.1, **kw) == 4.0  # against 0.8: all pass
+    assert choose_threshold(layer, [layer.weight], [0], tolerance=0.01, reference=trained, **kw) == 0.0  # against 1.0
+
+
+def test_singh_recovery_steps_retrain_every_candidate_and_the_reference_alike(digits, monkeypatch):
+    import pycompress.prune.pruner as wf
+
+    real, steps = wf._fine_tune, []
+
+    def counting(model, train_data, n, **kw):
+        steps.append((n, kw["seed"]))
+        return real(model, train_data, n, **kw)
+
+    monkeypatch.setattr(wf, "_fine_tune", counting)
+    model, x = _tiny_vgg(), digits.train[0][0].unsqueeze(0)
+    history = []
+    prune(model, x, Singh(rho=0.5), Phased(1, l1=1e-2, sparsity_steps=5, tolerance=0.05, rounds=1, recovery_steps=2),
+          Target(params=0.5), train_data=digits.train, val_data=digits.val, history=history)
+    recovery = [seed for n, seed in steps if n == 2]
+    assert len(recovery) >= 2 and len(set(recovery)) == 1  # the reference and each candidate, same minibatches
+    with pytest.raises(ValueError, match="recovery_steps"):
+        Phased(recovery_steps=-1)
+
+
 def test_singh_sparsifies_the_layers_reading_a_phase_too_but_not_a_locked_head():
     """Singh's statistics read layer l (producing a unit) and l+1 (reading it): both are in the L1
     penalty and the threshold of the phase, unless l+1 is a head whose outputs are locked."""

@@ -223,14 +223,16 @@ THRESHOLD_MULTIPLIERS = tuple(0.25 * 2 ** (k / 4) for k in range(17))
 def choose_threshold(model: nn.Module, weights: Sequence[nn.Parameter], val_data, *, tolerance: float = 0.01,
                      multipliers: Sequence[float] = THRESHOLD_MULTIPLIERS, eval_fn: Optional[Callable] = None,
                      metric: str = "accuracy", candidate: Optional[Callable[[nn.Module], nn.Module]] = None,
-                     log: Optional[Callable[[str], None]] = None) -> float:
+                     reference: Optional[nn.Module] = None, log: Optional[Callable[[str], None]] = None) -> float:
     r"""Singh step 1b: zero every weight with :math:`|w| < a \cdot \overline{|W|}` (per layer).
 
     ``a`` is the largest multiplier whose validation ``metric`` (of ``eval_fn(model, val_data)``,
     default :func:`~pycompress.train.evaluate_classifier`'s accuracy; a detector's AP50) stays
     within ``tolerance`` of its value before thresholding. With ``candidate``, what is validated is
-    ``candidate(thresholded model)``: for Singh, a copy with the units the threshold flags removed,
-    so the tolerance bounds the cost of the pruning itself, not only of the zeroing. Quality is
+    ``candidate(thresholded model)``: for Singh, a copy with the units the threshold flags removed
+    (and, with ``recovery_steps``, briefly retrained), so the tolerance bounds the cost of the pruning
+    itself, not only of the zeroing. ``reference`` (default ``model``) is what the tolerance is
+    measured from: for candidates that retrain, the model given the same steps with nothing removed. Quality is
     taken to fall as the threshold grows, so the multipliers are bisected (about log2(n)
     evaluations) rather than all tried: a noisy pass far above a failure is not taken. The chosen
     zeroing is applied to
@@ -245,7 +247,7 @@ def choose_threshold(model: nn.Module, weights: Sequence[nn.Parameter], val_data
         raise ValueError(f"multipliers must be a non-empty sequence of positive numbers, got {multipliers!r}")
     eval_fn = eval_fn or evaluate_classifier
     candidate = candidate or (lambda m: m)
-    base = eval_fn(model, val_data)[metric]
+    base = eval_fn(model if reference is None else reference, val_data)[metric]
     saved = [w.detach().clone() for w in weights]
 
     def apply(a):
@@ -299,6 +301,11 @@ class Phased(Schedule):
         sparsity_steps (int): minibatches of sparsity induction per phase.
         tolerance (float): accuracy the threshold may cost on ``val_data``.
         rounds (int): passes over the layer sets.
+        recovery_steps (int): SGD minibatches (the fine-tuning settings) that each threshold's
+            candidate trains before it is validated. Removing channels without retraining is a cliff
+            (a map feeding a head loses the channels it needs and the head goes silent) that a few
+            steps undo; the paper retrains after pruning, and this lets the threshold see that.
+            0: the candidate is validated as removed.
         phase_layers (list of lists of str, optional): the layer sets themselves, front to back: a
             group joins the first set with a pattern (fnmatch) matching one of its producing layers;
             groups matching none are not pruned. Default: ``phases`` equal slices in graph order.
@@ -309,13 +316,14 @@ class Phased(Schedule):
 
     def __init__(self, phases: int = 3, *, l1: float = 1e-4, sparsity_steps: int = 100, tolerance: float = 0.01,
                  rounds: int = 3, sparsity_lr: Optional[float] = None, fine_tune: FineTune = FineTune(),
-                 seed: int = 0, phase_layers: Optional[Sequence[Sequence[str]]] = None):
+                 seed: int = 0, phase_layers: Optional[Sequence[Sequence[str]]] = None, recovery_steps: int = 0):
         for name, v in (("phases", phases), ("sparsity_steps", sparsity_steps), ("rounds", rounds)):
             _check_int(name, v, 1)
+        _check_int("recovery_steps", recovery_steps, 0)
         if not isinstance(fine_tune, FineTune):
             raise TypeError(f"fine_tune must be a FineTune, got {type(fine_tune).__name__}")
         self.phases, self.l1, self.sparsity_steps, self.tolerance = phases, l1, sparsity_steps, tolerance
-        self.rounds, self.fine_tune, self.seed = rounds, fine_tune, seed
+        self.rounds, self.fine_tune, self.seed, self.recovery_steps = rounds, fine_tune, seed, recovery_steps
         if phase_layers is not None and (not phase_layers or any(isinstance(p, str) or not p for p in phase_layers)):
             raise ValueError(f"phase_layers must be a non-empty list of non-empty lists of layer patterns, got "
                              f"{phase_layers!r}")
@@ -407,13 +415,23 @@ class Phased(Schedule):
                         graph_.remove(flagged)
                     return flagged, n
 
+                def recover(m):  # the same minibatches for every threshold and for the reference
+                    if self.recovery_steps:
+                        with torch.enable_grad():
+                            _fine_tune(m, pruner.train_data, self.recovery_steps, batch_size=tune.batch_size,
+                                       lr=tune.lr, momentum=tune.momentum, weight_decay=tune.weight_decay,
+                                       seed=self.seed + 2000 + step, step_fn=pruner.loss_fn)
+                    return m
+
                 def candidate(thresholded):
                     pruned = copy.deepcopy(thresholded)
                     remove_flagged(pruned)
-                    return pruned
+                    return recover(pruned)
 
+                reference = recover(copy.deepcopy(model)) if self.recovery_steps else None
                 a = choose_threshold(model, weights, pruner.val_data, tolerance=self.tolerance,
-                                     eval_fn=pruner.eval_fn, metric=pruner.metric, candidate=candidate, log=pruner.log)
+                                     eval_fn=pruner.eval_fn, metric=pruner.metric, candidate=candidate,
+                                     reference=reference, log=pruner.log)
                 units, n_flagged = [], 0
                 if a > 0:  # a = 0: every threshold cost accuracy, so this phase prunes nothing
                     units, n_flagged = remove_flagged(model)
@@ -589,7 +607,7 @@ def objects_from_options(criterion, target_params=None, target_flops=None, chann
     tune = FineTune(steps=fine_tune_steps, batch_size=batch_size, lr=lr, momentum=momentum, weight_decay=weight_decay)
     schedule = crit.default_schedule()
     if isinstance(schedule, Phased):
-        allowed = {"phases", "l1", "sparsity_steps", "tolerance", "rounds", "lr", "phase_layers"}
+        allowed = {"phases", "l1", "sparsity_steps", "tolerance", "rounds", "lr", "phase_layers", "recovery_steps"}
         if set(opts) - allowed:
             raise ValueError(f"singh options must be among {sorted(allowed | {'rho'})}, got "
                              f"{sorted(set(opts) - allowed)}")
