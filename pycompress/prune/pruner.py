@@ -232,11 +232,10 @@ def choose_threshold(model: nn.Module, weights: Sequence[nn.Parameter], val_data
     ``candidate(thresholded model)``: for Singh, a copy with the units the threshold flags removed
     (and, with ``recovery_steps``, briefly retrained), so the tolerance bounds the cost of the pruning
     itself, not only of the zeroing. ``reference`` (default ``model``) is what the tolerance is
-    measured from: for candidates that retrain, the model given the same steps with nothing removed. Quality is
-    taken to fall as the threshold grows, so the multipliers are bisected (about log2(n)
+    measured from: for candidates that retrain, the model given the same steps with nothing removed.
+    Quality is taken to fall as the threshold grows, so the multipliers are bisected (about log2(n)
     evaluations) rather than all tried: a noisy pass far above a failure is not taken. The chosen
-    zeroing is applied to
-    ``weights`` in place; returns ``a`` (0.0 if none qualifies).
+    zeroing is applied to ``weights`` in place; returns ``a`` (0.0 if none qualifies).
     """
     if val_data is None:
         raise ValueError("singh needs val_data to choose the sparsity threshold")
