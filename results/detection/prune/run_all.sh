@@ -17,16 +17,22 @@ run() {  # run NAME CONFIG [--set KEY=VALUE ...]: pycompress prune, report P/NAM
 }
 
 run ssd_dense_control $P/ssd_dense_control.toml
+run ssd_dense_control_budget $P/ssd_dense_control_budget.toml
 run ssd_singh $P/ssd_singh.toml
+run ssd_singh_norecovery $P/ssd_singh_norecovery.toml
 # the comparison rows prune one-shot to the parameter fraction Singh reached, same fine-tuning
 kept=$($PY -c "import json; r = json.load(open('$P/ssd_singh.json')); print(r['pruned']['params'] / r['dense']['params'])")
 run ssd_taylor $P/ssd_taylor.toml --set target_params=$kept
 run ssd_l1 $P/ssd_l1.toml --set target_params=$kept
+# and to the 5x target
+run ssd_taylor_5x $P/ssd_taylor.toml --set target_params=0.2
+run ssd_l1_5x $P/ssd_l1.toml --set target_params=0.2
+# front only (the backbone's two phases) and back only (the extra layers), each to 15 % fewer parameters
+run ssd_singh_front $P/ssd_singh.toml --set target_params=0.85 --set singh.rounds=3 \
+  --set 'singh.phase_layers=[["backbone.0.*", "backbone.1.*", "backbone.3.*", "backbone.4.*"], ["backbone.6.*", "backbone.7.*", "backbone.9.*", "backbone.10.*"]]'
+run ssd_singh_back $P/ssd_singh.toml --set target_params=0.85 --set singh.rounds=3 \
+  --set 'singh.phase_layers=[["extras.*"]]'
 run yolo_teacher_pruned $P/yolo_teacher_prune.toml
 [ -f $P/ssd_singh_deploy_latency.json ] || $PY scripts/detector_deploy_latency.py --detector-kwargs '{"name": "ssd", "width": 8}' \
   --dense $P/ssd_dense.pt --pruned $P/ssd_singh.pt --output $P/ssd_singh_deploy_latency.json \
   > $P/ssd_singh_deploy_latency.log 2>&1
-run ssd_singh_front $P/ssd_singh.toml --set target_params=0.75 --set singh.rounds=1 \
-  --set 'singh.phase_layers=[["backbone.*"]]'
-run ssd_singh_back $P/ssd_singh.toml --set target_params=0.75 --set singh.rounds=1 \
-  --set 'singh.phase_layers=[["extras.*"]]'
