@@ -22,14 +22,17 @@
 //      chunk by chunk while the next row runs steps 1-2, so that DRAM traffic and exps overlap.
 // Memory traffic: reads 2*N*V*sizeof(scalar), writes N*V*sizeof(scalar); nothing else of size
 // N*V exists. The scratch is two rows of e_s and e_t per thread (512 KiB at V = 32k).
-// Where the time goes (Zen 3, AVX2, 1 thread, N = 1024, V = 32000 fp32, CPU time on a loaded
-// machine): the kernel is compute-bound. The exps alone (pycompress::_kd_loss_exp_floor) take
-// 13.4 ms, 72 % of a torch.add(out=) roofline of 18.6 ms; storing them to scratch adds 5 ms
-// (19 ms); the loss without the gradient (steps 1-2, with the maxima, sums and cross term)
-// takes 29-31 ms and the gradient pass 6-8 ms more (36-39 ms: about 50 % of the roofline).
-// DRAM is not what is missing: with s and t in L3 (N = 16) the forward takes as long per row
-// (32 us) as from DRAM (30 us); the gap to the floor is the instructions around the exps (11
-// vector ops each, 6 on the FMA pipes). Without the next-chunk prefetch the forward took 43 ms.
+// Where the time goes (Zen 3, AVX2, 1 thread, N = 1024, V = 32000, quiet machine, medians):
+// the kernel is compute-bound. fp32: a torch.add(out=) roofline takes 21.9 ms, the exps alone
+// (pycompress::_kd_loss_exp_floor) 13.6 ms, the loss without the gradient (steps 1-2: the
+// maxima, the exps stored to scratch, the sums and cross term) 33.9 ms, forward + backward
+// 49.4 ms. So the instructions around the exps (11 vector ops each, 6 on the FMA pipes) cost
+// as much as the exps, and the gradient pass 15 ms more. DRAM is not what is missing: with s
+// and t in L3 (N = 16) the forward takes as long per row as from DRAM. Without the next-chunk
+// prefetch the forward took 43 ms; prefetching 2-8 chunks ahead measured no better.
+// bf16: exps 18.1 ms, forward 46.5 ms, forward + backward 50.1 ms. Its forward widens every
+// element twice, in the max pass and again in the exp pass; by our count of the extra vector
+// ops (not profiled) that is about the 11 ms it loses to fp32 there.
 // bf16 moves half the bytes with the same exps, so its limit is the compute floor. The
 // gradient buffer costs no page faults after the first call (hugepage_alloc.h recycles it).
 // Numerics: fp32 lanes for fp32/bf16/fp16 (fp64 for fp64), max-shifted exponentials.
