@@ -237,7 +237,7 @@ class PruneConfig(WorkflowConfig):
 
     model: ModelConfig = field(default_factory=lambda: ModelConfig(model="vgg"))
     data: DataConfig = field(default_factory=lambda: DataConfig(dataset="digits"))
-    weights: str = ""            # a trained state_dict to start from
+    weights: str = ""            # a trained state_dict to start from, dense or pruned (an earlier --save)
     save: str = ""               # where to write the pruned, fine-tuned state_dict
     criterion: str = "taylor"
     target_params: Optional[float] = None

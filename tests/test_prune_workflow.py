@@ -367,6 +367,21 @@ def test_cli_on_a_user_model_and_dataset_given_by_import_path(tmp_path, capsys):
     assert count_params_flops(reloaded, torch.rand(1, 1, 8, 8))[0] == report["fine_tuned"]["params"]
 
 
+def test_cli_continues_pruning_from_a_pruned_state_dict(tmp_path):
+    """--weights takes an earlier run's --save: the report's dense stage is that pruned model."""
+    from pycompress.cli.prune import main
+
+    common = ["--model", "pycompress.models:MobileNetStyle", "--data", "test_prune_workflow:small_splits",
+              "--criterion", "l1", "--target-params", "0.7", "--dense-epochs", "0", "--finetune-epochs", "0"]
+    first, second = tmp_path / "first.json", tmp_path / "second.json"
+    assert main(common + ["--output", str(first), "--save", str(tmp_path / "a.pt")]) == 0
+    assert main(common + ["--weights", str(tmp_path / "a.pt"), "--output", str(second),
+                          "--save", str(tmp_path / "b.pt")]) == 0
+    a, b = json.loads(first.read_text()), json.loads(second.read_text())
+    assert b["dense"]["params"] == a["fine_tuned"]["params"] and b["dense"]["accuracy"] == a["fine_tuned"]["accuracy"]
+    assert b["fine_tuned"]["params"] <= 0.7 * b["dense"]["params"]
+
+
 def test_cli_is_registered_and_refuses_missing_target(capsys):
     from pycompress.cli import SUBCOMMANDS, main
 

@@ -193,6 +193,7 @@ def prune_experiment(cfg: PruneConfig) -> dict:
     """``pycompress prune``: builds the model and data ``cfg`` names, runs :func:`run_experiment`, prints the
     table, writes the report (``cfg.output``) and the pruned state_dict (``cfg.save``) atomically."""
     from pycompress.cli.common import atomic_write_json, build_model, load_data
+    from pycompress.prune.graph import load_pruned_state_dict
 
     seed = cfg.single_seed()
     train, val, test = load_data(cfg.data.dataset, cfg.data.kwargs, seed=seed)
@@ -202,9 +203,10 @@ def prune_experiment(cfg: PruneConfig) -> dict:
         return build_model(cfg.model.model, cfg.model.kwargs, "model.model")
 
     model = factory()
-    if cfg.weights:
-        model.load_state_dict(load_file(cfg.weights, "weights file"))
-    report = run_experiment(model, train[0][0].unsqueeze(0), train, val, test, cfg, model_factory=factory)
+    x = train[0][0].unsqueeze(0)
+    if cfg.weights:  # dense, or pruned (an earlier run's --save): pruning then continues from it
+        load_pruned_state_dict(model, load_file(cfg.weights, "weights file"), example_inputs=x)
+    report = run_experiment(model, x, train, val, test, cfg, model_factory=factory)
     print(format_report(report))
     if cfg.output:
         atomic_write_json(report_dict(report), cfg.output)
