@@ -20,6 +20,9 @@ run ssd_dense_control $P/ssd_dense_control.toml
 run ssd_dense_control_budget $P/ssd_dense_control_budget.toml
 run ssd_singh $P/ssd_singh.toml
 run ssd_singh_norecovery $P/ssd_singh_norecovery.toml
+# Singh again from the 3.92x model, to 0.2 of the dense SSD's parameters
+t=$($PY -c "import json; r = json.load(open('$P/ssd_singh.json')); print(0.2 * r['dense']['params'] / r['fine_tuned']['params'])")
+run ssd_singh_continued $P/ssd_singh.toml --set weights=$P/ssd_singh.pt --set target_params=$t --set singh.rounds=3
 # the comparison rows prune one-shot to the parameter fraction Singh reached, same fine-tuning
 kept=$($PY -c "import json; r = json.load(open('$P/ssd_singh.json')); print(r['pruned']['params'] / r['dense']['params'])")
 run ssd_taylor $P/ssd_taylor.toml --set target_params=$kept
