@@ -30,9 +30,9 @@
 // as much as the exps, and the gradient pass 15 ms more. DRAM is not what is missing: with s
 // and t in L3 (N = 16) the forward takes as long per row as from DRAM. Without the next-chunk
 // prefetch the forward took 43 ms; prefetching 2-8 chunks ahead measured no better.
-// bf16: exps 18.1 ms, forward 46.5 ms, forward + backward 50.1 ms. Its forward widens every
-// element twice, in the max pass and again in the exp pass; by our count of the extra vector
-// ops (not profiled) that is about the 11 ms it loses to fp32 there.
+// bf16: the max pass keeps the chunk's widened fp32 lanes (8 KiB, in L1) for the exp loop;
+// widening every element a second time there had cost the forward 46.5 ms against 30.8 now
+// (exps 16.0 ms, forward + backward 50.1 -> 41.2 ms; fp32 in the same run 31.7 / 38.4 ms).
 // bf16 moves half the bytes with the same exps, so its limit is the compute floor. The
 // gradient buffer costs no page faults after the first call (hugepage_alloc.h recycles it).
 // Numerics: fp32 lanes for fp32/bf16/fp16 (fp64 for fp64), max-shifted exponentials.
@@ -388,6 +388,10 @@ class DenseRows {
     Vec vms(kNegInf), vmt(kNegInf), vlo(0);
     for_chunks<W>(n, [&](int64_t jj, int64_t nn) {
       const Vec sv = IO::load(s + j0 + jj, nn), tv = IO::load(t + j0 + jj, nn);
+      if constexpr (kWidened) {  // the exp loop reads these fp32 lanes from L1, not the bf16/fp16 again
+        sv.store(wide_s_.data() + jj);
+        tv.store(wide_t_.data() + jj);
+      }
       vms = max_one_op(vms, keep(sv, nn, kNegInf));
       vmt = max_one_op(vmt, keep(tv, nn, kNegInf));
       vlo = min_one_op(vlo, min_one_op(sv, tv));
@@ -401,10 +405,11 @@ class DenseRows {
     shift_t_[c] = recorded_shift(mt, sht);
     shift_1_[c] = recorded_shift(ms, sh1);
     // The exps, from L1, while the next chunk comes from DRAM into L2.
-    const ChunkSums sums = ce_extra_ ? exp_loop<true>(cur, s, t, j0, n, shs, sht, sh1, has_neg_inf, prefetch_s,
-                                                      prefetch_t)
-                                     : exp_loop<false>(cur, s, t, j0, n, shs, sht, sh1, has_neg_inf, prefetch_s,
-                                                       prefetch_t);
+    const auto run = [&](const auto* cs, const auto* ct) {
+      return ce_extra_ ? exp_loop<true>(cur, cs, ct, j0, n, shs, sht, sh1, has_neg_inf, prefetch_s, prefetch_t)
+                       : exp_loop<false>(cur, cs, ct, j0, n, shs, sht, sh1, has_neg_inf, prefetch_s, prefetch_t);
+    };
+    const ChunkSums sums = kWidened ? run(wide_s_.data(), wide_t_.data()) : run(s + j0, t + j0);
     z_s_[c] = sums.zs;
     z_t_[c] = sums.zt;
     cross_[c] = sums.cross;
@@ -415,16 +420,19 @@ class DenseRows {
   // of e_s, e_t, the cross term and e_1. Plain loops over local accumulators (kept in registers:
   // behind references they lived in memory, a store-to-load chain per add), full vectors apart
   // from the tail, folded into fp64 lanes every RowSum<>::kRun vectors as RowSum does.
-  template <bool kCeExtra>
-  ChunkSums exp_loop(Row& cur, const scalar_t* s, const scalar_t* t, int64_t j0, int64_t n, acc_t shs,
+  // s and t point at the chunk: the caller's logits, or (bf16/fp16) their fp32 lanes kept by the max pass.
+  template <bool kCeExtra, typename src_t>
+  ChunkSums exp_loop(Row& cur, const src_t* s, const src_t* t, int64_t j0, int64_t n, acc_t shs,
                      acc_t sht, acc_t sh1, bool has_neg_inf, const scalar_t* prefetch_s,
                      const scalar_t* prefetch_t) {
     const Vec vc2(c2_), vshs(shs), vsht(sht), vl2e(static_cast<acc_t>(kLog2e)), vsh1(sh1);
     acc_t* const es = cur.es + j0;
     acc_t* const et = cur.et + j0;
     acc_t* const e1 = kCeExtra ? cur.e1 + j0 : nullptr;
-    s += j0;
-    t += j0;
+    const auto load = [](const src_t* p, int64_t m) {
+      if constexpr (std::is_same_v<src_t, acc_t>) return m == W ? Vec::loadu(p) : Vec::loadu(p, m);
+      else return IO::load(p, m);
+    };
     Vec zs(0), zt(0), cross(0), z1(0);
     const auto body = [&](auto full, int64_t j, int64_t nn) {
       constexpr bool kFull = decltype(full)::value;
@@ -432,7 +440,7 @@ class DenseRows {
       // One prefetch per vector (a line holds one or more): cheaper than testing for line starts.
       __builtin_prefetch(prefetch_s + j, 0, 2);
       __builtin_prefetch(prefetch_t + j, 0, 2);
-      const Vec sv = IO::load(s + j, kFull ? W : nn), tv = IO::load(t + j, kFull ? W : nn);
+      const Vec sv = load(s + j, kFull ? W : nn), tv = load(t + j, kFull ? W : nn);
       const Vec e_s = kept(fast_exp2(at::vec::fmsub(sv, vc2, vshs)));
       const Vec e_t = kept(fast_exp2(at::vec::fmsub(tv, vc2, vsht)));
       e_s.store(es + j);
@@ -599,6 +607,9 @@ class DenseRows {
   Row rows_[2];
   Row* pending_ = nullptr;  // the row whose gradient is still to write
   bool reversed_ = true;
+  static constexpr bool kWidened = !std::is_same_v<scalar_t, acc_t>;  // bf16/fp16 computed in fp32
+  std::vector<acc_t> wide_s_ = std::vector<acc_t>(kWidened ? kChunk : 0);  // the current chunk, widened
+  std::vector<acc_t> wide_t_ = std::vector<acc_t>(kWidened ? kChunk : 0);
   // Per chunk of the current row: shifts (log2 units), sums of the exps, the cross term.
   std::vector<double> shift_s_, shift_t_, shift_1_, z_s_, z_t_, z_1_, cross_, w_s_, w_t_, w_1_;
 };
