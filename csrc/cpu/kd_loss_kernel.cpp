@@ -405,11 +405,17 @@ class DenseRows {
     shift_t_[c] = recorded_shift(mt, sht);
     shift_1_[c] = recorded_shift(ms, sh1);
     // The exps, from L1, while the next chunk comes from DRAM into L2.
-    const auto run = [&](const auto* cs, const auto* ct) {
-      return ce_extra_ ? exp_loop<true>(cur, cs, ct, j0, n, shs, sht, sh1, has_neg_inf, prefetch_s, prefetch_t)
-                       : exp_loop<false>(cur, cs, ct, j0, n, shs, sht, sh1, has_neg_inf, prefetch_s, prefetch_t);
-    };
-    const ChunkSums sums = kWidened ? run(wide_s_.data(), wide_t_.data()) : run(s + j0, t + j0);
+    const acc_t* cs;
+    const acc_t* ct;
+    if constexpr (kWidened) {
+      cs = wide_s_.data(), ct = wide_t_.data();
+    } else {
+      cs = s + j0, ct = t + j0;
+    }
+    const ChunkSums sums = ce_extra_ ? exp_loop<true>(cur, cs, ct, j0, n, shs, sht, sh1, has_neg_inf, prefetch_s,
+                                                      prefetch_t)
+                                     : exp_loop<false>(cur, cs, ct, j0, n, shs, sht, sh1, has_neg_inf, prefetch_s,
+                                                       prefetch_t);
     z_s_[c] = sums.zs;
     z_t_[c] = sums.zt;
     cross_[c] = sums.cross;
@@ -420,19 +426,16 @@ class DenseRows {
   // of e_s, e_t, the cross term and e_1. Plain loops over local accumulators (kept in registers:
   // behind references they lived in memory, a store-to-load chain per add), full vectors apart
   // from the tail, folded into fp64 lanes every RowSum<>::kRun vectors as RowSum does.
-  // s and t point at the chunk: the caller's logits, or (bf16/fp16) their fp32 lanes kept by the max pass.
-  template <bool kCeExtra, typename src_t>
-  ChunkSums exp_loop(Row& cur, const src_t* s, const src_t* t, int64_t j0, int64_t n, acc_t shs,
+  // s and t point at the chunk in the compute type: the caller's logits, or (bf16/fp16) the fp32
+  // lanes the max pass kept.
+  template <bool kCeExtra>
+  ChunkSums exp_loop(Row& cur, const acc_t* s, const acc_t* t, int64_t j0, int64_t n, acc_t shs,
                      acc_t sht, acc_t sh1, bool has_neg_inf, const scalar_t* prefetch_s,
                      const scalar_t* prefetch_t) {
     const Vec vc2(c2_), vshs(shs), vsht(sht), vl2e(static_cast<acc_t>(kLog2e)), vsh1(sh1);
     acc_t* const es = cur.es + j0;
     acc_t* const et = cur.et + j0;
     acc_t* const e1 = kCeExtra ? cur.e1 + j0 : nullptr;
-    const auto load = [](const src_t* p, int64_t m) {
-      if constexpr (std::is_same_v<src_t, acc_t>) return m == W ? Vec::loadu(p) : Vec::loadu(p, m);
-      else return IO::load(p, m);
-    };
     Vec zs(0), zt(0), cross(0), z1(0);
     const auto body = [&](auto full, int64_t j, int64_t nn) {
       constexpr bool kFull = decltype(full)::value;
@@ -440,7 +443,7 @@ class DenseRows {
       // One prefetch per vector (a line holds one or more): cheaper than testing for line starts.
       __builtin_prefetch(prefetch_s + j, 0, 2);
       __builtin_prefetch(prefetch_t + j, 0, 2);
-      const Vec sv = load(s + j, kFull ? W : nn), tv = load(t + j, kFull ? W : nn);
+      const Vec sv = VecIo<acc_t>::load(s + j, kFull ? W : nn), tv = VecIo<acc_t>::load(t + j, kFull ? W : nn);
       const Vec e_s = kept(fast_exp2(at::vec::fmsub(sv, vc2, vshs)));
       const Vec e_t = kept(fast_exp2(at::vec::fmsub(tv, vc2, vsht)));
       e_s.store(es + j);

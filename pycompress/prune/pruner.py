@@ -415,11 +415,8 @@ class Phased(Schedule):
                     return flagged, n
 
                 def recover(m):  # the same minibatches for every threshold and for the reference
-                    if self.recovery_steps:
-                        with torch.enable_grad():
-                            _fine_tune(m, pruner.train_data, self.recovery_steps, batch_size=tune.batch_size,
-                                       lr=tune.lr, momentum=tune.momentum, weight_decay=tune.weight_decay,
-                                       seed=self.seed + 2000 + step, step_fn=pruner.loss_fn)
+                    with torch.enable_grad():  # choose_threshold validates under no_grad
+                        pruner.fine_tune(tune, self.recovery_steps, self.seed + 2000 + step, model=m)
                     return m
 
                 def candidate(thresholded):
@@ -548,12 +545,12 @@ class Pruner:
         data = _score_batches(self.train_data, batch_size, n_batches, seed) if self.criterion.needs_data else None
         return self.criterion.scores(graph, data, self.loss_fn)
 
-    def fine_tune(self, settings: FineTune, steps: int, seed: int):
-        """``steps`` SGD minibatches on ``train_data`` (nothing for 0)."""
+    def fine_tune(self, settings: FineTune, steps: int, seed: int, model: Optional[nn.Module] = None):
+        """``steps`` SGD minibatches on ``train_data`` (nothing for 0), of the pruner's model or ``model``."""
         if steps:
-            _fine_tune(self.model, self.train_data, steps, batch_size=settings.batch_size, lr=settings.lr,
-                       momentum=settings.momentum, weight_decay=settings.weight_decay, seed=seed,
-                       step_fn=self.loss_fn)
+            _fine_tune(self.model if model is None else model, self.train_data, steps,
+                       batch_size=settings.batch_size, lr=settings.lr, momentum=settings.momentum,
+                       weight_decay=settings.weight_decay, seed=seed, step_fn=self.loss_fn)
 
     def step(self) -> Optional[dict]:
         """Runs one schedule step; returns its history record, or None once the schedule is done."""
