@@ -317,7 +317,7 @@ def test_padded_copy_share(benchmark):
         x = torch.randn(batch, *shape)
         with torch.inference_mode():
             sparse(x)
-            pairs = [(torch.randn(s[0], *s[1:]), torch.zeros(s[0], s[1], s[2] + 2 * m.padding[0], s[3] + 2 * m.padding[1]),
+            pairs = [(torch.randn(s), torch.zeros(s[0], s[1], s[2] + 2 * m.padding[0], s[3] + 2 * m.padding[1]),
                       m.padding) for m, s in inputs.items()]
 
             def copies():
