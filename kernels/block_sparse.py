@@ -2,7 +2,8 @@
 
 Same contract as the CPU kernel (csrc/cpu/block_sparse_kernel.cpp; layout in
 csrc/block_sparse.cpp): out[co, p] = sum over the nonzero (bo x bk) blocks of the
-conv's GEMM view of W[co, k] * col[k, p], then bias and an optional ReLU.
+conv's GEMM view of W[co, k] * col[k, p], then bias and an optional ReLU or
+LeakyReLU (the fused max-pool of the CPU kernel runs in torch after this kernel).
 
 Algorithm: implicit GEMM. One program per (tile of BLOCK_P output pixels over
 N*OH*OW, block row of bo output channels). It walks the block row's nonzero
@@ -23,11 +24,13 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
+from pycompress.ops.block_sparse import check_epilogue
+
 
 @triton.jit
 def _block_sparse_conv2d_kernel(
     X, VALS, COLS, RPTR, BIAS, OUT,
-    N, C, H, W, OH, OW, COUT,
+    N, C, H, W, OH, OW, COUT, NEGATIVE_SLOPE,
     KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
     PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
     BO: tl.constexpr, BK: tl.constexpr, BO_P: tl.constexpr, BK_P: tl.constexpr, BLOCK_P: tl.constexpr,
@@ -67,7 +70,7 @@ def _block_sparse_conv2d_kernel(
     if HAS_BIAS:
         acc += tl.load(BIAS + co, mask=o_mask, other=0.0)[:, None]
     if RELU:
-        acc = tl.maximum(acc, 0.0)
+        acc = tl.where(acc > 0, acc, acc * NEGATIVE_SLOPE)
     out_ptr = OUT + (n[None, :] * COUT + co[:, None]) * ohow + pix[None, :]
     tl.store(out_ptr, acc, mask=o_mask[:, None] & p_mask[None, :])
 
@@ -75,11 +78,12 @@ def _block_sparse_conv2d_kernel(
 def block_sparse_conv2d_triton(input: torch.Tensor, values: torch.Tensor, col_idx: torch.Tensor,
                                row_ptr: torch.Tensor, bias: Optional[torch.Tensor], kernel: List[int],
                                stride: List[int], padding: List[int], dilation: List[int], out_channels: int,
-                               relu: bool, residual: Optional[torch.Tensor] = None, block_p: int = 64,
-                               input_precision: str = "tf32") -> torch.Tensor:
+                               relu: bool, residual: Optional[torch.Tensor] = None, negative_slope: float = 0.0,
+                               pool: int = 1, block_p: int = 64, input_precision: str = "tf32") -> torch.Tensor:
     """The ``pycompress::block_sparse_conv2d`` op on Triton: same arguments and output as the CPU kernel.
 
-    The residual is added (and the ReLU applied after it) by torch after the kernel, not fused.
+    The residual is added (and the activation applied after it) by torch after the kernel,
+    and so is the max-pool: neither is fused here.
 
     Runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (tests).
     Registered as the op ``pycompress::block_sparse_conv2d_triton``
@@ -100,6 +104,7 @@ def block_sparse_conv2d_triton(input: torch.Tensor, values: torch.Tensor, col_id
                          f"block rows of bo={bo}")
     oh = (H + 2 * padding[0] - dilation[0] * (kernel[0] - 1) - 1) // stride[0] + 1
     ow = (W + 2 * padding[1] - dilation[1] * (kernel[1] - 1) - 1) // stride[1] + 1
+    check_epilogue(relu, negative_slope, pool, residual is not None, oh, ow)
     out = torch.empty(N, out_channels, oh, ow, dtype=torch.float32, device=input.device)
     if out.numel() == 0:
         return out
@@ -109,7 +114,7 @@ def block_sparse_conv2d_triton(input: torch.Tensor, values: torch.Tensor, col_id
     grid = (triton.cdiv(N * oh * ow, block_p), rows)
     wrap_triton(_block_sparse_conv2d_kernel)[grid](
         x, vals, col_idx.contiguous(), row_ptr.contiguous(), b, out,
-        N, C, H, W, oh, ow, out_channels,
+        N, C, H, W, oh, ow, out_channels, float(negative_slope),
         KH=kernel[0], KW=kernel[1], SH=stride[0], SW=stride[1], PH=padding[0], PW=padding[1],
         DH=dilation[0], DW=dilation[1], BO=bo, BK=bk, BO_P=max(16, triton.next_power_of_2(bo)),
         BK_P=max(16, triton.next_power_of_2(bk)), BLOCK_P=block_p, HAS_BIAS=bias is not None,
@@ -118,5 +123,7 @@ def block_sparse_conv2d_triton(input: torch.Tensor, values: torch.Tensor, col_id
     if residual is not None:
         out = out + residual.float()
         if relu:
-            out = torch.relu(out)
+            out = torch.nn.functional.leaky_relu(out, negative_slope)
+    if pool > 1:
+        out = torch.nn.functional.max_pool2d(out, pool)
     return out.to(input.dtype)

@@ -328,15 +328,17 @@ _BLOCK_SPARSE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 def block_sparse_conv2d(input: torch.Tensor, values: torch.Tensor, col_idx: torch.Tensor, row_ptr: torch.Tensor,
                         bias: Optional[torch.Tensor], kernel_size, out_channels: int, stride=1, padding=0,
-                        dilation=1, relu: bool = False, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+                        dilation=1, relu: bool = False, residual: Optional[torch.Tensor] = None,
+                        negative_slope: float = 0.0, pool: int = 1) -> torch.Tensor:
     r"""2-D convolution with a block-sparse (BSR) weight; only nonzero blocks are multiplied.
 
     The weight is the GEMM view ``W`` (out_channels, in_channels * kh * kw) in BSR form
     (see :class:`pycompress.nn.BlockSparseConv2d`). groups = 1.
 
     .. math::
-        \mathrm{out} = \mathrm{act}(\mathrm{conv2d}(\mathrm{input}, W) + \mathrm{bias} + \mathrm{residual}),
-        \qquad \mathrm{act} = \mathrm{ReLU} \text{ if relu else identity}
+        \mathrm{out} = \mathrm{maxpool}_p(\mathrm{act}(\mathrm{conv2d}(\mathrm{input}, W) + \mathrm{bias}
+        + \mathrm{residual})), \qquad \mathrm{act} = \mathrm{LeakyReLU}_{\mathrm{negative\_slope}}
+        \text{ if relu else identity}
 
     Args:
         input (Tensor[N, C, H, W]): float32, bfloat16 or float16, accumulated in fp32 and
@@ -350,14 +352,22 @@ def block_sparse_conv2d(input: torch.Tensor, values: torch.Tensor, col_idx: torc
         relu (bool): fuse a ReLU into the store (after the residual add).
         residual (Tensor[N, out_channels, OH, OW], optional): added in the store, e.g. a
             ResNet block's shortcut; same dtype as ``input``.
+        negative_slope (float): with ``relu``, the slope below zero: 0 is ReLU, > 0
+            LeakyReLU (negative slopes are refused: the fused pool needs a monotone act).
+        pool (int): ``p > 1`` fuses ``F.max_pool2d(out, p)`` (stride p, floor mode) into
+            the store, so the unpooled output is never written; not with ``residual``.
 
     Returns:
-        Tensor[N, out_channels, OH, OW] in the input's dtype.
+        Tensor[N, out_channels, OH // pool, OW // pool] in the input's dtype.
     """
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"input must be a Tensor, got {type(input).__name__}")
     if input.dim() != 4:
         raise ValueError(f"input must be 4-D (N, C, H, W), got shape {tuple(input.shape)}")
+    if isinstance(pool, bool) or not isinstance(pool, int):
+        raise TypeError(f"pool must be an int, got {type(pool).__name__}")
+    if isinstance(negative_slope, bool) or not isinstance(negative_slope, (int, float)):
+        raise TypeError(f"negative_slope must be a float, got {type(negative_slope).__name__}")
     pair = torch.nn.modules.utils._pair
     dtype = input.dtype
     x = input if dtype in _BLOCK_SPARSE_DTYPES else input.float()
@@ -368,7 +378,7 @@ def block_sparse_conv2d(input: torch.Tensor, values: torch.Tensor, col_idx: torc
         residual = residual.to(x.dtype)
     out = block_sparse_conv2d_op(x)(
         x, values, col_idx, row_ptr, b, list(pair(kernel_size)), list(pair(stride)), list(pair(padding)),
-        list(pair(dilation)), int(out_channels), bool(relu), residual)
+        list(pair(dilation)), int(out_channels), bool(relu), residual, float(negative_slope), int(pool))
     return out if out.dtype == dtype else out.to(dtype)
 
 

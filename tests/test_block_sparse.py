@@ -326,13 +326,16 @@ def test_linear_wrong_features_is_rejected():
 
 def masked_dense_twin(model: nn.Module) -> nn.Module:
     """The same function with dense layers: a copy with each block-sparse layer replaced
-    by its masked dense weight (+ its fused ReLU). Also the benchmarks' dense baseline."""
+    by its masked dense weight (+ its fused activation and pool). Also the benchmarks' dense baseline."""
     twin = copy.deepcopy(model)
     for name, mod in list(twin.named_modules()):
         if isinstance(mod, (BlockSparseConv2d, BlockSparseLinear)):
             dense = mod.to_dense()
             if getattr(mod, "relu", False):
-                dense = nn.Sequential(dense, nn.ReLU())
+                slope = getattr(mod, "negative_slope", 0.0)
+                dense = nn.Sequential(dense, nn.LeakyReLU(slope) if slope else nn.ReLU())
+            if getattr(mod, "pool", 1) > 1:
+                dense = nn.Sequential(dense, nn.MaxPool2d(mod.pool))
             parent, _, child = name.rpartition(".")
             setattr(twin.get_submodule(parent) if parent else twin, child, dense)
     return twin
@@ -474,21 +477,24 @@ def test_block_sparsify_with_folded_bn_matches_the_folded_masked_dense_model():
 
 @pytest.mark.triton
 @pytest.mark.parametrize("case", [
-    (2, 6, 5, 7, 6, 3, 1, 1, 1, (4, 2), 0.5, True),
-    (1, 8, 16, 5, 5, 3, 2, 0, 1, (8, 8), 0.0, False),
-    (2, 4, 7, 6, 7, 3, 1, 2, 2, (2, 3), 1.0, True),
+    (2, 6, 5, 7, 6, 3, 1, 1, 1, (4, 2), 0.5, True, 0.0, 1),
+    (1, 8, 16, 5, 5, 3, 2, 0, 1, (8, 8), 0.0, False, 0.0, 1),
+    (2, 4, 7, 6, 7, 3, 1, 2, 2, (2, 3), 1.0, True, 0.0, 1),
+    (2, 6, 5, 7, 9, 3, 1, 1, 1, (4, 2), 0.5, True, 0.1, 2),
 ])
 def test_triton_kernel_matches_masked_dense(case, device):
     from pycompress.kernels.block_sparse import block_sparse_conv2d_triton
 
-    n, cin, cout, h, w, k, s, p, d, (bo, bk), sparsity, relu = case
+    n, cin, cout, h, w, k, s, p, d, (bo, bk), sparsity, relu, slope, pool = case
     torch.manual_seed(7)
     conv = nn.Conv2d(cin, cout, k, s, p, d).to(device)
     x = torch.randn(n, cin, h, w, device=device)
     m = BlockSparseConv2d.from_dense(conv, sparsity, block_size=(bo, bk), dense_threshold=1.0)
     y = block_sparse_conv2d_triton(x, m.values.detach(), m.col_idx, m.row_ptr, m.bias.detach(), [k, k], [s, s],
-                                   [p, p], [d, d], cout, relu, block_p=16, input_precision="ieee")
-    torch.testing.assert_close(y, ref_conv(x, conv, m.block_mask(), bo, bk, relu).detach(), **TOL[torch.float32])
+                                   [p, p], [d, d], cout, relu, None, slope, pool, block_p=16, input_precision="ieee")
+    want = ref_conv(x, conv, m.block_mask(), bo, bk).detach()
+    want = F.max_pool2d(F.leaky_relu(want, slope) if relu else want, pool)
+    torch.testing.assert_close(y, want, **TOL[torch.float32])
 
 
 # ---- BatchNorm folding into block-sparse layers, and the block-sparsify CLI ----

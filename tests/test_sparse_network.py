@@ -127,6 +127,95 @@ def test_recycled_outputs_do_not_alias_live_tensors():
         torch.testing.assert_close(y3, ref_conv(x2, conv, m.block_mask(), 8, 8) + ref1, atol=1e-4, rtol=1e-4)
 
 
+# ---- the op's fused LeakyReLU and max-pool ----
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("k,stride,hw,pool,slope", [
+    (3, 1, 13, 2, 0.1),   # odd size: floor mode drops the last row and column
+    (3, 1, 40, 2, 0.0),   # wide rows: several strips per pooled row
+    (1, 1, 20, 2, 0.1),   # a 1x1 conv, which runs through the padded copy when pooled
+    (3, 2, 17, 2, 0.1),   # strided
+    (3, 1, 11, 3, 0.25),  # a 3 x 3 window (the scalar pooling loop)
+])
+def test_pooled_activation_matches_pool_of_leaky_relu(k, stride, hw, pool, slope, dtype):
+    torch.manual_seed(12)
+    conv = nn.Conv2d(16, 24, k, stride, k // 2)
+    m = BlockSparseConv2d.from_dense(conv, 0.6, block_size=(8, 8), dense_threshold=1.0)
+    x = torch.randn(2, 16, hw, hw)
+    with torch.no_grad():
+        conv_out = ref_conv(x.double(), conv.double(), m.block_mask(), 8, 8)
+        want = F.max_pool2d(F.leaky_relu(conv_out, slope), pool)
+        got = block_sparse_conv2d(x.to(dtype), m.values, m.col_idx, m.row_ptr, m.bias, k, 24, stride, k // 2,
+                                  relu=True, negative_slope=slope, pool=pool)
+    assert got.dtype == dtype and got.shape == want.shape
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=0.05, rtol=0.02)
+    torch.testing.assert_close(got.double(), want, **tol)
+
+
+def test_leaky_relu_without_pool_and_pool_without_activation():
+    torch.manual_seed(13)
+    conv = nn.Conv2d(8, 16, 3, padding=1)
+    m = BlockSparseConv2d.from_dense(conv, 0.5, block_size=(8, 8), dense_threshold=1.0)
+    x, residual = torch.randn(2, 8, 9, 9), torch.randn(2, 16, 9, 9)
+    with torch.no_grad():
+        conv_out = ref_conv(x.double(), conv.double(), m.block_mask(), 8, 8)
+        got = block_sparse_conv2d(x, m.values, m.col_idx, m.row_ptr, m.bias, 3, 16, padding=1, relu=True,
+                                  residual=residual, negative_slope=0.2)
+        torch.testing.assert_close(got.double(), F.leaky_relu(conv_out + residual.double(), 0.2), atol=1e-5, rtol=1e-5)
+        got = block_sparse_conv2d(x, m.values, m.col_idx, m.row_ptr, m.bias, 3, 16, padding=1, pool=2)
+        torch.testing.assert_close(got.double(), F.max_pool2d(conv_out, 2), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("slope,pool", [(0.1, 2), (0.0, 2), (0.1, 1)])
+def test_pooled_activation_gradients_match_dense(slope, pool):
+    torch.manual_seed(14)
+    conv = nn.Conv2d(8, 16, 3, padding=1)
+    m = BlockSparseConv2d.from_dense(conv, 0.5, block_size=(8, 8), dense_threshold=1.0, relu=True,
+                                     negative_slope=slope, pool=pool)
+    x = torch.randn(2, 8, 7, 7, requires_grad=True)
+    dense = m.to_dense()
+    weights = torch.randn(2, 16, 7 // pool, 7 // pool)
+    (m(x) * weights).sum().backward()
+    x2 = x.detach().clone().requires_grad_()
+    (F.max_pool2d(F.leaky_relu(dense(x2), slope), pool) * weights).sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(m.bias.grad, dense.bias.grad, atol=1e-4, rtol=1e-4)
+    from pycompress.ops.block_sparse import block_rows, dense_to_blocks
+    mask = m.block_mask().repeat_interleave(8, 0).repeat_interleave(8, 1).reshape(16, 8, 3, 3)
+    torch.testing.assert_close(m.values.grad, dense_to_blocks((dense.weight.grad * mask).reshape(16, -1), 8, 8,
+                                                              block_rows(m.row_ptr), m.col_idx), atol=1e-4, rtol=1e-4)
+
+
+def test_pooled_op_passes_opcheck():
+    torch.manual_seed(15)
+    m = BlockSparseConv2d.from_dense(nn.Conv2d(8, 8, 3, padding=1), 0.5, block_size=(8, 8), dense_threshold=1.0)
+    args = (torch.randn(1, 8, 6, 5, requires_grad=True), m.values.detach().requires_grad_(), m.col_idx, m.row_ptr,
+            m.bias.detach().requires_grad_(), [3, 3], [1, 1], [1, 1], [1, 1], 8, True, None, 0.1, 2)
+    torch.library.opcheck(torch.ops.pycompress.block_sparse_conv2d.default, args)
+
+
+def test_activation_and_pool_bad_inputs_name_the_argument():
+    m = BlockSparseConv2d.from_dense(nn.Conv2d(8, 8, 3, padding=1), 0.5, block_size=(8, 8), dense_threshold=1.0)
+    x = torch.randn(1, 8, 5, 5)
+    op = torch.ops.pycompress.block_sparse_conv2d
+    args = (x, m.values.detach(), m.col_idx, m.row_ptr, None, [3, 3], [1, 1], [1, 1], [1, 1], 8)
+    for kernel_args, message in [((True, None, -0.1), "negative_slope must be finite and >= 0"),
+                                 ((True, None, float("nan")), "negative_slope must be finite"),
+                                 ((False, None, 0.1), "needs relu=True"),
+                                 ((True, None, 0.0, 0), "pool must be >= 1"),
+                                 ((True, torch.randn(1, 8, 5, 5), 0.0, 2), "residual cannot be combined with pool"),
+                                 ((True, None, 0.0, 6), "smaller than pool=6")]:
+        with pytest.raises(ValueError, match=message):
+            op(*args, *kernel_args)
+    with pytest.raises(TypeError, match="pool must be an int"):
+        block_sparse_conv2d(x, m.values, m.col_idx, m.row_ptr, None, 3, 8, padding=1, pool=2.0)
+    with pytest.raises(TypeError, match="negative_slope must be a float"):
+        block_sparse_conv2d(x, m.values, m.col_idx, m.row_ptr, None, 3, 8, padding=1, relu=True, negative_slope="0.1")
+    for kwargs in (dict(pool=0), dict(pool=True), dict(negative_slope=-1.0)):
+        with pytest.raises(ValueError, match="pool must be a positive int|negative_slope must be a finite"):
+            BlockSparseConv2d(8, 8, 3, relu=True, **kwargs)
+
+
 # ---- the fx rewrite ----
 
 def test_fuse_epilogues_fuses_every_resnet_block():
@@ -207,3 +296,59 @@ def test_fuse_epilogues_bad_inputs():
 
     with pytest.raises(ValueError, match="traceable"):
         fuse_epilogues(Untraceable().eval(), inplace=False)
+
+
+class _PoolVariants(nn.Module):
+    """conv-BN-LeakyReLU-pool stages, and the pools that must stay (a second reader, padding, ceil mode)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.LeakyReLU(0.1),
+                               nn.MaxPool2d(2))
+        self.b = nn.Conv2d(16, 16, 3, padding=1)
+        self.pool_b = nn.MaxPool2d(2, 2)
+        self.c = nn.Conv2d(16, 16, 1)
+        self.pool_c = nn.MaxPool2d(2)  # the conv's output is read twice: not fused
+        self.d = nn.Conv2d(16, 16, 3, padding=1)
+        self.pool_d = nn.MaxPool2d(2, padding=1)
+        self.e = nn.Conv2d(16, 16, 3, padding=1)
+        self.pool_e = nn.MaxPool2d(2, ceil_mode=True)
+
+    def forward(self, x):
+        x = self.pool_b(F.leaky_relu(self.b(self.a(x)), 0.2))
+        c = torch.relu(self.c(x))
+        x = self.pool_c(c) + F.avg_pool2d(c, 2)
+        return self.pool_e(self.e(self.pool_d(self.d(x))))
+
+
+def test_fuse_epilogues_fuses_leaky_relus_and_max_pools():
+    torch.manual_seed(16)
+    model = _randomize_bn(_PoolVariants())
+    sparse = block_sparsify(model, 0.5, fold_bn=True, inplace=False).model
+    report = fuse_epilogues(sparse, inplace=False)
+    assert [(f.conv, f.relu is not None, f.pool) for f in report] == [
+        ("a.0", True, None), ("b", True, None), ("c", True, None), ("a.0", False, "a_3"), ("b", False, "pool_b")]
+    fused = report.model
+    a = fused.get_submodule("a.0")
+    assert (a.negative_slope, a.pool, fused.b.negative_slope, fused.b.pool) == (0.1, 2, 0.2, 2)
+    assert (fused.c.pool, fused.d.pool, fused.e.pool) == (1, 1, 1)
+    assert "negative_slope=0.2, pool=2" in repr(fused.b)
+    x = torch.randn(2, 8, 20, 20)
+    with torch.no_grad():
+        want = masked_dense_twin(sparse).double()(x.double())
+        torch.testing.assert_close(fused(x).double(), want, atol=1e-5, rtol=1e-5)
+
+
+def test_sparse_yolo_matches_the_float64_masked_dense_model():
+    from pycompress.models.detection import build_detector
+
+    torch.manual_seed(17)
+    model = _randomize_bn(build_detector("yolo_teacher", width=8, image_size=64))
+    sparse = block_sparsify(model, 0.75, fold_bn=True, inplace=False).model
+    report = fuse_epilogues(sparse, inplace=False)
+    assert sum(f.pool is not None for f in report) == 2  # the third pool's input also feeds the passthrough
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        want = masked_dense_twin(sparse).double()(x.double())
+        got = report.model(x).double()
+    torch.testing.assert_close(got, want, atol=1e-4 * want.abs().max().item(), rtol=0)

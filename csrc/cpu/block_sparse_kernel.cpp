@@ -21,9 +21,15 @@
 // are stored k-major inside a block so the MR broadcasts of one k are
 // contiguous. Tiles (image, q strip, block row) are split over threads with
 // at::parallel_for. The store is the epilogue: + bias, + residual (a ResNet
-// shortcut of the output's shape), then ReLU.
+// shortcut of the output's shape), then ReLU or LeakyReLU.
+// Fused p x p max-pooling (pool = p, stride p): a tile is then the p conv rows
+// of one pooled row (strips of NV vectors over their q range, always read
+// from the padded copy, whose slack absorbs the last strip's overrun), summed
+// into a per-thread buffer and pooled there before the store, so the unpooled
+// output never reaches memory. The bias and the activation come after the max:
+// both are monotone per channel, so they commute with it.
 // Memory traffic per call: the input once (plus one padded copy), nonzero
-// weights once per q strip (from L2), the residual once, the output once.
+// weights once per q strip (from L2), the residual once, the (pooled) output once.
 // Scratch buffers are cached per thread and reused, and outputs are recycled
 // through the huge-page allocator's activations cache, so a steady inference
 // loop takes no fresh page faults.
@@ -46,6 +52,7 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <cmath>
 #include <type_traits>
 #include <vector>
 
@@ -184,12 +191,21 @@ std::vector<int64_t> step_offsets(const Bsr& w, const std::vector<int64_t>& src_
 struct Epilogue {
   const float* bias;
   bool relu;
-  int64_t cout, ohow;
-  void* out;                // (N, cout, OH, OW) of out_type
+  float negative_slope;     // of the activation when relu: 0 is ReLU, > 0 LeakyReLU
+  int64_t pool;             // p x p max-pool with stride p after the conv; 1: none
+  int64_t cout, ohow;       // ohow: pixels per plane of the stored (pooled) output
+  void* out;                // (N, cout, OH / pool, OW / pool) of out_type
   at::ScalarType out_type;  // float, bfloat16 or half: the input's dtype
-  const void* residual;     // nullptr, or (N, cout, OH, OW) of out_type added before the ReLU
+  const void* residual;     // nullptr, or (N, cout, OH, OW) of out_type added before the activation
 
-  // src[0:n] += residual[offset : offset + n] (widened to fp32), then the ReLU if relu.
+  // v, or its ReLU / LeakyReLU when relu.
+  Vec activate(Vec v) const {
+    if (!relu) return v;
+    if (negative_slope == 0.f) return at::vec::clamp_min(v, Vec(0.f));
+    return at::vec::fmadd(Vec(negative_slope), at::vec::minimum(v, Vec(0.f)), at::vec::maximum(v, Vec(0.f)));
+  }
+
+  // src[0:n] += residual[offset : offset + n] (widened to fp32), then the activation.
   void add_residual(int64_t offset, float* src, int64_t n) const {
     alignas(64) float r[kStrip];
     switch (out_type) {
@@ -199,9 +215,7 @@ struct Epilogue {
     }
     for (int64_t i = 0; i < n; i += kW) {
       const int64_t m = std::min<int64_t>(kW, n - i);
-      Vec v = Vec::loadu(src + i, m) + Vec::loadu(r + i, m);
-      if (relu) v = at::vec::clamp_min(v, Vec(0.f));
-      v.store(src + i, m);
+      activate(Vec::loadu(src + i, m) + Vec::loadu(r + i, m)).store(src + i, m);
     }
   }
 
@@ -240,7 +254,7 @@ void block_row(const Source& src, const float* x, const int64_t* koff, int64_t g
       const Vec b(e.bias && i < rows ? e.bias[co0 + i] : 0.f);
       for (int j = 0; j < NV; ++j) {
         acc[i][j] = acc[i][j] + b;
-        if (e.relu && !e.residual) acc[i][j] = at::vec::clamp_min(acc[i][j], Vec(0.f));
+        if (!e.residual) acc[i][j] = e.activate(acc[i][j]);
       }
     }
     if (contiguous) {
@@ -249,10 +263,7 @@ void block_row(const Source& src, const float* x, const int64_t* koff, int64_t g
       for (int64_t i = 0; i < rows; ++i)
         for (int j = 0; j < NV; ++j) {
           Vec v = acc[i][j];
-          if (e.residual) {
-            v = v + Vec::loadu(res + i * ohow + j * kW);
-            if (e.relu) v = at::vec::clamp_min(v, Vec(0.f));
-          }
+          if (e.residual) v = e.activate(v + Vec::loadu(res + i * ohow + j * kW));
           v.store(o + i * ohow + j * kW);
         }
       continue;
@@ -289,44 +300,50 @@ void block_row_n(int nv, const Source& src, const float* x, const int64_t* koff,
   block_row<MR, NV, Step>(src, x, koff, g, q0, qs, r, w, e);
 }
 
+// Runs tile(t) for t in [0, ntiles) on the intra-op threads. Tiles are cut
+// into kChunksPerThread contiguous chunks per thread of equal estimated cost
+// (cost(t); block rows differ in density and tail strips are narrow), which
+// the threads claim in turn from a shared counter: a thread that starts late
+// (woken late, or preempted on a loaded machine) leaves its chunks to the
+// others instead of making every call wait for it.
+template <class Cost, class Tile>
+void run_tiles(int64_t ntiles, const Cost& cost, const Tile& tile) {
+  const int64_t nthreads = std::min<int64_t>(at::get_num_threads(), ntiles);
+  const int64_t nchunks = std::min<int64_t>(nthreads * kChunksPerThread, ntiles);
+  std::vector<int64_t> split(nchunks + 1, ntiles);
+  int64_t total = 0;
+  for (int64_t t = 0; t < ntiles; ++t) total += cost(t);
+  split[0] = 0;
+  int64_t acc = 0, i = 1;
+  for (int64_t t = 0; t < ntiles && i < nchunks; ++t) {
+    acc += cost(t);
+    while (i < nchunks && acc * nchunks >= total * i) split[i++] = t + 1;
+  }
+  std::atomic<int64_t> next_chunk{0};
+  at::parallel_for(0, nthreads, 1, [&](int64_t, int64_t) {
+    for (int64_t c = next_chunk++; c < nchunks; c = next_chunk++)
+      for (int64_t t = split[c]; t < split[c + 1]; ++t) tile(t);
+  });
+}
+
 // Strips of NV vectors of q; the last strip of each image only as many vectors
 // as it needs, so at most kW - 1 lanes per image are computed for nothing (or
 // recomputed, where the last strip is moved back to end at the image's end).
-template <int MR, int NV, class Step = Fp32Fma>
+// Tiles run in (image, strip, block row) order, so a thread keeps one strip of
+// input in L2 across block rows.
+template <int MR, int NV, class Step>
 void conv_tiles(const Source& src, const Bsr& w, const Epilogue& e) {
   constexpr int64_t SW = NV * kW;
   const int64_t strips = (src.img_q + SW - 1) / SW;
   const int tail_nv = static_cast<int>((src.img_q - (strips - 1) * SW + kW - 1) / kW);
-  const int64_t ntiles = src.n_img * strips * w.R;
-  // Tiles run in (image, strip, block row) order, so a thread keeps one strip
-  // of input in L2 across block rows. They are cut into kChunksPerThread
-  // contiguous chunks per thread of equal estimated cost (nonzero k steps x
-  // vectors, plus the epilogue; block rows differ in density and tail strips
-  // are narrow), which the threads claim in turn from a shared counter: a
-  // thread that starts late (woken late, or preempted on a loaded machine)
-  // leaves its chunks to the others instead of making every call wait for it.
-  const int64_t nthreads = std::min<int64_t>(at::get_num_threads(), ntiles);
-  const int64_t nchunks = std::min<int64_t>(nthreads * kChunksPerThread, ntiles);
-  std::vector<int64_t> split(nchunks + 1, ntiles);
-  {
-    auto cost = [&](int64_t t) {
-      const int64_t r = t % w.R, strip = (t / w.R) % strips;
-      return ((w.rptr[r + 1] - w.rptr[r]) * w.bk + 8) * (strip == strips - 1 ? tail_nv : NV) * w.bo;
-    };
-    int64_t total = 0;
-    for (int64_t t = 0; t < ntiles; ++t) total += cost(t);
-    split[0] = 0;
-    int64_t acc = 0, i = 1;
-    for (int64_t t = 0; t < ntiles && i < nchunks; ++t) {
-      acc += cost(t);
-      while (i < nchunks && acc * nchunks >= total * i) split[i++] = t + 1;
-    }
-  }
   const std::vector<int64_t> steps = step_offsets(w, src.off);
-  std::atomic<int64_t> next_chunk{0};
-  at::parallel_for(0, nthreads, 1, [&](int64_t, int64_t) {
-    for (int64_t c = next_chunk++; c < nchunks; c = next_chunk++) {
-      for (int64_t t = split[c]; t < split[c + 1]; ++t) {
+  run_tiles(
+      src.n_img * strips * w.R,
+      [&](int64_t t) {  // nonzero k steps x vectors, plus the epilogue
+        const int64_t r = t % w.R, strip = (t / w.R) % strips;
+        return ((w.rptr[r + 1] - w.rptr[r]) * w.bk + 8) * (strip == strips - 1 ? tail_nv : NV) * w.bo;
+      },
+      [&](int64_t t) {
         const int64_t r = t % w.R;
         const int64_t strip = (t / w.R) % strips;
         const int64_t g = t / (w.R * strips);
@@ -335,9 +352,100 @@ void conv_tiles(const Source& src, const Bsr& w, const Epilogue& e) {
         const int64_t q0 = src.exact_end && strip == strips - 1 ? src.img_q - nv * kW : qs;
         const float* x = src.data + g * src.img_stride + q0;
         block_row_n<MR, NV, Step>(nv, src, x, steps.data(), g, q0, qs, r, w, e);
-      }
+      });
+}
+
+// dst[j] = max over the p x p window (a, b) of rows[a * wq + p * j + b], j < n,
+// in place (dst == rows: each dst[j] is written after every read at or below
+// p * j). p == 2 is vectorised: the max of the two rows, then of even and odd
+// lanes; it reads up to 2 kW lanes past row 1's last window (the buffer's slack).
+// NaN propagates, as in torch's max-pool.
+inline void max_pool_row(float* rows, int64_t wq, int64_t p, int64_t n) {
+  if (p == 2) {
+    for (int64_t j = 0; j < n; j += kW) {
+      const float* r0 = rows + 2 * j;
+      const Vec lo = at::vec::maximum(Vec::loadu(r0), Vec::loadu(r0 + wq));
+      const Vec hi = at::vec::maximum(Vec::loadu(r0 + kW), Vec::loadu(r0 + wq + kW));
+      const auto [even, odd] = at::vec::deinterleave2(lo, hi);
+      at::vec::maximum(even, odd).store(rows + j, std::min<int64_t>(kW, n - j));
     }
-  });
+    return;
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    float m = rows[p * j];
+    for (int64_t a = 0; a < p; ++a)
+      for (int64_t b = 0; b < p; ++b) {
+        const float v = rows[a * wq + p * j + b];
+        if (v > m || v != v) m = v;
+      }
+    rows[j] = m;
+  }
+}
+
+// Pooled output row i of block row r for source image g (fused pool, see the
+// header): the conv rows [p*i, p*i + p), p*wq q lanes, in full strips of NV
+// vectors into a per-thread buffer, then max_pool_row, + bias, activation and
+// the store of each channel's row of OW / p pixels.
+template <int MR, int NV, class Step>
+void pooled_block_row(const Source& src, const int64_t* koff, int64_t g, int64_t i, int64_t r, const Bsr& w,
+                      const Epilogue& e) {
+  constexpr int64_t SW = NV * kW;
+  const int64_t p = e.pool, wq = src.wq, ow = src.ow / p;
+  const int64_t strips = (p * wq + SW - 1) / SW;
+  const int64_t row_len = strips * SW + 2 * kW;  // + max_pool_row's overrun
+  thread_local std::vector<float> buf;
+  float* rows = scratch(buf, MR * row_len);
+  const float* x = src.data + g * src.img_stride + p * i * wq;
+  const int64_t s0 = w.rptr[r] * w.bk, steps = w.rptr[r + 1] * w.bk - s0;
+  for (int64_t i0 = 0; i0 < w.bo; i0 += MR) {
+    const int64_t co0 = r * w.bo + i0;
+    const int64_t nrows = std::min<int64_t>(MR, e.cout - co0);
+    if (nrows <= 0) break;  // padding rows of the last block row
+    for (int64_t s = 0; s < strips; ++s) {
+      Vec acc[MR][NV];
+      for (int ii = 0; ii < MR; ++ii)
+        for (int j = 0; j < NV; ++j) acc[ii][j] = Vec(0.f);
+      accumulate<MR, NV, Step>(acc, x + s * SW, koff + s0, w.vals + s0 * w.bo + i0, steps, w.bo);
+      for (int ii = 0; ii < MR; ++ii)
+        for (int j = 0; j < NV; ++j) acc[ii][j].store(rows + ii * row_len + s * SW + j * kW);
+    }
+    for (int64_t ii = 0; ii < nrows; ++ii) {
+      float* row = rows + ii * row_len;
+      max_pool_row(row, wq, p, ow);
+      const Vec b(e.bias ? e.bias[co0 + ii] : 0.f);
+      for (int64_t j = 0; j < ow; j += kW) {
+        const int64_t m = std::min<int64_t>(kW, ow - j);
+        e.activate(Vec::loadu(row + j, m) + b).store(row + j, m);
+      }
+      e.store((g * e.cout + co0 + ii) * e.ohow + i * ow, row, ow);
+    }
+  }
+}
+
+// The fused-pool tiles: (image, pooled row, block row), in that order.
+template <int MR, int NV, class Step>
+void pooled_tiles(const Source& src, const Bsr& w, const Epilogue& e) {
+  constexpr int64_t SW = NV * kW;
+  const int64_t pooled_rows = src.img_q / src.wq / e.pool;
+  const int64_t strips = (e.pool * src.wq + SW - 1) / SW;
+  const std::vector<int64_t> steps = step_offsets(w, src.off);
+  run_tiles(
+      src.n_img * pooled_rows * w.R,
+      [&](int64_t t) {
+        const int64_t r = t % w.R;
+        return ((w.rptr[r + 1] - w.rptr[r]) * w.bk + 8) * strips * NV * w.bo;
+      },
+      [&](int64_t t) {
+        pooled_block_row<MR, NV, Step>(src, steps.data(), t / (w.R * pooled_rows), (t / w.R) % pooled_rows,
+                                       t % w.R, w, e);
+      });
+}
+
+// The tiles of the conv, pooled or not.
+template <int MR, int NV, class Step = Fp32Fma>
+void conv_or_pooled_tiles(const Source& src, const Bsr& w, const Epilogue& e) {
+  if (e.pool > 1) return pooled_tiles<MR, NV, Step>(src, w, e);
+  conv_tiles<MR, NV, Step>(src, w, e);
 }
 
 // The zero-padded phase planes of every (image, channel) plane of x, as fp32:
@@ -439,7 +547,8 @@ struct ConvGeometry {
 ConvGeometry check_arguments(const at::Tensor& input, const at::Tensor& values, const at::Tensor& col_idx,
                              const at::Tensor& row_ptr, const std::optional<at::Tensor>& bias, at::IntArrayRef kernel,
                              at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-                             int64_t out_channels, const std::optional<at::Tensor>& residual) {
+                             int64_t out_channels, const std::optional<at::Tensor>& residual, bool relu,
+                             double negative_slope, int64_t pool) {
   constexpr const char* op = "pycompress::block_sparse_conv2d: ";
   TORCH_CHECK_VALUE(input.dim() == 4, op, "input must be 4-D (N, C, H, W), got ", input.dim(), "-D");
   const at::ScalarType dtype = input.scalar_type();
@@ -479,6 +588,15 @@ ConvGeometry check_arguments(const at::Tensor& input, const at::Tensor& values, 
                       ",), got ", bias->sizes());
     TORCH_CHECK_TYPE(bias->scalar_type() == at::kFloat, op, "bias must be float32, got ", bias->scalar_type());
   }
+  // The fused pool moves the activation before the max, which needs a monotone one.
+  TORCH_CHECK_VALUE(std::isfinite(negative_slope) && negative_slope >= 0, op,
+                    "negative_slope must be finite and >= 0, got ", negative_slope);
+  TORCH_CHECK_VALUE(relu || negative_slope == 0, op, "negative_slope=", negative_slope, " needs relu=True");
+  TORCH_CHECK_VALUE(pool >= 1, op, "pool must be >= 1, got ", pool);
+  TORCH_CHECK_VALUE(pool == 1 || !(residual.has_value() && residual->defined()), op,
+                    "residual cannot be combined with pool=", pool);
+  TORCH_CHECK_VALUE(g.OH >= pool && g.OW >= pool, op, "the conv's output ", g.OH, "x", g.OW,
+                    " is smaller than pool=", pool);
   if (residual.has_value() && residual->defined()) {
     TORCH_CHECK_VALUE(residual->sizes() == at::IntArrayRef({g.N, out_channels, g.OH, g.OW}), op,
                       "residual must have the output's shape (", g.N, ", ", out_channels, ", ", g.OH, ", ", g.OW,
@@ -588,13 +706,13 @@ void dispatch_tiles(const Source& src, SourceKind kind, bool tall_tiles, const a
 #endif
   const Bsr w{values.const_data_ptr<float>(), cols, rptr, g.R, g.bk, g.bo};
   if (tall_tiles) {
-    conv_tiles<8, 3>(src, w, e);
+    conv_or_pooled_tiles<8, 3>(src, w, e);
   } else if (g.bo % 4 == 0) {
-    conv_tiles<4, kNV>(src, w, e);
+    conv_or_pooled_tiles<4, kNV>(src, w, e);
   } else if (g.bo % 2 == 0) {
-    conv_tiles<2, kNV>(src, w, e);
+    conv_or_pooled_tiles<2, kNV>(src, w, e);
   } else {
-    conv_tiles<1, kNV>(src, w, e);
+    conv_or_pooled_tiles<1, kNV>(src, w, e);
   }
 }
 
@@ -602,9 +720,10 @@ at::Tensor block_sparse_conv2d_cpu(const at::Tensor& input_in, const at::Tensor&
                                    const at::Tensor& row_ptr_in, const std::optional<at::Tensor>& bias_in,
                                    at::IntArrayRef kernel, at::IntArrayRef stride, at::IntArrayRef padding,
                                    at::IntArrayRef dilation, int64_t out_channels, bool relu,
-                                   const std::optional<at::Tensor>& residual_in) {
+                                   const std::optional<at::Tensor>& residual_in, double negative_slope,
+                                   int64_t pool) {
   const ConvGeometry g = check_arguments(input_in, values_in, col_idx_in, row_ptr_in, bias_in, kernel, stride,
-                                         padding, dilation, out_channels, residual_in);
+                                         padding, dilation, out_channels, residual_in, relu, negative_slope, pool);
   at::Tensor residual;
   if (residual_in.has_value() && residual_in->defined()) residual = residual_in->contiguous();
   at::Tensor bias_t;
@@ -616,7 +735,8 @@ at::Tensor block_sparse_conv2d_cpu(const at::Tensor& input_in, const at::Tensor&
   const int64_t* rptr = rptr_t.const_data_ptr<int64_t>();
   check_block_indices(cols, rptr, values.size(0), g);
 
-  at::Tensor out = empty_hugepage({g.N, out_channels, g.OH, g.OW}, input.options(), BlockCache::activations());
+  const int64_t OHp = g.OH / pool, OWp = g.OW / pool;
+  at::Tensor out = empty_hugepage({g.N, out_channels, OHp, OWp}, input.options(), BlockCache::activations());
   if (out.numel() == 0) return out;
   // 1x1 convs read the input in place, with 8 x 3 tiles when the block rows
   // allow: each k is a different channel plane, so no cache line is shared
@@ -625,7 +745,8 @@ at::Tensor block_sparse_conv2d_cpu(const at::Tensor& input_in, const at::Tensor&
   // one strip go through the padded copy, whose slack the strip may run into.
   const bool pointwise = g.kh == 1 && g.kw == 1 && g.sh == 1 && g.sw == 1 && g.ph == 0 && g.pw == 0;
   const bool tall_tiles = kTallTiles && pointwise && g.bo % 8 == 0;
-  const bool strip_fits = g.H * g.W >= (tall_tiles ? 3 : kNV) * kW;
+  // The fused pool's full strips may run past an image (see the header): only the padded copy has slack.
+  const bool strip_fits = g.H * g.W >= (tall_tiles ? 3 : kNV) * kW && pool == 1;
   SourceKind kind = SourceKind::kPhasePlanes;
   if (pointwise && g.dtype == at::kFloat && strip_fits) kind = SourceKind::kDirect;
 #ifdef PYCOMPRESS_BF16_DOT
@@ -633,8 +754,15 @@ at::Tensor block_sparse_conv2d_cpu(const at::Tensor& input_in, const at::Tensor&
   if (tall_tiles && g.dtype == at::kBFloat16 && g.bk % 2 == 0 && strip_fits) kind = SourceKind::kBf16Pairs;
 #endif
   const Source src = make_source(kind, input, g);
-  const Epilogue e{bias_t.defined() ? bias_t.const_data_ptr<float>() : nullptr, relu, out_channels, g.OH * g.OW,
-                   out.data_ptr(), g.dtype, residual.defined() ? residual.const_data_ptr() : nullptr};
+  const Epilogue e{bias_t.defined() ? bias_t.const_data_ptr<float>() : nullptr,
+                   relu,
+                   static_cast<float>(negative_slope),
+                   pool,
+                   out_channels,
+                   OHp * OWp,
+                   out.data_ptr(),
+                   g.dtype,
+                   residual.defined() ? residual.const_data_ptr() : nullptr};
   dispatch_tiles(src, kind, tall_tiles, values, cols, rptr, g, e);
   return out;
 }

@@ -201,6 +201,9 @@ class BlockSparseConv2d(_BlockSparseWeight):
         dense_threshold (float): largest density that still runs block-sparse.
         relu (bool): apply ReLU to the output (fused into the sparse kernel); with a
             residual, after adding it.
+        negative_slope (float): with ``relu``, LeakyReLU's slope below zero (0: ReLU); >= 0.
+        pool (int): ``p > 1`` max-pools the activated output p x p with stride p
+            (``nn.MaxPool2d(p)``), fused into the kernel's store; not with a residual.
 
     Shape:
         - input: (N, in_channels, H, W)
@@ -208,7 +211,7 @@ class BlockSparseConv2d(_BlockSparseWeight):
           output's shape and the input's dtype it is added in the kernel's store
           (:func:`pycompress.sparsity.fuse_epilogues` passes a ResNet's shortcut),
           otherwise by torch after the conv
-        - output: (N, out_channels, OH, OW), as ``nn.Conv2d``
+        - output: (N, out_channels, OH // pool, OW // pool), OH and OW as ``nn.Conv2d``
 
     Example:
         >>> conv = nn.Conv2d(256, 256, 3, padding=1)
@@ -218,7 +221,8 @@ class BlockSparseConv2d(_BlockSparseWeight):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = True, block_size: Optional[Sequence[int]] = None,
-                 dense_threshold: float = DEFAULT_DENSE_THRESHOLD, relu: bool = False, device=None):
+                 dense_threshold: float = DEFAULT_DENSE_THRESHOLD, relu: bool = False, negative_slope: float = 0.0,
+                 pool: int = 1, device=None):
         super().__init__()
         for name, v in (("in_channels", in_channels), ("out_channels", out_channels), ("groups", groups)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -232,6 +236,11 @@ class BlockSparseConv2d(_BlockSparseWeight):
         if min(self.kernel_size + self.stride + self.dilation) < 1 or min(self.padding) < 0:
             raise ValueError("BlockSparseConv2d: kernel_size, stride and dilation must be >= 1 and padding >= 0")
         self.relu = bool(relu)
+        if isinstance(pool, bool) or not isinstance(pool, int) or pool < 1:
+            raise ValueError(f"BlockSparseConv2d: pool must be a positive int, got {pool!r}")
+        if not (isinstance(negative_slope, (int, float)) and math.isfinite(negative_slope) and negative_slope >= 0):
+            raise ValueError(f"BlockSparseConv2d: negative_slope must be a finite float >= 0, got {negative_slope!r}")
+        self.negative_slope, self.pool = float(negative_slope), pool
         k = in_channels // groups * self.kernel_size[0] * self.kernel_size[1]
         device = torch.device(device) if device is not None else torch.device("cpu")
         self._init_bsr(out_channels, k, block_size or default_block_size(k, device), dense_threshold, device)
@@ -240,7 +249,7 @@ class BlockSparseConv2d(_BlockSparseWeight):
     @classmethod
     def from_dense(cls, conv: nn.Conv2d, sparsity: float = 0.9, block_size: Optional[Sequence[int]] = None,
                    block_mask: Optional[torch.Tensor] = None, dense_threshold: float = DEFAULT_DENSE_THRESHOLD,
-                   relu: bool = False) -> "BlockSparseConv2d":
+                   relu: bool = False, negative_slope: float = 0.0, pool: int = 1) -> "BlockSparseConv2d":
         """Prunes ``conv`` to block sparsity ``sparsity`` by block L2 norm, or keeps exactly the
         blocks of ``block_mask`` (bool (ceil(out / bo), in/groups*kh*kw / bk))."""
         if not isinstance(conv, nn.Conv2d):
@@ -259,14 +268,16 @@ class BlockSparseConv2d(_BlockSparseWeight):
         weight = conv.weight.detach()
         m = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, padding, conv.dilation,
                 conv.groups, conv.bias is not None, block_size or default_block_size(
-                    weight[0].numel(), weight.device), dense_threshold, relu, device=weight.device)
+                    weight[0].numel(), weight.device), dense_threshold, relu, negative_slope, pool,
+                device=weight.device)
         _set_from_dense(m, weight.reshape(conv.out_channels, -1), sparsity, block_mask)
         if conv.bias is not None:
             m.bias.data.copy_(conv.bias.detach())
         return m
 
     def to_dense(self) -> nn.Conv2d:
-        """An ``nn.Conv2d`` with the masked weight (bit-exact; the ReLU flag is not carried over)."""
+        """An ``nn.Conv2d`` with the masked weight (bit-exact; the fused activation and pool are not
+        carried over)."""
         conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
                          self.dilation, self.groups, self.bias is not None, device=self.values.device)
         with torch.no_grad():
@@ -289,7 +300,8 @@ class BlockSparseConv2d(_BlockSparseWeight):
                      *(conv_out_size(input.shape[2 + i], self.kernel_size[i], self.stride[i], self.padding[i],
                                      self.dilation[i]) for i in range(2)))
         # The kernel adds a residual of exactly the output's shape and dtype; torch adds any other.
-        in_kernel = residual is None or (tuple(residual.shape) == out_shape and residual.dtype == input.dtype)
+        in_kernel = residual is None or (tuple(residual.shape) == out_shape and residual.dtype == input.dtype
+                                         and self.pool == 1)
         if self.dense_reason() is not None:
             w = self.weight2d().reshape(self.out_channels, self.in_channels // self.groups, *self.kernel_size)
             out = F.conv2d(input, w.to(input.dtype), self.bias if self.bias is None else self.bias.to(input.dtype),
@@ -297,14 +309,16 @@ class BlockSparseConv2d(_BlockSparseWeight):
         elif in_kernel:
             return PF.block_sparse_conv2d(input, self.values, self.col_idx, self.row_ptr, self.bias,
                                           self.kernel_size, self.out_channels, self.stride, self.padding,
-                                          self.dilation, self.relu, residual)
+                                          self.dilation, self.relu, residual, self.negative_slope, self.pool)
         else:
             out = PF.block_sparse_conv2d(input, self.values, self.col_idx, self.row_ptr, self.bias,
                                          self.kernel_size, self.out_channels, self.stride, self.padding,
                                          self.dilation)
         if residual is not None:
             out = out + residual
-        return torch.relu(out) if self.relu else out
+        if self.relu:
+            out = F.leaky_relu(out, self.negative_slope)
+        return F.max_pool2d(out, self.pool) if self.pool > 1 else out
 
     def extra_repr(self) -> str:
         s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
@@ -314,7 +328,9 @@ class BlockSparseConv2d(_BlockSparseWeight):
         if self.bias is None:
             s += ", bias=False"
         if self.relu:
-            s += ", relu=True"
+            s += ", relu=True" + (f", negative_slope={self.negative_slope}" if self.negative_slope else "")
+        if self.pool > 1:
+            s += f", pool={self.pool}"
         return s + ", " + self._bsr_repr()
 
 

@@ -10,7 +10,10 @@ C++ op's CUDA kernel. Public entry points: :func:`pycompress.functional.block_sp
 :class:`pycompress.nn.BlockSparseConv2d` and :class:`pycompress.nn.BlockSparseLinear`.
 """
 
+import math
+
 import torch
+import torch.nn.functional as F
 
 from pycompress import _extension  # has_ops(): the C++ schema must exist before registering on it
 
@@ -22,7 +25,7 @@ def conv_out_size(size, kernel, stride, padding, dilation):
 
 
 def _block_sparse_conv2d_fake(input, values, col_idx, row_ptr, bias, kernel, stride, padding, dilation,
-                              out_channels, relu, residual=None):
+                              out_channels, relu, residual=None, negative_slope=0.0, pool=1):
     op = "pycompress::block_sparse_conv2d: "
     torch._check(input.dim() == 4, lambda: f"{op}input must be 4-D (N, C, H, W), got {input.dim()}-D")
     torch._check(values.dim() == 3, lambda: f"{op}values must be 3-D (nnzb, bk, bo), got {values.dim()}-D")
@@ -43,13 +46,30 @@ def _block_sparse_conv2d_fake(input, values, col_idx, row_ptr, bias, kernel, str
     oh = conv_out_size(input.shape[2], kernel[0], stride[0], padding[0], dilation[0])
     ow = conv_out_size(input.shape[3], kernel[1], stride[1], padding[1], dilation[1])
     torch._check(oh >= 1 and ow >= 1, lambda: f"{op}input {tuple(input.shape)} is smaller than the dilated kernel")
+    check_epilogue(relu, negative_slope, pool, residual is not None, oh, ow)
     out_shape = (input.shape[0], out_channels, oh, ow)
     if residual is not None:
         torch._check(tuple(residual.shape) == out_shape,
                      lambda: f"{op}residual must have the output's shape {out_shape}, got {tuple(residual.shape)}")
         torch._check(residual.dtype == input.dtype,
                      lambda: f"{op}residual must have the input's dtype {input.dtype}, got {residual.dtype}")
-    return input.new_empty(out_shape)
+    return input.new_empty(out_shape[:2] + (oh // pool, ow // pool))
+
+
+def check_epilogue(relu, negative_slope, pool, has_residual, oh, ow):
+    """The fused activation and pool's arguments (the same checks as the C++ kernel's)."""
+    op = "pycompress::block_sparse_conv2d: "
+    # The fused pool moves the activation before the max, which needs a monotone one.
+    if not (math.isfinite(negative_slope) and negative_slope >= 0):
+        raise ValueError(f"{op}negative_slope must be finite and >= 0, got {negative_slope}")
+    if negative_slope and not relu:
+        raise ValueError(f"{op}negative_slope={negative_slope} needs relu=True")
+    if pool < 1:
+        raise ValueError(f"{op}pool must be >= 1, got {pool}")
+    if pool > 1 and has_residual:
+        raise ValueError(f"{op}residual cannot be combined with pool={pool}")
+    if oh < pool or ow < pool:
+        raise ValueError(f"{op}the conv's output {oh}x{ow} is smaller than pool={pool}")
 
 
 def block_rows(row_ptr: torch.Tensor) -> torch.Tensor:
@@ -78,21 +98,31 @@ def dense_to_blocks(weight2d, bk, bo, row_idx, col_idx):
 
 
 def _setup_context(ctx, inputs, output):
-    # inputs[12:]: the Triton op's launch options, which take no gradient.
+    # inputs[14:]: the Triton op's launch options, which take no gradient.
     input, values, col_idx, row_ptr, bias, kernel, stride, padding, dilation, out_channels, relu = inputs[:11]
-    residual = inputs[11] if len(inputs) > 11 else None
+    residual, negative_slope, pool = (list(inputs[11:14]) + [None, 0.0, 1][len(inputs) - 11:])[:3]
     ctx.n_inputs = len(inputs)
-    ctx.save_for_backward(input, values, col_idx, row_ptr, output if relu else None)
+    # A pooled output does not say where its maxima were: backward recomputes the unpooled one.
+    ctx.save_for_backward(input, values, col_idx, row_ptr, bias if pool > 1 else None,
+                          output if relu and pool == 1 else None)
     ctx.conv = (list(kernel), list(stride), list(padding), list(dilation), out_channels)
+    ctx.epilogue = (relu, negative_slope, pool)
     ctx.has_bias = bias is not None
     ctx.has_residual = residual is not None
 
 
 def _backward(ctx, grad_out):
-    input, values, col_idx, row_ptr, output = ctx.saved_tensors
+    input, values, col_idx, row_ptr, bias, output = ctx.saved_tensors
     kernel, stride, padding, dilation, out_channels = ctx.conv
-    if output is not None:  # fused ReLU (after the residual add)
-        grad_out = grad_out * (output > 0)
+    relu, negative_slope, pool = ctx.epilogue
+    if pool > 1:  # route each pooled gradient to its window's (first) maximum
+        with torch.no_grad():
+            output = block_sparse_conv2d_op(input)(input, values, col_idx, row_ptr, bias, kernel, stride, padding,
+                                                   dilation, out_channels, relu, None, negative_slope)
+        _, where = F.max_pool2d(output, pool, return_indices=True)
+        grad_out = F.max_unpool2d(grad_out.to(output.dtype), where, pool, output_size=output.shape[-2:])
+    if relu:  # fused ReLU / LeakyReLU (after the residual add): output > 0 exactly where its input is
+        grad_out = torch.where(output > 0, grad_out, grad_out * negative_slope)
     grad_residual = grad_out if ctx.has_residual and ctx.needs_input_grad[11] else None
     # fp32 like the forward's accumulation; grad_input goes back to the input's dtype.
     in_dtype, input, grad_out = input.dtype, input.float(), grad_out.float()

@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.utils import _pair
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_conv_bn_weights
 
 from pycompress.cost import layer_macs
@@ -97,7 +99,8 @@ class FoldedBatchNorm:
 class FusedEpilogue:
     conv: str                   # the BlockSparseConv2d whose store now does the work
     add: Optional[str] = None   # the fx node of the removed residual add, if any
-    relu: Optional[str] = None  # the fx node of the removed ReLU (after the add), now the conv's own
+    relu: Optional[str] = None  # the fx node of the removed ReLU or LeakyReLU (after the add), now the conv's own
+    pool: Optional[str] = None  # the fx node of the removed nn.MaxPool2d, now the conv's own
 
 
 class FoldReport(list):
@@ -237,15 +240,46 @@ def _is_relu(node: torch.fx.Node, modules: Dict[str, nn.Module], calls: Counter)
             and calls[node.target] == 1 and len(node.args) == 1)
 
 
+def _activation_slope(node: torch.fx.Node, modules: Dict[str, nn.Module], calls: Counter) -> Optional[float]:
+    """0.0 when ``node`` is a plain ReLU of its one argument (see :func:`_is_relu`), the negative
+    slope when it is a LeakyReLU (``F.leaky_relu`` or a once-called ``nn.LeakyReLU``) with a slope
+    >= 0, else None."""
+    if node.op == "call_function" and node.target is F.leaky_relu:
+        args = dict(zip(("input", "negative_slope", "inplace"), node.args), **node.kwargs)
+        slope = args.get("negative_slope", 0.01)
+        ok = isinstance(args.get("input"), torch.fx.Node) and isinstance(slope, (int, float)) and slope >= 0
+        return float(slope) if ok and set(args) <= {"input", "negative_slope", "inplace"} else None
+    if node.op == "call_module" and isinstance(modules.get(node.target), nn.LeakyReLU):
+        slope = modules[node.target].negative_slope
+        return float(slope) if calls[node.target] == 1 and len(node.args) == 1 and slope >= 0 else None
+    return 0.0 if _is_relu(node, modules, calls) else None
+
+
+def _pool_size(node: torch.fx.Node, modules: Dict[str, nn.Module], calls: Counter) -> Optional[int]:
+    """p when ``node`` is a once-called ``nn.MaxPool2d(p)``: square, stride p, no padding or
+    dilation, floor mode, no indices (what the block-sparse store can pool), else None."""
+    pool = modules.get(node.target) if node.op == "call_module" else None
+    if not isinstance(pool, nn.MaxPool2d) or calls[node.target] != 1 or len(node.args) != 1:
+        return None
+    k, s = _pair(pool.kernel_size), _pair(pool.stride if pool.stride is not None else pool.kernel_size)
+    plain = (_pair(pool.padding) == (0, 0) and _pair(pool.dilation) == (1, 1) and not pool.ceil_mode
+             and not pool.return_indices)
+    return k[0] if plain and k[0] == k[1] == s[0] == s[1] else None
+
+
 def fuse_epilogues(model: nn.Module, inplace: bool = False) -> FoldReport:
-    """Moves residual adds and ReLUs that follow a block-sparse conv into the conv's store.
+    """Moves residual adds, ReLUs, LeakyReLUs and max-pools that follow a block-sparse conv
+    into the conv's store.
 
     For inference, after :func:`fold_batchnorm` (or ``block_sparsify(..., fold_bn=True)``):
     ``relu(conv(x) + shortcut)`` becomes ``conv(x, shortcut)`` with the conv's fused ReLU on,
     one kernel instead of a conv, an add and a ReLU, each reading and writing the whole
     map; ``relu(conv(x))`` becomes ``conv(x)`` with its ReLU on (the functional ReLUs
-    that :func:`block_sparsify` leaves). The model is traced with torch.fx and the graph
-    rewritten; the add may be
+    that :func:`block_sparsify` leaves), and ``F.leaky_relu`` / ``nn.LeakyReLU`` with a
+    slope >= 0 likewise. Then ``pool(act(conv(x)))`` becomes ``conv(x)`` with the pool in
+    its store, for a once-called ``nn.MaxPool2d(p)`` (square, stride p, no padding,
+    dilation or ceil mode) that alone reads the conv's output: the unpooled map is never
+    written. The model is traced with torch.fx and the graph rewritten; the add may be
     ``+``, ``torch.add`` without ``alpha`` or ``.add``, the ReLU ``torch.relu``, ``F.relu``,
     ``.relu()`` or a once-called ``nn.ReLU``. A conv is fused when it is a
     :class:`~pycompress.nn.BlockSparseConv2d` called once, without a fused ReLU of its own
@@ -261,7 +295,7 @@ def fuse_epilogues(model: nn.Module, inplace: bool = False) -> FoldReport:
 
     Returns:
         FoldReport: the list of :class:`FusedEpilogue` (residual adds first, then lone
-        ReLUs); ``.model`` is the rewritten
+        activations, then pools); ``.model`` is the rewritten
         ``torch.fx.GraphModule`` (the same parameters and state_dict keys).
 
     Example:
@@ -275,16 +309,17 @@ def fuse_epilogues(model: nn.Module, inplace: bool = False) -> FoldReport:
     model = model if inplace else copy.deepcopy(model)
     graph, modules, calls = _trace(model, "fuse_epilogues")
 
-    def fusable_conv(operand: torch.fx.Node):
-        """(conv node, identity nodes after it) when ``operand`` is a fusable conv's output."""
+    def fusable_conv(operand: torch.fx.Node, activated: bool = False):
+        """(conv node, identity nodes after it) when ``operand`` is a fusable conv's output;
+        with ``activated``, also when the conv has a fused activation already."""
         chain = []
         while (operand.op == "call_module" and isinstance(modules.get(operand.target), nn.Identity)
                and len(operand.users) == 1 and len(operand.args) == 1):
             chain.append(operand)
             operand = operand.args[0]
         conv = modules.get(operand.target) if operand.op == "call_module" else None
-        ok = (isinstance(conv, BlockSparseConv2d) and calls[operand.target] == 1 and not conv.relu
-              and len(operand.users) == 1 and len(operand.args) == 1 and not operand.kwargs)
+        ok = (isinstance(conv, BlockSparseConv2d) and calls[operand.target] == 1 and (activated or not conv.relu)
+              and conv.pool == 1 and len(operand.users) == 1 and len(operand.args) == 1 and not operand.kwargs)
         return (operand, chain) if ok else None
 
     fused = []
@@ -302,7 +337,8 @@ def fuse_epilogues(model: nn.Module, inplace: bool = False) -> FoldReport:
         conv_node, chain = found
         residual = add.args[1 - i]
         relu = next(iter(add.users)) if len(add.users) == 1 else None
-        relu = relu if relu is not None and _is_relu(relu, modules, calls) and relu.args[0] is add else None
+        slope = _activation_slope(relu, modules, calls) if relu is not None and relu.args[0] is add else None
+        relu = relu if slope is not None else None
         with graph.inserting_before(add):
             new = graph.call_module(conv_node.target, (conv_node.args[0], residual))
         last = relu if relu is not None else add
@@ -311,20 +347,32 @@ def fuse_epilogues(model: nn.Module, inplace: bool = False) -> FoldReport:
             if node is not None:
                 graph.erase_node(node)
         conv = modules[conv_node.target]
-        conv.relu = relu is not None
+        conv.relu, conv.negative_slope = relu is not None, slope or 0.0
         fused.append(FusedEpilogue(conv_node.target, add.name, relu.name if relu is not None else None))
-    for relu in list(graph.nodes):
-        if not (_is_relu(relu, modules, calls) and isinstance(relu.args[0], torch.fx.Node)):
-            continue
-        found = fusable_conv(relu.args[0])
+
+    def fuse_lone(node: torch.fx.Node, activated: bool):
+        """Replaces the single-input ``node`` by the conv it follows; that conv's node, or None."""
+        found = fusable_conv(node.args[0], activated) if isinstance(node.args[0], torch.fx.Node) else None
         if found is None:
-            continue
+            return None
         conv_node, chain = found
-        relu.replace_all_uses_with(conv_node)
-        for node in [relu, *chain]:
-            graph.erase_node(node)
-        modules[conv_node.target].relu = True
-        fused.append(FusedEpilogue(conv_node.target, relu=relu.name))
+        node.replace_all_uses_with(conv_node)
+        for n in [node, *chain]:
+            graph.erase_node(n)
+        return conv_node
+
+    for relu in list(graph.nodes):
+        slope = _activation_slope(relu, modules, calls)
+        conv_node = fuse_lone(relu, activated=False) if slope is not None else None
+        if conv_node is not None:
+            modules[conv_node.target].relu, modules[conv_node.target].negative_slope = True, slope
+            fused.append(FusedEpilogue(conv_node.target, relu=relu.name))
+    for pool in list(graph.nodes):
+        size = _pool_size(pool, modules, calls)
+        conv_node = fuse_lone(pool, activated=True) if size is not None else None
+        if conv_node is not None:
+            modules[conv_node.target].pool = size
+            fused.append(FusedEpilogue(conv_node.target, pool=pool.name))
     graph.lint()
     return FoldReport(fused, torch.fx.GraphModule(model, graph))
 
