@@ -8,7 +8,7 @@ import torch
 
 from pycompress import _extension
 from pycompress import ops as _ops  # noqa: F401  (registers fake and autograd of the ops used here)
-from pycompress.ops.block_sparse import block_sparse_conv2d_op
+from pycompress.ops.block_sparse import block_sparse_conv2d_op, call_without_grad
 from pycompress.ops.detection import fm_nms_op
 from pycompress.ops.detection_loss import detection_distill_loss_op
 from pycompress.ops.kd_loss import kd_loss_op
@@ -326,6 +326,12 @@ def fused_linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Ten
 _BLOCK_SPARSE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+def _int_pair(v) -> list:
+    """[v, v] for an int, else list(v): torch's _pair without its abc.Iterable check, which costs
+    microseconds per call on the block-sparse layers' inference path."""
+    return [v, v] if isinstance(v, int) else list(v)
+
+
 def block_sparse_conv2d(input: torch.Tensor, values: torch.Tensor, col_idx: torch.Tensor, row_ptr: torch.Tensor,
                         bias: Optional[torch.Tensor], kernel_size, out_channels: int, stride=1, padding=0,
                         dilation=1, relu: bool = False, residual: Optional[torch.Tensor] = None,
@@ -368,7 +374,6 @@ def block_sparse_conv2d(input: torch.Tensor, values: torch.Tensor, col_idx: torc
         raise TypeError(f"pool must be an int, got {type(pool).__name__}")
     if isinstance(negative_slope, bool) or not isinstance(negative_slope, (int, float)):
         raise TypeError(f"negative_slope must be a float, got {type(negative_slope).__name__}")
-    pair = torch.nn.modules.utils._pair
     dtype = input.dtype
     x = input if dtype in _BLOCK_SPARSE_DTYPES else input.float()
     b = bias if bias is None or bias.dtype == torch.float32 else bias.float()
@@ -376,9 +381,11 @@ def block_sparse_conv2d(input: torch.Tensor, values: torch.Tensor, col_idx: torc
         if not isinstance(residual, torch.Tensor):
             raise TypeError(f"residual must be a Tensor or None, got {type(residual).__name__}")
         residual = residual.to(x.dtype)
-    out = block_sparse_conv2d_op(x)(
-        x, values, col_idx, row_ptr, b, list(pair(kernel_size)), list(pair(stride)), list(pair(padding)),
-        list(pair(dilation)), int(out_channels), bool(relu), residual, float(negative_slope), int(pool))
+    args = (x, values, col_idx, row_ptr, b, _int_pair(kernel_size), _int_pair(stride), _int_pair(padding),
+            _int_pair(dilation), int(out_channels), bool(relu), residual, float(negative_slope), int(pool))
+    op = block_sparse_conv2d_op(x)
+    inference = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+    out = call_without_grad(op, *args) if inference else op(*args)
     return out if out.dtype == dtype else out.to(dtype)
 
 

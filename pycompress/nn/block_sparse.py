@@ -296,11 +296,8 @@ class BlockSparseConv2d(_BlockSparseWeight):
         if input.shape[1] != self.in_channels:
             raise ValueError(f"BlockSparseConv2d expects {self.in_channels} input channels, got {input.shape[1]} "
                              f"(input shape {tuple(input.shape)})")
-        out_shape = (input.shape[0], self.out_channels,
-                     *(conv_out_size(input.shape[2 + i], self.kernel_size[i], self.stride[i], self.padding[i],
-                                     self.dilation[i]) for i in range(2)))
         # The kernel adds a residual of exactly the output's shape and dtype; torch adds any other.
-        in_kernel = residual is None or (tuple(residual.shape) == out_shape and residual.dtype == input.dtype
+        in_kernel = residual is None or (residual.shape == self._conv_out_shape(input) and residual.dtype == input.dtype
                                          and self.pool == 1)
         if self.dense_reason() is not None:
             w = self.weight2d().reshape(self.out_channels, self.in_channels // self.groups, *self.kernel_size)
@@ -319,6 +316,12 @@ class BlockSparseConv2d(_BlockSparseWeight):
         if self.relu:
             out = F.leaky_relu(out, self.negative_slope)
         return F.max_pool2d(out, self.pool) if self.pool > 1 else out
+
+    def _conv_out_shape(self, input: torch.Tensor) -> Tuple[int, ...]:
+        """The conv's (unpooled) output shape for ``input``."""
+        return (input.shape[0], self.out_channels,
+                *(conv_out_size(input.shape[2 + i], self.kernel_size[i], self.stride[i], self.padding[i],
+                                self.dilation[i]) for i in range(2)))
 
     def extra_repr(self) -> str:
         s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
