@@ -10,6 +10,7 @@ from pycompress.functional import block_sparse_conv2d
 from pycompress.models.nets import ResNetStyle
 from pycompress.nn import BlockSparseConv2d
 from pycompress.sparsity import FusedEpilogue, block_sparsify, fuse_epilogues
+from pycompress.sparsity.convert import max_pool2d_strided
 from tests.test_block_sparse import masked_dense_twin, ref_conv
 
 pytestmark = pytest.mark.skipif(not torch.ops.pycompress.block_sparse_conv2d.default, reason="no _C")
@@ -332,11 +333,23 @@ def test_fuse_epilogues_fuses_leaky_relus_and_max_pools():
     a = fused.get_submodule("a.0")
     assert (a.negative_slope, a.pool, fused.b.negative_slope, fused.b.pool) == (0.1, 2, 0.2, 2)
     assert (fused.c.pool, fused.d.pool, fused.e.pool) == (1, 1, 1)
+    # pool_c has a second reader: not fused, but rewritten to strided maxima; the others stay
+    modules = {n.target for n in fused.graph.nodes if n.op == "call_module"}
+    strided = [n for n in fused.graph.nodes if n.target is max_pool2d_strided]
+    assert "pool_c" not in modules and len(strided) == 1 and {"pool_d", "pool_e"} <= modules
     assert "negative_slope=0.2, pool=2" in repr(fused.b)
     x = torch.randn(2, 8, 20, 20)
     with torch.no_grad():
         want = masked_dense_twin(sparse).double()(x.double())
         torch.testing.assert_close(fused(x).double(), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("p,shape", [(2, (2, 3, 9, 8)), (2, (1, 1, 2, 5)), (3, (2, 2, 10, 7))])
+def test_max_pool2d_strided_equals_max_pool2d(p, shape):
+    torch.manual_seed(18)
+    x = torch.randn(shape, dtype=torch.float64)
+    x.view(-1)[3] = float("nan")
+    torch.testing.assert_close(max_pool2d_strided(x, p), F.max_pool2d(x, p), atol=0, rtol=0, equal_nan=True)
 
 
 def test_sparse_yolo_matches_the_float64_masked_dense_model():

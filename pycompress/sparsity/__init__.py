@@ -2,8 +2,8 @@
 
 - :func:`block_sparsify`: converts Conv2d/Linear layers to block-sparse ones (BSR kernels).
 - :func:`fold_batchnorm`: folds BatchNorm into the convs before it, for inference.
-- :func:`fuse_epilogues`: moves a residual add (and a ReLU after it) into the block-sparse
-  conv before it, for inference.
+- :func:`fuse_epilogues`: moves a residual add, a ReLU or LeakyReLU and a max-pool into the
+  block-sparse conv before them, for inference.
 - :func:`block_sparsify_experiment`: accuracy, FLOPs and latency of block-sparse copies
   of a model against the dense one (``pycompress block-sparsify``).
 
