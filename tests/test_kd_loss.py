@@ -211,6 +211,22 @@ def test_masked_classes_of_both_models_contribute_nothing(divergence):
     assert torch.isfinite(s1.grad).all() and (s1.grad[:, 1400:] == 0).all()
 
 
+@pytest.mark.parametrize("divergence", ("forward_kl", "jsd"))
+def test_scattered_masked_teacher_classes_match_float64(divergence):
+    """Teacher classes at -inf scattered among finite ones (P = 0 there): the CPU kernel finds
+    them by the NaN they leave in a chunk's cross term and takes that chunk again with the zeros
+    masked. Loss and gradient match float64, where P = 0 classes contribute 0 log 0 = 0."""
+    s, t = _pair((4, 2500), torch.float32)
+    t[torch.rand(t.shape, generator=torch.Generator().manual_seed(3)) < 0.1] = -float("inf")
+    s1, s64 = s.clone().requires_grad_(), s.double().requires_grad_()
+    loss = kd_loss(s1, t, temperature=2.0, divergence=divergence, reduction="none")
+    ref = reference_kd(s64, t.double(), temperature=2.0, divergence=divergence, reduction="none")
+    loss.sum().backward()
+    ref.sum().backward()
+    torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(s1.grad.double(), s64.grad, rtol=1e-4, atol=1e-7)
+
+
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
 def test_exp_floor_probe_sums_the_kernels_exponentials(dtype):
     """pycompress::_kd_loss_exp_floor (the benchmark's compute floor) computes exp(x / T) of the

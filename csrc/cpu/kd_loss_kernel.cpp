@@ -12,8 +12,9 @@
 //
 // Dense divergences (DenseRows; rows in parallel, at::parallel_for, each thread a contiguous
 // range). A row is worked in chunks of 1024 classes:
-//   1. max (and min) of the chunk of s and t: the only loads from DRAM, prefetched into L2
-//      during the previous chunk's exps;
+//   1. max of the chunk of s and t: the only loads from DRAM, prefetched into L2 during the
+//      previous chunk's exps (-inf logits are found afterwards, by the NaN they leave in the
+//      chunk's cross term, which then runs again with them masked);
 //   2. e_s = 2^(c2 s - chunk shift), e_t likewise (c2 = log2(e) / T), from L1, into a
 //      per-thread scratch row, with their sums: every exponential is computed exactly once
 //      (two per element; three with a hard-label term at T != 1);
@@ -29,7 +30,10 @@
 // 49.4 ms. So the instructions around the exps (11 vector ops each, 6 on the FMA pipes) cost
 // as much as the exps, and the gradient pass 15 ms more. DRAM is not what is missing: with s
 // and t in L3 (N = 16) the forward takes as long per row as from DRAM. Without the next-chunk
-// prefetch the forward took 43 ms; prefetching 2-8 chunks ahead measured no better.
+// prefetch the forward took 43 ms; prefetching 2-8 chunks ahead measured no better. The max
+// pass used to look for -inf with two vector mins per element as well; finding them through the
+// cross term instead (step 1) took the forward 17.7 -> 14.5 ms and forward + backward 20.2 ->
+// 18.6 ms (1 thread, N = 512, T = 2, fastest of 8 processes each, alternated).
 // bf16: the max pass keeps the chunk's widened fp32 lanes (8 KiB, in L1) for the exp loop;
 // widening every element a second time there had cost the forward 46.5 ms against 30.8 now
 // (exps 16.0 ms, forward + backward 50.1 -> 41.2 ms; fp32 in the same run 31.7 / 38.4 ms).
@@ -122,8 +126,7 @@ struct Io : VecIo<scalar_t> {
   }
 };
 
-// max(a, b) and min(a, b) in one instruction with x86 maxps / minps semantics: b when either is
-// NaN. at::vec::maximum spends three on propagating NaN; the dense kernel does not need it from
+// max(a, b) in one instruction with x86 maxps semantics: b when either is NaN. at::vec::maximum spends three on propagating NaN; the dense kernel does not need it from
 // its maxima, since a NaN logit reaches the row sums through its own exponential.
 template <typename Vec>
 inline Vec max_one_op(const Vec& a, const Vec& b) {
@@ -135,17 +138,6 @@ inline Vec max_one_op(const Vec& a, const Vec& b) {
   if constexpr (std::is_same_v<Vec, Vectorized<double>>) return Vec(_mm256_max_pd(a, b));
 #endif
   return at::vec::maximum(a, b);
-}
-template <typename Vec>
-inline Vec min_one_op(const Vec& a, const Vec& b) {
-#if defined(CPU_CAPABILITY_AVX512)
-  if constexpr (std::is_same_v<Vec, Vectorized<float>>) return Vec(_mm512_min_ps(a, b));
-  if constexpr (std::is_same_v<Vec, Vectorized<double>>) return Vec(_mm512_min_pd(a, b));
-#elif defined(CPU_CAPABILITY_AVX2)
-  if constexpr (std::is_same_v<Vec, Vectorized<float>>) return Vec(_mm256_min_ps(a, b));
-  if constexpr (std::is_same_v<Vec, Vectorized<double>>) return Vec(_mm256_min_pd(a, b));
-#endif
-  return at::vec::minimum(a, b);
 }
 
 // 2^z for z < 128 (callers pass max-shifted logits in log2 units, z <= 0 up to rounding). fp32:
@@ -384,8 +376,8 @@ class DenseRows {
   void exp_chunk(Row& cur, const scalar_t* s, const scalar_t* t, int64_t c, const scalar_t* prefetch_s,
                  const scalar_t* prefetch_t) {
     const int64_t j0 = c * kChunk, n = std::min(kChunk, V_ - j0);
-    // The maxima, and the minimum to find -inf (masked) logits: the chunk's only loads from DRAM.
-    Vec vms(kNegInf), vmt(kNegInf), vlo(0);
+    // The maxima: the chunk's only loads from DRAM.
+    Vec vms(kNegInf), vmt(kNegInf);
     for_chunks<W>(n, [&](int64_t jj, int64_t nn) {
       const Vec sv = IO::load(s + j0 + jj, nn), tv = IO::load(t + j0 + jj, nn);
       if constexpr (kWidened) {  // the exp loop reads these fp32 lanes from L1, not the bf16/fp16 again
@@ -394,12 +386,8 @@ class DenseRows {
       }
       vms = max_one_op(vms, keep(sv, nn, kNegInf));
       vmt = max_one_op(vmt, keep(tv, nn, kNegInf));
-      vlo = min_one_op(vlo, min_one_op(sv, tv));
     });
     const acc_t ms = hmax(vms), mt = hmax(vmt);
-    // A 0 * inf in the cross term (e = 0 at a -inf logit) must count as 0, not NaN.
-    const bool has_neg_inf = at::vec::vec_reduce_all<acc_t>(
-        [](const auto& a, const auto& b) { return at::vec::minimum(a, b); }, vlo) == kNegInf;
     const acc_t shs = shift_of(ms, c2_), sht = shift_of(mt, c2_), sh1 = shift_of(ms, acc_t(kLog2e));
     shift_s_[c] = recorded_shift(ms, shs);
     shift_t_[c] = recorded_shift(mt, sht);
@@ -412,10 +400,16 @@ class DenseRows {
     } else {
       cs = s + j0, ct = t + j0;
     }
-    const ChunkSums sums = ce_extra_ ? exp_loop<true>(cur, cs, ct, j0, n, shs, sht, sh1, has_neg_inf, prefetch_s,
-                                                      prefetch_t)
-                                     : exp_loop<false>(cur, cs, ct, j0, n, shs, sht, sh1, has_neg_inf, prefetch_s,
-                                                       prefetch_t);
+    const auto run = [&](bool has_neg_inf) {
+      return ce_extra_ ? exp_loop<true>(cur, cs, ct, j0, n, shs, sht, sh1, has_neg_inf, prefetch_s, prefetch_t)
+                       : exp_loop<false>(cur, cs, ct, j0, n, shs, sht, sh1, has_neg_inf, prefetch_s, prefetch_t);
+    };
+    // A -inf (masked) logit gives e = 0 and a 0 * inf = NaN in the cross term, where it must count
+    // as 0. Rather than look for -inf in every chunk (two more vector ops per element in the max
+    // pass), a NaN cross sum sends the chunk through again with the zeros masked: NaN logits stay
+    // NaN there, so they still propagate.
+    ChunkSums sums = run(false);
+    if (std::isnan(sums.cross)) sums = run(true);
     z_s_[c] = sums.zs;
     z_t_[c] = sums.zt;
     cross_[c] = sums.cross;
