@@ -35,6 +35,12 @@ run ssd_singh_front $P/ssd_singh.toml --set target_params=0.85 --set singh.round
   --set 'singh.phase_layers=[["backbone.0.*", "backbone.1.*", "backbone.3.*", "backbone.4.*"], ["backbone.6.*", "backbone.7.*", "backbone.9.*", "backbone.10.*"]]'
 run ssd_singh_back $P/ssd_singh.toml --set target_params=0.85 --set singh.rounds=3 \
   --set 'singh.phase_layers=[["extras.*"]]'
+# 12 fine-tuning epochs instead of 3: Singh's 5x model from its pruned checkpoint, taylor again
+mkdir -p $CK/ssd_singh_continued_ft12 && cp -n $CK/ssd_singh_continued/pruned.pt $CK/ssd_singh_continued_ft12/
+run ssd_singh_continued_ft12 $P/ssd_singh.toml --set weights=$P/ssd_singh.pt --set target_params=$t --set singh.rounds=3 \
+  --set finetune.epochs=12
+run ssd_taylor_5x_ft12 $P/ssd_taylor.toml --set target_params=0.2 --set finetune.epochs=12
+run ssd_taylor_ft12 $P/ssd_taylor.toml --set target_params=$kept --set finetune.epochs=12
 run yolo_teacher_pruned $P/yolo_teacher_prune.toml
 [ -f $P/ssd_singh_deploy_latency.json ] || $PY scripts/detector_deploy_latency.py --detector-kwargs '{"name": "ssd", "width": 8}' \
   --dense $P/ssd_dense.pt --pruned $P/ssd_singh.pt --output $P/ssd_singh_deploy_latency.json \
