@@ -36,7 +36,10 @@ run ssd_singh_front $P/ssd_singh.toml --set target_params=0.85 --set singh.round
 run ssd_singh_back $P/ssd_singh.toml --set target_params=0.85 --set singh.rounds=3 \
   --set 'singh.phase_layers=[["extras.*"]]'
 # 12 fine-tuning epochs instead of 3: Singh's 5x model from its pruned checkpoint, taylor again
-mkdir -p $CK/ssd_singh_continued_ft12 && cp -n $CK/ssd_singh_continued/pruned.pt $CK/ssd_singh_continued_ft12/
+# (without that checkpoint the run prunes again from ssd_singh.pt, which gives the same model)
+if [ -f $CK/ssd_singh_continued/pruned.pt ]; then
+  mkdir -p $CK/ssd_singh_continued_ft12 && cp -n $CK/ssd_singh_continued/pruned.pt $CK/ssd_singh_continued_ft12/
+fi
 run ssd_singh_continued_ft12 $P/ssd_singh.toml --set weights=$P/ssd_singh.pt --set target_params=$t --set singh.rounds=3 \
   --set finetune.epochs=12
 run ssd_taylor_5x_ft12 $P/ssd_taylor.toml --set target_params=0.2 --set finetune.epochs=12
