@@ -352,6 +352,25 @@ def test_max_pool2d_strided_equals_max_pool2d(p, shape):
     torch.testing.assert_close(max_pool2d_strided(x, p), F.max_pool2d(x, p), atol=0, rtol=0, equal_nan=True)
 
 
+def test_fuse_epilogues_leaves_a_keyword_input_relu_after_an_add():
+    class KeywordRelu(nn.Module):  # fx records torch.relu(input=...) with no positional argument
+        def __init__(self):
+            super().__init__()
+            self.c = nn.Conv2d(8, 8, 3, padding=1)
+
+        def forward(self, x):
+            return torch.relu(input=self.c(x) + x)
+
+    torch.manual_seed(19)
+    sparse = block_sparsify(KeywordRelu().eval(), 0.5, inplace=False).model
+    report = fuse_epilogues(sparse, inplace=False)
+    assert [(f.conv, f.add is not None, f.relu) for f in report] == [("c", True, None)]
+    assert not report.model.c.relu and report.model.c.negative_slope == 0.0
+    x = torch.randn(2, 8, 6, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(report.model(x), sparse(x), atol=1e-5, rtol=1e-5)
+
+
 def test_sparse_yolo_matches_the_float64_masked_dense_model():
     from pycompress.models.detection import build_detector
 

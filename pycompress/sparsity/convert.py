@@ -245,9 +245,12 @@ def _activation_slope(node: torch.fx.Node, modules: Dict[str, nn.Module], calls:
     slope when it is a LeakyReLU (``F.leaky_relu`` or a once-called ``nn.LeakyReLU``) with a slope
     >= 0, else None."""
     if node.op == "call_function" and node.target is F.leaky_relu:
+        # The input must come first, positionally: the rewrite reads it as node.args[0].
+        if not node.args or not isinstance(node.args[0], torch.fx.Node):
+            return None
         args = dict(zip(("input", "negative_slope", "inplace"), node.args), **node.kwargs)
         slope = args.get("negative_slope", 0.01)
-        ok = isinstance(args.get("input"), torch.fx.Node) and isinstance(slope, (int, float)) and slope >= 0
+        ok = isinstance(slope, (int, float)) and slope >= 0
         return float(slope) if ok and set(args) <= {"input", "negative_slope", "inplace"} else None
     if node.op == "call_module" and isinstance(modules.get(node.target), nn.LeakyReLU):
         slope = modules[node.target].negative_slope
@@ -354,8 +357,9 @@ def fuse_epilogues(model: nn.Module, inplace: bool = False) -> FoldReport:
         conv_node, chain = found
         residual = add.args[1 - i]
         relu = next(iter(add.users)) if len(add.users) == 1 else None
-        slope = _activation_slope(relu, modules, calls) if relu is not None and relu.args[0] is add else None
-        relu = relu if slope is not None else None
+        slope = _activation_slope(relu, modules, calls) if relu is not None else None
+        if slope is None or relu.args[0] is not add:
+            relu, slope = None, 0.0
         with graph.inserting_before(add):
             new = graph.call_module(conv_node.target, (conv_node.args[0], residual))
         last = relu if relu is not None else add
@@ -364,7 +368,7 @@ def fuse_epilogues(model: nn.Module, inplace: bool = False) -> FoldReport:
             if node is not None:
                 graph.erase_node(node)
         conv = modules[conv_node.target]
-        conv.relu, conv.negative_slope = relu is not None, slope or 0.0
+        conv.relu, conv.negative_slope = relu is not None, slope
         fused.append(FusedEpilogue(conv_node.target, add.name, relu.name if relu is not None else None))
 
     def fuse_lone(node: torch.fx.Node, activated: bool):
