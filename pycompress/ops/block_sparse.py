@@ -101,7 +101,7 @@ def dense_to_blocks(weight2d, bk, bo, row_idx, col_idx):
 def _setup_context(ctx, inputs, output):
     # inputs[14:]: the Triton op's launch options, which take no gradient.
     input, values, col_idx, row_ptr, bias, kernel, stride, padding, dilation, out_channels, relu = inputs[:11]
-    residual, negative_slope, pool = (list(inputs[11:14]) + [None, 0.0, 1][len(inputs) - 11:])[:3]
+    residual, negative_slope, pool = inputs[11:14]  # torch passes every argument, defaults included
     ctx.n_inputs = len(inputs)
     # A pooled output does not say where its maxima were: backward recomputes the unpooled one.
     ctx.save_for_backward(input, values, col_idx, row_ptr, bias if pool > 1 else None,
