@@ -161,21 +161,21 @@ struct Bf16PairDot {
 };
 #endif
 
-// acc[i][j] += the `steps` nonzero steps of block row r (Step::step each): one
+// acc[i][j] = the sum of the `steps` nonzero steps of block row r (Step::step each): one
 // flat loop over the block row's nonzero columns, so the accumulators stay in
 // registers (a loop over blocks around a loop over k made GCC spill them at
 // every block boundary).
 // Out of line on purpose: its loop needs every vector register (AVX2: 12 accumulators, 3 inputs,
 // a broadcast), and inlined into a tile function GCC kept one more value live and spilled two
 // accumulators into memory inside the loop (the 64-channel 3x3 layer 40 % slower). The loop runs on
-// a local copy of the tile: acc itself may alias the inputs (vector types are may_alias), which
-// would make GCC store it back at every step.
+// a local tile, copied out at the end: acc itself may alias the inputs (vector types are
+// may_alias), which would make GCC store it back at every step.
 template <int MR, int NV, class Step>
 C10_NOINLINE void accumulate(Vec (&acc)[MR][NV], const float* x, const int64_t* koff, const float* w, int64_t steps,
                              int64_t bo) {
   Vec tile[MR][NV];
   for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NV; ++j) tile[i][j] = acc[i][j];
+    for (int j = 0; j < NV; ++j) tile[i][j] = Vec(0.f);
   for (int64_t s = 0; s < steps; ++s, w += bo) Step::template step<MR, NV>(tile, x + koff[s], w);
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < NV; ++j) acc[i][j] = tile[i][j];
@@ -267,8 +267,6 @@ void block_row(const Source& src, const float* x, const int64_t* koff, int64_t g
     const int64_t rows = std::min<int64_t>(MR, cout - co0);
     if (rows <= 0) break;  // padding rows of the last block row
     Vec acc[MR][NV];
-    for (int i = 0; i < MR; ++i)
-      for (int j = 0; j < NV; ++j) acc[i][j] = Vec(0.f);
     const int64_t s0 = w.rptr[r] * w.bk;
     accumulate<MR, NV, Step>(acc, x, koff + s0, w.vals + s0 * w.bo + i0, w.rptr[r + 1] * w.bk - s0, w.bo);
     // The register tile takes the bias and a ReLU only. A LeakyReLU is applied in the scatter
@@ -435,8 +433,6 @@ void pooled_block_row(const Source& src, const int64_t* koff, int64_t g, int64_t
     if (nrows <= 0) break;  // padding rows of the last block row
     for (int64_t s = 0; s < strips; ++s) {
       Vec acc[MR][NV];
-      for (int ii = 0; ii < MR; ++ii)
-        for (int j = 0; j < NV; ++j) acc[ii][j] = Vec(0.f);
       accumulate<MR, NV, Step>(acc, x + s * SW, koff + s0, w.vals + s0 * w.bo + i0, steps, w.bo);
       for (int ii = 0; ii < MR; ++ii)
         for (int j = 0; j < NV; ++j) acc[ii][j].store(rows + ii * row_len + s * SW + j * kW);

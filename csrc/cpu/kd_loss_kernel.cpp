@@ -126,8 +126,9 @@ struct Io : VecIo<scalar_t> {
   }
 };
 
-// max(a, b) in one instruction with x86 maxps semantics: b when either is NaN. at::vec::maximum spends three on propagating NaN; the dense kernel does not need it from
-// its maxima, since a NaN logit reaches the row sums through its own exponential.
+// max(a, b) in one instruction with x86 maxps semantics: b when either is NaN. at::vec::maximum
+// spends three on propagating NaN; the dense kernel does not need it from its maxima, since a NaN
+// logit reaches the row sums through its own exponential.
 template <typename Vec>
 inline Vec max_one_op(const Vec& a, const Vec& b) {
 #if defined(CPU_CAPABILITY_AVX512)
