@@ -11,6 +11,7 @@ the three models alternated, five rounds, one thread.
 import argparse
 import os
 import statistics
+import sys
 import tempfile
 
 import torch
@@ -53,7 +54,8 @@ def main(argv=None):
     with torch.no_grad():
         same = all(torch.allclose(a, b, atol=1e-5) for a, b in zip(models["pruned"].eval()(x),
                                                                   models["pruned, padded to 8"].eval()(x)))
-    report = {"command": "python scripts/ssd_ort_channel_padding.py " + " ".join(argv or []), "threads": 1,
+    given = sys.argv[1:] if argv is None else argv
+    report = {"command": " ".join(["python scripts/ssd_ort_channel_padding.py", *given]), "threads": 1,
               "padded_model_matches_pruned": same, "models": {}}
     for name, m in models.items():
         convs = [mod.out_channels for n, mod in m.eval().named_modules()
