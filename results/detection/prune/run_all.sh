@@ -44,6 +44,11 @@ run ssd_singh_continued_ft12 $P/ssd_singh.toml --set weights=$P/ssd_singh.pt --s
   --set finetune.epochs=12
 run ssd_taylor_5x_ft12 $P/ssd_taylor.toml --set target_params=0.2 --set finetune.epochs=12
 run ssd_taylor_ft12 $P/ssd_taylor.toml --set target_params=$kept --set finetune.epochs=12
+# gradual taylor to 5x: 8 or 4 prune steps, an epoch of SGD after each, then the 12 epochs
+run ssd_taylor_5x_it8_ft12 $P/ssd_taylor.toml --set target_params=0.2 --set steps=8 --set fine_tune_steps=188 \
+  --set finetune.epochs=12
+run ssd_taylor_5x_it4_ft12 $P/ssd_taylor.toml --set target_params=0.2 --set steps=4 --set fine_tune_steps=376 \
+  --set finetune.epochs=12
 run yolo_teacher_pruned $P/yolo_teacher_prune.toml
 [ -f $P/ssd_singh_deploy_latency.json ] || $PY scripts/detector_deploy_latency.py --detector-kwargs '{"name": "ssd", "width": 8}' \
   --dense $P/ssd_dense.pt --pruned $P/ssd_singh.pt --output $P/ssd_singh_deploy_latency.json \
