@@ -44,6 +44,8 @@ run ssd_singh_continued_ft12 $P/ssd_singh.toml --set weights=$P/ssd_singh.pt --s
   --set finetune.epochs=12
 run ssd_taylor_5x_ft12 $P/ssd_taylor.toml --set target_params=0.2 --set finetune.epochs=12
 run ssd_taylor_ft12 $P/ssd_taylor.toml --set target_params=$kept --set finetune.epochs=12
+# Singh without recovery steps until it stalls (up to 14 rounds), then 12 epochs
+run ssd_singh_norecovery_5x_ft12 $P/ssd_singh_norecovery.toml --set singh.rounds=14 --set finetune.epochs=12
 # gradual taylor to 5x: 8 or 4 prune steps, an epoch of SGD after each, then the 12 epochs
 run ssd_taylor_5x_it8_ft12 $P/ssd_taylor.toml --set target_params=0.2 --set steps=8 --set fine_tune_steps=188 \
   --set finetune.epochs=12
