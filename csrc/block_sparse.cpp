@@ -15,8 +15,13 @@ TORCH_LIBRARY_FRAGMENT(pycompress, m) {
   // act is the identity, or when relu max(x, 0) + negative_slope * min(x, 0)
   // (ReLU, or LeakyReLU; negative_slope >= 0). pool = p > 1 max-pools p x p with
   // stride p (floor mode, as nn.MaxPool2d(p)) in the store; not with a residual.
+  // out_padding = q > 0 changes only the output's layout: it is then the interior
+  // of planes with q zero pixels on every side (strides (C*Hb*Wb, Hb*Wb, Wb, 1),
+  // Hb = OH + 2q, Wb = OW + 2q, storage offset q*Wb + q, then 2*Wb + 128 elements
+  // of slack), which a stride-1 conv of padding q reads in place instead of
+  // copying it into a padded buffer.
   m.def(
       "block_sparse_conv2d(Tensor input, Tensor values, Tensor col_idx, Tensor row_ptr, Tensor? bias, "
       "int[2] kernel, int[2] stride, int[2] padding, int[2] dilation, int out_channels, bool relu, "
-      "Tensor? residual=None, float negative_slope=0., int pool=1) -> Tensor");
+      "Tensor? residual=None, float negative_slope=0., int pool=1, int out_padding=0) -> Tensor");
 }

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from pycompress.ops.block_sparse import check_epilogue
+from pycompress.ops.block_sparse import check_epilogue, padded_output_layout
 
 
 @triton.jit
@@ -79,11 +79,14 @@ def block_sparse_conv2d_triton(input: torch.Tensor, values: torch.Tensor, col_id
                                row_ptr: torch.Tensor, bias: Optional[torch.Tensor], kernel: List[int],
                                stride: List[int], padding: List[int], dilation: List[int], out_channels: int,
                                relu: bool, residual: Optional[torch.Tensor] = None, negative_slope: float = 0.0,
-                               pool: int = 1, block_p: int = 64, input_precision: str = "tf32") -> torch.Tensor:
+                               pool: int = 1, out_padding: int = 0, block_p: int = 64,
+                               input_precision: str = "tf32") -> torch.Tensor:
     """The ``pycompress::block_sparse_conv2d`` op on Triton: same arguments and output as the CPU kernel.
 
     The residual is added (and the activation applied after it) by torch after the kernel,
-    and so is the max-pool: neither is fused here.
+    and so is the max-pool: neither is fused here. With ``out_padding`` the result is copied
+    into the padded layout, so that it matches the CPU op's; this kernel reads its input
+    through masked loads and gains nothing from that layout.
 
     Runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (tests).
     Registered as the op ``pycompress::block_sparse_conv2d_triton``
@@ -104,7 +107,7 @@ def block_sparse_conv2d_triton(input: torch.Tensor, values: torch.Tensor, col_id
                          f"block rows of bo={bo}")
     oh = (H + 2 * padding[0] - dilation[0] * (kernel[0] - 1) - 1) // stride[0] + 1
     ow = (W + 2 * padding[1] - dilation[1] * (kernel[1] - 1) - 1) // stride[1] + 1
-    check_epilogue(relu, negative_slope, pool, residual is not None, oh, ow)
+    check_epilogue(relu, negative_slope, pool, residual is not None, oh, ow, out_padding)
     out = torch.empty(N, out_channels, oh, ow, dtype=torch.float32, device=input.device)
     if out.numel() == 0:
         return out
@@ -126,4 +129,6 @@ def block_sparse_conv2d_triton(input: torch.Tensor, values: torch.Tensor, col_id
             out = torch.nn.functional.leaky_relu(out, negative_slope)
     if pool > 1:
         out = torch.nn.functional.max_pool2d(out, pool)
+    if out_padding:
+        return padded_output_layout(out.shape, out_padding, input).copy_(out)
     return out.to(input.dtype)

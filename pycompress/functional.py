@@ -335,7 +335,7 @@ def _int_pair(v) -> list:
 def block_sparse_conv2d(input: torch.Tensor, values: torch.Tensor, col_idx: torch.Tensor, row_ptr: torch.Tensor,
                         bias: Optional[torch.Tensor], kernel_size, out_channels: int, stride=1, padding=0,
                         dilation=1, relu: bool = False, residual: Optional[torch.Tensor] = None,
-                        negative_slope: float = 0.0, pool: int = 1) -> torch.Tensor:
+                        negative_slope: float = 0.0, pool: int = 1, out_padding: int = 0) -> torch.Tensor:
     r"""2-D convolution with a block-sparse (BSR) weight; only nonzero blocks are multiplied.
 
     The weight is the GEMM view ``W`` (out_channels, in_channels * kh * kw) in BSR form
@@ -362,6 +362,10 @@ def block_sparse_conv2d(input: torch.Tensor, values: torch.Tensor, col_idx: torc
             LeakyReLU (negative slopes are refused: the fused pool needs a monotone act).
         pool (int): ``p > 1`` fuses ``F.max_pool2d(out, p)`` (stride p, floor mode) into
             the store, so the unpooled output is never written; not with ``residual``.
+        out_padding (int): ``q > 0`` returns the output as the interior of planes with q
+            zero pixels around them (a strided view, same values), which the next
+            block-sparse conv of stride 1 and padding q reads without copying it into a
+            padded buffer (:func:`pycompress.sparsity.fuse_epilogues` sets it).
 
     Returns:
         Tensor[N, out_channels, OH // pool, OW // pool] in the input's dtype.
@@ -370,8 +374,9 @@ def block_sparse_conv2d(input: torch.Tensor, values: torch.Tensor, col_idx: torc
         raise TypeError(f"input must be a Tensor, got {type(input).__name__}")
     if input.dim() != 4:
         raise ValueError(f"input must be 4-D (N, C, H, W), got shape {tuple(input.shape)}")
-    if isinstance(pool, bool) or not isinstance(pool, int):
-        raise TypeError(f"pool must be an int, got {type(pool).__name__}")
+    for name, v in (("pool", pool), ("out_padding", out_padding)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"{name} must be an int, got {type(v).__name__}")
     if isinstance(negative_slope, bool) or not isinstance(negative_slope, (int, float)):
         raise TypeError(f"negative_slope must be a float, got {type(negative_slope).__name__}")
     dtype = input.dtype
@@ -382,7 +387,7 @@ def block_sparse_conv2d(input: torch.Tensor, values: torch.Tensor, col_idx: torc
             raise TypeError(f"residual must be a Tensor or None, got {type(residual).__name__}")
         residual = residual.to(x.dtype)
     args = (x, values, col_idx, row_ptr, b, _int_pair(kernel_size), _int_pair(stride), _int_pair(padding),
-            _int_pair(dilation), int(out_channels), bool(relu), residual, float(negative_slope), int(pool))
+            _int_pair(dilation), int(out_channels), bool(relu), residual, float(negative_slope), pool, out_padding)
     op = block_sparse_conv2d_op(x)
     inference = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
     out = call_without_grad(op, *args) if inference else op(*args)

@@ -477,24 +477,29 @@ def test_block_sparsify_with_folded_bn_matches_the_folded_masked_dense_model():
 
 @pytest.mark.triton
 @pytest.mark.parametrize("case", [
-    (2, 6, 5, 7, 6, 3, 1, 1, 1, (4, 2), 0.5, True, 0.0, 1),
-    (1, 8, 16, 5, 5, 3, 2, 0, 1, (8, 8), 0.0, False, 0.0, 1),
-    (2, 4, 7, 6, 7, 3, 1, 2, 2, (2, 3), 1.0, True, 0.0, 1),
-    (2, 6, 5, 7, 9, 3, 1, 1, 1, (4, 2), 0.5, True, 0.1, 2),
+    (2, 6, 5, 7, 6, 3, 1, 1, 1, (4, 2), 0.5, True, 0.0, 1, 0),
+    (1, 8, 16, 5, 5, 3, 2, 0, 1, (8, 8), 0.0, False, 0.0, 1, 0),
+    (2, 4, 7, 6, 7, 3, 1, 2, 2, (2, 3), 1.0, True, 0.0, 1, 0),
+    (2, 6, 5, 7, 9, 3, 1, 1, 1, (4, 2), 0.5, True, 0.1, 2, 1),
 ])
 def test_triton_kernel_matches_masked_dense(case, device):
     from pycompress.kernels.block_sparse import block_sparse_conv2d_triton
 
-    n, cin, cout, h, w, k, s, p, d, (bo, bk), sparsity, relu, slope, pool = case
+    n, cin, cout, h, w, k, s, p, d, (bo, bk), sparsity, relu, slope, pool, q = case
     torch.manual_seed(7)
     conv = nn.Conv2d(cin, cout, k, s, p, d).to(device)
     x = torch.randn(n, cin, h, w, device=device)
     m = BlockSparseConv2d.from_dense(conv, sparsity, block_size=(bo, bk), dense_threshold=1.0)
     y = block_sparse_conv2d_triton(x, m.values.detach(), m.col_idx, m.row_ptr, m.bias.detach(), [k, k], [s, s],
-                                   [p, p], [d, d], cout, relu, None, slope, pool, block_p=16, input_precision="ieee")
+                                   [p, p], [d, d], cout, relu, None, slope, pool, q, block_p=16,
+                                   input_precision="ieee")
     want = ref_conv(x, conv, m.block_mask(), bo, bk).detach()
     want = F.max_pool2d(F.leaky_relu(want, slope) if relu else want, pool)
     torch.testing.assert_close(y, want, **TOL[torch.float32])
+    # out_padding: the CPU op's layout (strides and offset; the values are the same)
+    hb, wb = y.shape[2] + 2 * q, y.shape[3] + 2 * q
+    assert y.stride() == ((cout * hb * wb, hb * wb, wb, 1) if q else y.contiguous().stride())
+    assert y.storage_offset() == q * wb + q
 
 
 # ---- BatchNorm folding into block-sparse layers, and the block-sparsify CLI ----

@@ -222,12 +222,13 @@ def test_activation_and_pool_bad_inputs_name_the_argument():
 def test_fuse_epilogues_fuses_every_resnet_block():
     sparse = _sparse_resnet(0.75)
     report = fuse_epilogues(sparse, inplace=False)
-    assert [(f.conv, f.add is not None) for f in report] == (
+    epilogues = [f for f in report if not f.out_padding]  # layouts: test_fuse_epilogues_keeps_padded_layouts_...
+    assert [(f.conv, f.add is not None) for f in epilogues] == (
         [(f"stages.{i}.conv2", True) for i in range(6)] + [(f"stages.{i}.conv1", False) for i in range(6)])
-    assert all(isinstance(f, FusedEpilogue) and f.relu is not None for f in report)
+    assert all(isinstance(f, FusedEpilogue) and f.relu is not None for f in epilogues)
     code = report.model.code
     assert "add" not in code and "relu" not in code
-    assert all(report.model.get_submodule(f.conv).relu for f in report)
+    assert all(report.model.get_submodule(f.conv).relu for f in epilogues)
     assert not any(m.relu for n, m in sparse.named_modules() if n.endswith("conv2"))  # the copy was rewritten
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
@@ -277,9 +278,11 @@ def test_fuse_epilogues_spellings_and_refusals():
     torch.manual_seed(7)
     model = _Variants().eval()
     report = fuse_epilogues(model, inplace=False)
-    assert [(f.conv, f.add is not None, f.relu is not None) for f in report] == [
+    assert [(f.conv, f.add is not None, f.relu is not None) for f in report if not f.out_padding] == [
         ("a", True, True), ("b", True, True), ("c", True, True), ("d", True, False), ("f", True, True),
         ("g", True, True), ("h", False, True)]
+    # padded layouts where only 3x3 convs read the output (d's also feeds an add, e's and g's torch ops)
+    assert [(f.conv, f.out_padding) for f in report if f.out_padding] == [("a", 1), ("b", 1), ("c", 1), ("f", 1)]
     x = torch.randn(2, 8, 6, 6)
     with torch.no_grad():
         torch.testing.assert_close(report.model(x), model(x), atol=1e-5, rtol=1e-5)
@@ -327,8 +330,9 @@ def test_fuse_epilogues_fuses_leaky_relus_and_max_pools():
     model = _randomize_bn(_PoolVariants())
     sparse = block_sparsify(model, 0.5, fold_bn=True, inplace=False).model
     report = fuse_epilogues(sparse, inplace=False)
-    assert [(f.conv, f.relu is not None, f.pool) for f in report] == [
-        ("a.0", True, None), ("b", True, None), ("c", True, None), ("a.0", False, "a_3"), ("b", False, "pool_b")]
+    assert [(f.conv, f.relu is not None, f.pool, f.out_padding) for f in report] == [
+        ("a.0", True, None, 0), ("b", True, None, 0), ("c", True, None, 0), ("a.0", False, "a_3", 0),
+        ("b", False, "pool_b", 0), ("a.0", False, None, 1)]  # a's pooled map is b's padded input
     fused = report.model
     a = fused.get_submodule("a.0")
     assert (a.negative_slope, a.pool, fused.b.negative_slope, fused.b.pool) == (0.1, 2, 0.2, 2)
@@ -384,3 +388,124 @@ def test_sparse_yolo_matches_the_float64_masked_dense_model():
         want = masked_dense_twin(sparse).double()(x.double())
         got = report.model(x).double()
     torch.testing.assert_close(got, want, atol=1e-4 * want.abs().max().item(), rtol=0)
+
+
+# ---- the padded output layout (out_padding) ----
+
+def _padded_base(out, q):
+    """The zero-bordered planes behind an out_padding = q output, (N, C, OH + 2q, OW + 2q)."""
+    n, c, h, w = out.shape
+    return out.as_strided((n, c, h + 2 * q, w + 2 * q), out.stride(), out.storage_offset() - q * out.stride(2) - q)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("k,stride,hw,pool,q,residual", [
+    (3, 1, 13, 1, 1, False), (3, 1, 13, 1, 2, True), (1, 1, 20, 1, 1, True), (3, 2, 14, 1, 1, False),
+    (3, 1, 13, 2, 1, False), (1, 1, 3, 1, 1, False)])
+def test_out_padding_is_a_zero_bordered_layout_of_the_same_values(k, stride, hw, pool, q, residual, dtype):
+    torch.manual_seed(30)
+    conv = nn.Conv2d(16, 24, k, stride, k // 2)
+    m = BlockSparseConv2d.from_dense(conv, 0.6, block_size=(8, 8), dense_threshold=1.0)
+    x = torch.randn(2, 16, hw, hw, dtype=dtype)
+    oh = (hw + 2 * (k // 2) - k) // stride + 1
+    r = torch.randn(2, 24, oh, oh, dtype=dtype) if residual else None
+    args = (x, m.values, m.col_idx, m.row_ptr, m.bias, k, 24, stride, k // 2, 1, True, r, 0.1, pool)
+    with torch.no_grad():
+        plain = block_sparse_conv2d(*args)
+        padded = block_sparse_conv2d(*args, out_padding=q)
+    h, w = plain.shape[-2:]
+    hb, wb = h + 2 * q, w + 2 * q
+    assert padded.dtype == dtype and padded.shape == plain.shape
+    assert padded.stride() == (24 * hb * wb, hb * wb, wb, 1) and padded.storage_offset() == q * wb + q
+    assert padded.untyped_storage().nbytes() >= (2 * 24 * hb * wb + 2 * wb + 128) * padded.element_size()
+    assert torch.equal(padded, plain)  # same sums in the same order: only the layout differs
+    base = _padded_base(padded, q)
+    border = torch.ones_like(base, dtype=torch.bool)
+    border[..., q:q + h, q:q + w] = False
+    assert not base[border].any()
+
+
+def test_a_conv_reads_a_padded_layout_in_place_with_the_same_result():
+    torch.manual_seed(31)
+    first = BlockSparseConv2d.from_dense(nn.Conv2d(16, 16, 3, padding=1), 0.5, block_size=(8, 8),
+                                         dense_threshold=1.0, relu=True)
+    second = BlockSparseConv2d.from_dense(nn.Conv2d(16, 16, 3, padding=1), 0.5, block_size=(8, 8),
+                                          dense_threshold=1.0, relu=True)
+    pooled = BlockSparseConv2d.from_dense(nn.Conv2d(16, 16, 3, padding=1), 0.5, block_size=(8, 8),
+                                          dense_threshold=1.0, relu=True, pool=2)
+    x = torch.randn(3, 16, 11, 9)
+    with torch.no_grad():
+        y = first(x)
+        first.out_padding = 1
+        y_padded = first(x)
+        assert not y_padded.is_contiguous() and torch.equal(y_padded, y)
+        for reader in (second, pooled):
+            want = reader(y)
+            assert torch.equal(reader(y_padded), want)  # read in place
+            assert torch.equal(reader(y_padded, None), want)
+        # the same layout as a residual, read strided by the store
+        assert torch.equal(second(y, y_padded), second(y, y))
+        # a border that is not zero (someone wrote through the base) is noticed, not read as padding
+        base = _padded_base(y_padded, 1)
+        base[1, 3, 0, 4] = 7.0
+        assert torch.equal(second(y_padded), second(y))
+        base[1, 3, 0, 4] = 0.0
+        base[2, 15, 5, -1] = float("nan")
+        assert torch.equal(second(y_padded), second(y))
+        # a view whose strides look padded but whose storage ends early is copied instead
+        short = torch.zeros(3 * 16 * 13 * 11)
+        view = short.as_strided(y.shape, (16 * 13 * 11, 13 * 11, 11, 1), 12)
+        view.copy_(y)
+        assert torch.equal(second(view), second(y))
+
+
+def test_out_padding_gradients_and_opcheck():
+    torch.manual_seed(32)
+    m = BlockSparseConv2d.from_dense(nn.Conv2d(8, 8, 3, padding=1), 0.5, block_size=(8, 8), dense_threshold=1.0,
+                                     relu=True)
+    x = torch.randn(2, 8, 6, 5, requires_grad=True)
+    (m(x) ** 2).sum().backward()
+    plain = (x.grad, m.values.grad, m.bias.grad)
+    x.grad = m.values.grad = m.bias.grad = None
+    m.out_padding = 2
+    (m(x) ** 2).sum().backward()
+    for got, want in zip((x.grad, m.values.grad, m.bias.grad), plain):
+        torch.testing.assert_close(got, want)
+    args = (torch.randn(1, 8, 6, 5, requires_grad=True), m.values.detach().requires_grad_(), m.col_idx, m.row_ptr,
+            m.bias.detach().requires_grad_(), [3, 3], [1, 1], [1, 1], [1, 1], 8, True, None, 0.0, 1, 1)
+    torch.library.opcheck(torch.ops.pycompress.block_sparse_conv2d.default, args)
+
+
+def test_out_padding_bad_inputs_name_the_argument():
+    m = BlockSparseConv2d.from_dense(nn.Conv2d(8, 8, 3, padding=1), 0.5, block_size=(8, 8), dense_threshold=1.0)
+    x = torch.randn(1, 8, 5, 5)
+    op = torch.ops.pycompress.block_sparse_conv2d
+    with pytest.raises(ValueError, match="out_padding must be >= 0"):
+        op(x, m.values.detach(), m.col_idx, m.row_ptr, None, [3, 3], [1, 1], [1, 1], [1, 1], 8, False, None, 0.0,
+           1, -1)
+    with pytest.raises(TypeError, match="out_padding must be an int"):
+        block_sparse_conv2d(x, m.values, m.col_idx, m.row_ptr, None, 3, 8, padding=1, out_padding=1.0)
+    for bad in (-1, True, 1.5):
+        with pytest.raises(ValueError, match="out_padding must be an int >= 0"):
+            BlockSparseConv2d(8, 8, 3, out_padding=bad)
+
+
+def test_fuse_epilogues_keeps_padded_layouts_between_resnet_convs():
+    sparse = _sparse_resnet(0.9)
+    report = fuse_epilogues(sparse, inplace=False)
+    padded = {f.conv: f.out_padding for f in report if f.out_padding}
+    fused = report.model
+    # A conv whose output feeds only stride-1 3x3 convs and residuals writes the padded layout: conv1
+    # of each block (read by conv2), and the stem or a block when the next block keeps the resolution
+    # (read by its conv1 and taken as its residual). Outputs read by a strided conv (stages 2 and 4
+    # halve the resolution), a residual alone (the projection shortcuts) or the head stay plain.
+    assert padded == {"stem.0": 1, **{f"stages.{i}.conv1": 1 for i in range(6)},
+                      **{f"stages.{i}.conv2": 1 for i in (0, 2, 4)}}
+    assert all(fused.get_submodule(n).out_padding == 1 for n in padded)
+    x = torch.randn(2, 3, 24, 24)
+    plain = fuse_epilogues(sparse, inplace=False).model
+    for m in plain.modules():
+        if isinstance(m, BlockSparseConv2d):
+            m.out_padding = 0
+    with torch.no_grad():
+        assert torch.equal(fused(x), plain(x))

@@ -28,8 +28,14 @@
 // into a per-thread buffer and pooled there before the store, so the unpooled
 // output never reaches memory. The bias and the activation come after the max:
 // both are monotone per channel, so they commute with it.
-// Memory traffic per call: the input once (plus one padded copy), nonzero
-// weights once per q strip (from L2), the residual once, the (pooled) output once.
+// Padded layouts (out_padding = q): the output is written into planes with q-pixel
+// zero borders (each row's borders with the row), and a stride-1 conv of padding q
+// whose input is such a layout reads it in place as its phase plane, after
+// checking the borders are zero, instead of copying it. Input, residual and
+// output planes may be strided; only pixels within a row must be contiguous.
+// Memory traffic per call: the input once (plus one padded copy, unless it is a
+// padded layout), nonzero weights once per q strip (from L2), the residual once,
+// the (pooled) output once.
 // Scratch buffers are cached per thread and reused, and outputs are recycled
 // through the huge-page allocator's activations cache, so a steady inference
 // loop takes no fresh page faults.
@@ -53,6 +59,7 @@
 #include <array>
 #include <atomic>
 #include <cmath>
+#include <optional>
 #include <type_traits>
 #include <vector>
 
@@ -198,6 +205,13 @@ std::vector<int64_t> step_offsets(const Bsr& w, const std::vector<int64_t>& src_
   return steps;
 }
 
+// Where pixel (row, col) of output plane `plane` (image * cout + channel) is: planes and rows
+// may be strided (a padded layout's interior, see block_sparse_conv2d_cpu), pixels are not.
+struct PlaneLayout {
+  int64_t plane_stride, row_stride;
+  int64_t at(int64_t plane, int64_t row, int64_t col) const { return plane * plane_stride + row * row_stride + col; }
+};
+
 struct Epilogue {
   const float* bias;
   bool relu;
@@ -205,8 +219,13 @@ struct Epilogue {
   int64_t pool;             // p x p max-pool with stride p after the conv; 1: none
   int64_t cout, ohow;       // ohow: pixels per plane of the stored (pooled) output
   void* out;                // (N, cout, OH / pool, OW / pool) of out_type
+  PlaneLayout out_layout;
   at::ScalarType out_type;  // float, bfloat16 or half: the input's dtype
   const void* residual;     // nullptr, or (N, cout, OH, OW) of out_type added before the activation
+  PlaneLayout res_layout;
+  bool dense_planes;        // output and residual planes are contiguous, with no gaps between them
+  int64_t out_padding;      // q > 0: the output planes have q-pixel zero borders, written with its rows
+  int64_t out_h, out_w;     // the stored (pooled) output's rows and columns
 
   bool leaky() const { return relu && negative_slope != 0.f; }
 
@@ -247,6 +266,29 @@ struct Epilogue {
       default: return copy_n(static_cast<float*>(out) + offset, src, n);
     }
   }
+
+  // out[offset : offset + n] = 0.
+  void zero(int64_t offset, int64_t n) const {
+    switch (out_type) {
+      case at::kBFloat16: return (void)std::fill_n(static_cast<at::BFloat16*>(out) + offset, n, at::BFloat16(0.f));
+      case at::kHalf: return (void)std::fill_n(static_cast<at::Half*>(out) + offset, n, at::Half(0.f));
+      default: return (void)std::fill_n(static_cast<float*>(out) + offset, n, 0.f);
+    }
+  }
+
+  // Pixels [col, col + n) of row `row` of output plane `plane` = src[0:n], and with out_padding
+  // the zero borders after them: a run that ends a row zeroes the 2q border pixels up to the next
+  // row's first pixel (after the last row: up to the plane's end), and row 0's first run the
+  // border before it. The borders are written with the rows they touch, while those cache lines
+  // are being written anyway, not in a pass of their own.
+  void store_row(int64_t plane, int64_t row, int64_t col, const float* src, int64_t n) const {
+    const int64_t o = out_layout.at(plane, row, col);
+    store(o, src, n);
+    if (out_padding == 0) return;
+    const int64_t q = out_padding, width = out_w + 2 * q;  // width: the padded row (row_stride)
+    if (col == 0 && row == 0) zero(o - q * width - q, q * width + q);
+    if (col + n == out_w) zero(o + n, row == out_h - 1 ? q + q * width : 2 * q);
+  }
 };
 
 // Output rows of block row r for the q strip [q0, q0 + NV*kW) of source image g,
@@ -259,8 +301,8 @@ void block_row(const Source& src, const float* x, const int64_t* koff, int64_t g
   const int64_t ohow = e.ohow, cout = e.cout;
   const int64_t qend = std::min(q0 + SW, src.img_q);
   // 1x1 fp32: q is the pixel, so whole vectors go straight to the output (ReLU or none).
-  const bool contiguous =
-      e.out_type == at::kFloat && src.wq == src.ow && qs == q0 && qend - q0 == SW && !e.leaky();
+  const bool contiguous = e.out_type == at::kFloat && src.wq == src.ow && e.dense_planes && qs == q0 &&
+                          qend - q0 == SW && !e.leaky();
   const int64_t out_g = g * cout * ohow;
   for (int64_t i0 = 0; i0 < w.bo; i0 += MR) {
     const int64_t co0 = r * w.bo + i0;
@@ -304,16 +346,16 @@ void block_row(const Source& src, const float* x, const int64_t* koff, int64_t g
         q = (row + 1) * src.wq;
         continue;
       }
-      // Without dropped lanes (wq == ow) the q-rows are contiguous in the output too.
-      const int64_t len = src.wq == src.ow ? qend - q : std::min(src.ow - c, qend - q);
-      const int64_t o = out_g + co0 * ohow + row * src.ow + c;
+      // Without dropped lanes (wq == ow) the q-rows are contiguous in dense output planes too.
+      const int64_t len = src.wq == src.ow && e.dense_planes ? qend - q : std::min(src.ow - c, qend - q);
+      const int64_t plane = g * cout + co0;
       for (int64_t i = 0; i < rows; ++i) {
         if (e.residual) {
-          e.add_residual(o + i * ohow, &tmp[i][q - q0], len);
+          e.add_residual(e.res_layout.at(plane + i, row, c), &tmp[i][q - q0], len);
         } else if (e.leaky()) {
           e.activate_n(&tmp[i][q - q0], len);
         }
-        e.store(o + i * ohow, &tmp[i][q - q0], len);
+        e.store_row(plane + i, row, c, &tmp[i][q - q0], len);
       }
       q += len;
     }
@@ -445,7 +487,7 @@ void pooled_block_row(const Source& src, const int64_t* koff, int64_t g, int64_t
         const int64_t m = std::min<int64_t>(kW, ow - j);
         e.activate(Vec::loadu(row + j, m) + b).store(row + j, m);
       }
-      e.store((g * e.cout + co0 + ii) * e.ohow + i * ow, row, ow);
+      e.store_row(g * e.cout + co0 + ii, i, 0, row, ow);
     }
   }
 }
@@ -478,18 +520,19 @@ void conv_or_pooled_tiles(const Source& src, const Bsr& w, const Epilogue& e) {
 
 // The zero-padded phase planes of every (image, channel) plane of x, as fp32:
 // phase (a, b) of plane nc holds padded pixels (i*sh + a, j*sw + b) at
-// buf[(nc*sh*sw + a*sw + b) * Hq*Wq + i*Wq + j]. Only the phases some tap
-// reads are written; the zero borders only when zero_borders (they survive in
-// a reused buffer).
+// buf[(nc*sh*sw + a*sw + b) * Hq*Wq + i*Wq + j]. x's planes are x_layout apart
+// and its rows too (an unpadded view of a padded layout is read as it is). Only
+// the phases some tap reads are written; the zero borders only when zero_borders
+// (they survive in a reused buffer).
 template <typename T>
-void copy_to_phase_planes(const T* x, float* buf, int64_t NC, int64_t H, int64_t W, int64_t ph, int64_t pw,
-                          int64_t sh, int64_t sw, int64_t Hq, int64_t Wq, const std::vector<char>& used,
-                          bool zero_borders) {
+void copy_to_phase_planes(const T* x, PlaneLayout x_layout, float* buf, int64_t NC, int64_t H, int64_t W,
+                          int64_t ph, int64_t pw, int64_t sh, int64_t sw, int64_t Hq, int64_t Wq,
+                          const std::vector<char>& used, bool zero_borders) {
   const int64_t plane = Hq * Wq, P = sh * sw;
   at::parallel_for(0, NC, 1, [&](int64_t begin, int64_t end) {
     for (int64_t nc = begin; nc < end; ++nc) {
-      const T* src_plane = x + nc * H * W;
-      if (sh == 1 && sw == 1 && pw == 0) {  // no column padding: the plane's rows are one run
+      const T* src_plane = x + x_layout.at(nc, 0, 0);
+      if (sh == 1 && sw == 1 && pw == 0 && x_layout.row_stride == W) {  // the plane's rows are one run
         float* d = buf + nc * plane;
         if (zero_borders) {
           std::fill(d, d + ph * Wq, 0.f);
@@ -509,7 +552,7 @@ void copy_to_phase_planes(const T* x, float* buf, int64_t NC, int64_t H, int64_t
           for (int64_t i = 0; i < Hq; ++i) {
             const int64_t h = i * sh + pa - ph;
             if (h < 0 || h >= H || j1 <= j0) continue;
-            const T* srow = src_plane + h * W + (j0 * sw + pb - pw);
+            const T* srow = src_plane + h * x_layout.row_stride + (j0 * sw + pb - pw);
             float* drow = d + i * Wq + j0;
             if (sw == 1) {
               copy_n(drow, srow, j1 - j0);
@@ -576,7 +619,7 @@ ConvGeometry check_arguments(const at::Tensor& input, const at::Tensor& values, 
                              const at::Tensor& row_ptr, const std::optional<at::Tensor>& bias, at::IntArrayRef kernel,
                              at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                              int64_t out_channels, const std::optional<at::Tensor>& residual, bool relu,
-                             double negative_slope, int64_t pool) {
+                             double negative_slope, int64_t pool, int64_t out_padding) {
   constexpr const char* op = "pycompress::block_sparse_conv2d: ";
   TORCH_CHECK_VALUE(input.dim() == 4, op, "input must be 4-D (N, C, H, W), got ", input.dim(), "-D");
   const at::ScalarType dtype = input.scalar_type();
@@ -625,6 +668,7 @@ ConvGeometry check_arguments(const at::Tensor& input, const at::Tensor& values, 
                     "residual cannot be combined with pool=", pool);
   TORCH_CHECK_VALUE(g.OH >= pool && g.OW >= pool, op, "the conv's output ", g.OH, "x", g.OW,
                     " is smaller than pool=", pool);
+  TORCH_CHECK_VALUE(out_padding >= 0, op, "out_padding must be >= 0, got ", out_padding);
   if (residual.has_value() && residual->defined()) {
     TORCH_CHECK_VALUE(residual->sizes() == at::IntArrayRef({g.N, out_channels, g.OH, g.OW}), op,
                       "residual must have the output's shape (", g.N, ", ", out_channels, ", ", g.OH, ", ", g.OW,
@@ -655,8 +699,59 @@ void check_block_indices(const int64_t* cols, const int64_t* rptr, int64_t nnzb,
 }
 
 // How the micro-kernel reads the input (see the header): in place, as bf16
-// channel pairs, or through the zero-padded phase planes.
-enum class SourceKind { kDirect, kBf16Pairs, kPhasePlanes };
+// channel pairs, through the zero-padded phase planes, or in place from the
+// padded layout another conv wrote (out_padding) when its interior is the input.
+enum class SourceKind { kDirect, kBf16Pairs, kPhasePlanes, kPaddedView };
+
+// Elements a padded layout keeps after its last plane: the consumer's last strip
+// reads dropped lanes up to kStrip + dw*(kw-1) + Wq past it (kStrip <= 96 on any
+// ISA, dw*(kw-1) < Wq). pycompress/ops/block_sparse.py allocates the same slack.
+int64_t padded_layout_slack(int64_t padded_width) { return 2 * padded_width + 128; }
+
+// The layout of x's planes: the plane and row strides of a 4-D tensor whose pixels are contiguous
+// and whose planes are evenly spaced (contiguous, or the interior of a padded layout).
+std::optional<PlaneLayout> plane_layout(const at::Tensor& x) {
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  // A size-1 dimension's stride is arbitrary (a view of a (64, 1) tensor as (1, 64, 1, 1) has
+  // strides (64, 1, 64, 64)): take a contiguous tensor's there.
+  const int64_t col = W > 1 ? x.stride(3) : 1;
+  const int64_t row = H > 1 ? x.stride(2) : W;
+  const int64_t plane = C > 1 ? x.stride(1) : N > 1 ? x.stride(0) : H * row;
+  if (col != 1 || row < W || plane < H * row || (N > 1 && x.stride(0) != C * plane)) return std::nullopt;
+  return PlaneLayout{plane, row};
+}
+
+// True when x (fp32) is the interior of a zero-padded layout of exactly this conv's padding, with
+// the slack its last strip reads: then the conv reads x's storage in place (kPaddedView) instead
+// of copying it. The borders are checked (a tensor's view says nothing about the memory around
+// it), reading about 2 (ph + pw) / H of what the copy would move.
+bool is_padded_view(const at::Tensor& x, const ConvGeometry& g) {
+  if (g.dtype != at::kFloat || g.sh != 1 || g.sw != 1 || (g.ph == 0 && g.pw == 0)) return false;
+  const int64_t Hp = g.H + 2 * g.ph, Wp = g.W + 2 * g.pw, plane = Hp * Wp;
+  if (x.stride(3) != 1 || x.stride(2) != Wp || x.stride(1) != plane || x.stride(0) != g.C * plane) return false;
+  const int64_t lead = g.ph * Wp + g.pw;  // elements of border before pixel (0, 0)
+  const int64_t slack = kStrip + g.dw * (g.kw - 1) + Wp;
+  const int64_t storage = static_cast<int64_t>(x.storage().nbytes() / sizeof(float));
+  if (x.storage_offset() < lead || x.storage_offset() - lead + g.N * g.C * plane + slack > storage) return false;
+  const float* base = x.const_data_ptr<float>() - lead;
+  std::atomic<bool> zero{true};
+  at::parallel_for(0, g.N * g.C, 64, [&](int64_t begin, int64_t end) {
+    const auto all_zero = [](const float* p, int64_t n) {
+      for (int64_t i = 0; i < n; ++i)
+        if (p[i] != 0.f) return false;  // -0 counts as zero: the padded copy adds +0, the same sums
+      return true;
+    };
+    for (int64_t nc = begin; nc < end && zero.load(std::memory_order_relaxed); ++nc) {
+      const float* pl = base + nc * plane;
+      // Top border up to the first pixel, every right border with the next row's left one, and
+      // from the last pixel's right border to the plane's end.
+      bool ok = all_zero(pl, lead) && all_zero(pl + (g.ph + g.H - 1) * Wp + g.pw + g.W, plane - (g.ph + g.H - 1) * Wp - g.pw - g.W);
+      for (int64_t h = 0; ok && h + 1 < g.H; ++h) ok = all_zero(pl + (g.ph + h) * Wp + g.pw + g.W, 2 * g.pw);
+      if (!ok) zero = false;
+    }
+  });
+  return zero;
+}
 
 // The column rows' source for `kind`: the input itself, or a per-thread cached
 // buffer filled from it.
@@ -678,21 +773,28 @@ Source make_source(SourceKind kind, const at::Tensor& input, const ConvGeometry&
   };
   if (kind == SourceKind::kDirect) {
     plane_source(input.const_data_ptr<float>(), C);
-  } else if (kind == SourceKind::kBf16Pairs) {
+    return src;
+  }
+  if (kind == SourceKind::kBf16Pairs) {
 #ifdef PYCOMPRESS_BF16_DOT
     float* buf = scratch(src_buf, N * C / 2 * H * W);
     src_geometry = {};  // the padded copy's zero borders are gone from the buffer
     interleave_channel_pairs(input.const_data_ptr<at::BFloat16>(), buf, N * C / 2, H * W);
     plane_source(buf, C / 2);  // one 32-bit element per channel pair
 #endif
+    return src;
+  }
+  // Zero-padded input split into sh*sw phase planes: phase (a, b) holds the
+  // padded pixels (i*sh + a, j*sw + b). Tap (r, s) of output (oh, ow) is then
+  // pixel (oh + r*dh/sh, ow + s*dw/sw) of phase ((r*dh)%sh, (s*dw)%sw), a
+  // constant offset from q = oh*Wq + ow: a strided conv becomes sh*sw
+  // stride-1 ones over a single copy of the input (stride 1: one phase, which
+  // a padded view already is).
+  const int64_t Hp = H + 2 * ph, Wp = W + 2 * pw;
+  const int64_t Hq = (Hp + sh - 1) / sh, Wq = (Wp + sw - 1) / sw, plane = Hq * Wq, P = sh * sw;
+  if (kind == SourceKind::kPaddedView) {
+    src.data = input.const_data_ptr<float>() - (ph * Wp + pw);
   } else {
-    // Zero-padded input split into sh*sw phase planes: phase (a, b) holds the
-    // padded pixels (i*sh + a, j*sw + b). Tap (r, s) of output (oh, ow) is then
-    // pixel (oh + r*dh/sh, ow + s*dw/sw) of phase ((r*dh)%sh, (s*dw)%sw), a
-    // constant offset from q = oh*Wq + ow: a strided conv becomes sh*sw
-    // stride-1 ones over a single copy of the input (stride 1: one phase).
-    const int64_t Hp = H + 2 * ph, Wp = W + 2 * pw;
-    const int64_t Hq = (Hp + sh - 1) / sh, Wq = (Wp + sw - 1) / sw, plane = Hq * Wq, P = sh * sw;
     std::vector<char> used(P, 0);  // phases some tap reads (a 1x1 stride-2 conv needs one of four)
     for (int64_t r = 0; r < kh; ++r)
       for (int64_t s = 0; s < kw; ++s) used[((r * dh) % sh) * sw + (s * dw) % sw] = 1;
@@ -704,20 +806,22 @@ Source make_source(SourceKind kind, const at::Tensor& input, const ConvGeometry&
     const std::array<int64_t, 13> geometry{N, C, H, W, ph, pw, sh, sw, kh, kw, dh, dw,
                                            reinterpret_cast<int64_t>(buf)};
     const bool zero_borders = geometry != src_geometry;
+    const PlaneLayout x_layout = *plane_layout(input);
     AT_DISPATCH_V2(g.dtype, "block_sparse_conv2d", AT_WRAP([&] {
-      copy_to_phase_planes(input.const_data_ptr<scalar_t>(), buf, N * C, H, W, ph, pw, sh, sw, Hq, Wq, used,
-                           zero_borders);
+      copy_to_phase_planes(input.const_data_ptr<scalar_t>(), x_layout, buf, N * C, H, W, ph, pw, sh, sw, Hq, Wq,
+                           used, zero_borders);
     }), at::kFloat, at::kBFloat16, at::kHalf);
     if (zero_borders) std::fill(buf + N * C * P * plane, buf + len, 0.f);
     src_geometry = geometry;
-    src.data = buf, src.img_stride = C * P * plane, src.n_img = N;
-    src.img_q = g.OH * Wq, src.wq = Wq, src.ow = g.OW;
-    for (int64_t c = 0; c < C; ++c)
-      for (int64_t r = 0; r < kh; ++r)
-        for (int64_t s = 0; s < kw; ++s)
-          off[(c * kh + r) * kw + s] = (c * P + ((r * dh) % sh) * sw + (s * dw) % sw) * plane +
-                                       (r * dh) / sh * Wq + (s * dw) / sw;
+    src.data = buf;
   }
+  src.img_stride = C * P * plane, src.n_img = N;
+  src.img_q = g.OH * Wq, src.wq = Wq, src.ow = g.OW;
+  for (int64_t c = 0; c < C; ++c)
+    for (int64_t r = 0; r < kh; ++r)
+      for (int64_t s = 0; s < kw; ++s)
+        off[(c * kh + r) * kw + s] = (c * P + ((r * dh) % sh) * sw + (s * dw) % sw) * plane +
+                                     (r * dh) / sh * Wq + (s * dw) / sw;
   return src;
 }
 
@@ -744,19 +848,36 @@ void dispatch_tiles(const Source& src, SourceKind kind, bool tall_tiles, const a
   }
 }
 
+// An uninitialised (N, C, OH, OW) output. With out_padding = q > 0 it is the interior of a
+// layout whose planes have q-pixel zero borders (written by the store, Epilogue::store_row),
+// followed by the slack the next conv's strips read: a conv of padding q reads such a tensor in
+// place (is_padded_view).
+at::Tensor empty_output(const ConvGeometry& g, int64_t out_channels, int64_t OH, int64_t OW, int64_t q,
+                        const at::TensorOptions& options) {
+  if (q == 0) return empty_hugepage({g.N, out_channels, OH, OW}, options, BlockCache::activations());
+  const int64_t Hb = OH + 2 * q, Wb = OW + 2 * q, plane = Hb * Wb, planes = g.N * out_channels;
+  const int64_t slack = padded_layout_slack(Wb);
+  at::Tensor buf = empty_hugepage({planes * plane + slack}, options, BlockCache::activations());
+  buf.narrow(0, planes * plane, slack).zero_();  // only dropped lanes read it: zeros keep them finite
+  return buf.as_strided({g.N, out_channels, OH, OW}, {out_channels * plane, plane, Wb, 1}, q * Wb + q);
+}
+
 at::Tensor block_sparse_conv2d_cpu(const at::Tensor& input_in, const at::Tensor& values_in, const at::Tensor& col_idx_in,
                                    const at::Tensor& row_ptr_in, const std::optional<at::Tensor>& bias_in,
                                    at::IntArrayRef kernel, at::IntArrayRef stride, at::IntArrayRef padding,
                                    at::IntArrayRef dilation, int64_t out_channels, bool relu,
                                    const std::optional<at::Tensor>& residual_in, double negative_slope,
-                                   int64_t pool) {
+                                   int64_t pool, int64_t out_padding) {
   const ConvGeometry g = check_arguments(input_in, values_in, col_idx_in, row_ptr_in, bias_in, kernel, stride,
-                                         padding, dilation, out_channels, residual_in, relu, negative_slope, pool);
+                                         padding, dilation, out_channels, residual_in, relu, negative_slope, pool,
+                                         out_padding);
+  // Planes may be strided (a padded layout's interior): the kernel reads and writes them as they are.
+  const auto plane_strided = [](const at::Tensor& t) { return plane_layout(t) ? t : t.contiguous(); };
   at::Tensor residual;
-  if (residual_in.has_value() && residual_in->defined()) residual = residual_in->contiguous();
+  if (residual_in.has_value() && residual_in->defined()) residual = plane_strided(*residual_in);
   at::Tensor bias_t;
   if (bias_in.has_value() && bias_in->defined()) bias_t = bias_in->contiguous();
-  const at::Tensor input = input_in.contiguous();
+  at::Tensor input = plane_strided(input_in);
   const at::Tensor values = values_in.contiguous();
   const at::Tensor cols_t = col_idx_in.contiguous(), rptr_t = row_ptr_in.contiguous();
   const int64_t* cols = cols_t.const_data_ptr<int64_t>();
@@ -764,7 +885,7 @@ at::Tensor block_sparse_conv2d_cpu(const at::Tensor& input_in, const at::Tensor&
   check_block_indices(cols, rptr, values.size(0), g);
 
   const int64_t OHp = g.OH / pool, OWp = g.OW / pool;
-  at::Tensor out = empty_hugepage({g.N, out_channels, OHp, OWp}, input.options(), BlockCache::activations());
+  at::Tensor out = empty_output(g, out_channels, OHp, OWp, out_padding, input.options());
   if (out.numel() == 0) return out;
   // 1x1 convs read the input in place, with 8 x 3 tiles when the block rows
   // allow: each k is a different channel plane, so no cache line is shared
@@ -775,13 +896,17 @@ at::Tensor block_sparse_conv2d_cpu(const at::Tensor& input_in, const at::Tensor&
   const bool tall_tiles = kTallTiles && pointwise && g.bo % 8 == 0;
   // The fused pool's full strips may run past an image (see the header): only the padded copy has slack.
   const bool strip_fits = g.H * g.W >= (tall_tiles ? 3 : kNV) * kW && pool == 1;
-  SourceKind kind = SourceKind::kPhasePlanes;
+  SourceKind kind = is_padded_view(input, g) ? SourceKind::kPaddedView : SourceKind::kPhasePlanes;
   if (pointwise && g.dtype == at::kFloat && strip_fits) kind = SourceKind::kDirect;
 #ifdef PYCOMPRESS_BF16_DOT
   // bf16 1x1 with even bk: bf16 products two k at a time (Bf16PairDot), weights rounded to bf16.
   if (tall_tiles && g.dtype == at::kBFloat16 && g.bk % 2 == 0 && strip_fits) kind = SourceKind::kBf16Pairs;
 #endif
+  if (kind == SourceKind::kDirect || kind == SourceKind::kBf16Pairs) input = input.contiguous();  // q = pixel
   const Source src = make_source(kind, input, g);
+  const PlaneLayout out_layout = *plane_layout(out);
+  const PlaneLayout res_layout = residual.defined() ? *plane_layout(residual) : out_layout;
+  const auto dense = [&](const PlaneLayout& l) { return l.row_stride == OWp && l.plane_stride == OHp * OWp; };
   const Epilogue e{bias_t.defined() ? bias_t.const_data_ptr<float>() : nullptr,
                    relu,
                    static_cast<float>(negative_slope),
@@ -789,8 +914,14 @@ at::Tensor block_sparse_conv2d_cpu(const at::Tensor& input_in, const at::Tensor&
                    out_channels,
                    OHp * OWp,
                    out.data_ptr(),
+                   out_layout,
                    g.dtype,
-                   residual.defined() ? residual.const_data_ptr() : nullptr};
+                   residual.defined() ? residual.const_data_ptr() : nullptr,
+                   res_layout,
+                   dense(out_layout) && dense(res_layout),
+                   out_padding,
+                   OHp,
+                   OWp};
   dispatch_tiles(src, kind, tall_tiles, values, cols, rptr, g, e);
   return out;
 }

@@ -204,6 +204,9 @@ class BlockSparseConv2d(_BlockSparseWeight):
         negative_slope (float): with ``relu``, LeakyReLU's slope below zero (0: ReLU); >= 0.
         pool (int): ``p > 1`` max-pools the activated output p x p with stride p
             (``nn.MaxPool2d(p)``), fused into the kernel's store; not with a residual.
+        out_padding (int): ``q > 0`` writes the output into zero-bordered planes (a strided
+            view, same values) that a following block-sparse conv of stride 1 and padding q
+            reads in place; set by :func:`pycompress.sparsity.fuse_epilogues`.
 
     Shape:
         - input: (N, in_channels, H, W)
@@ -222,7 +225,7 @@ class BlockSparseConv2d(_BlockSparseWeight):
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = True, block_size: Optional[Sequence[int]] = None,
                  dense_threshold: float = DEFAULT_DENSE_THRESHOLD, relu: bool = False, negative_slope: float = 0.0,
-                 pool: int = 1, device=None):
+                 pool: int = 1, out_padding: int = 0, device=None):
         super().__init__()
         for name, v in (("in_channels", in_channels), ("out_channels", out_channels), ("groups", groups)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -240,7 +243,9 @@ class BlockSparseConv2d(_BlockSparseWeight):
             raise ValueError(f"BlockSparseConv2d: pool must be a positive int, got {pool!r}")
         if not (isinstance(negative_slope, (int, float)) and math.isfinite(negative_slope) and negative_slope >= 0):
             raise ValueError(f"BlockSparseConv2d: negative_slope must be a finite float >= 0, got {negative_slope!r}")
-        self.negative_slope, self.pool = float(negative_slope), pool
+        if isinstance(out_padding, bool) or not isinstance(out_padding, int) or out_padding < 0:
+            raise ValueError(f"BlockSparseConv2d: out_padding must be an int >= 0, got {out_padding!r}")
+        self.negative_slope, self.pool, self.out_padding = float(negative_slope), pool, out_padding
         k = in_channels // groups * self.kernel_size[0] * self.kernel_size[1]
         device = torch.device(device) if device is not None else torch.device("cpu")
         self._init_bsr(out_channels, k, block_size or default_block_size(k, device), dense_threshold, device)
@@ -306,7 +311,8 @@ class BlockSparseConv2d(_BlockSparseWeight):
         elif in_kernel:
             return PF.block_sparse_conv2d(input, self.values, self.col_idx, self.row_ptr, self.bias,
                                           self.kernel_size, self.out_channels, self.stride, self.padding,
-                                          self.dilation, self.relu, residual, self.negative_slope, self.pool)
+                                          self.dilation, self.relu, residual, self.negative_slope, self.pool,
+                                          self.out_padding)
         else:
             out = PF.block_sparse_conv2d(input, self.values, self.col_idx, self.row_ptr, self.bias,
                                          self.kernel_size, self.out_channels, self.stride, self.padding,
@@ -334,6 +340,8 @@ class BlockSparseConv2d(_BlockSparseWeight):
             s += ", relu=True" + (f", negative_slope={self.negative_slope}" if self.negative_slope else "")
         if self.pool > 1:
             s += f", pool={self.pool}"
+        if self.out_padding:
+            s += f", out_padding={self.out_padding}"
         return s + ", " + self._bsr_repr()
 
 

@@ -26,7 +26,7 @@ def conv_out_size(size, kernel, stride, padding, dilation):
 
 
 def _block_sparse_conv2d_fake(input, values, col_idx, row_ptr, bias, kernel, stride, padding, dilation,
-                              out_channels, relu, residual=None, negative_slope=0.0, pool=1):
+                              out_channels, relu, residual=None, negative_slope=0.0, pool=1, out_padding=0):
     op = "pycompress::block_sparse_conv2d: "
     torch._check(input.dim() == 4, lambda: f"{op}input must be 4-D (N, C, H, W), got {input.dim()}-D")
     torch._check(values.dim() == 3, lambda: f"{op}values must be 3-D (nnzb, bk, bo), got {values.dim()}-D")
@@ -47,18 +47,33 @@ def _block_sparse_conv2d_fake(input, values, col_idx, row_ptr, bias, kernel, str
     oh = conv_out_size(input.shape[2], kernel[0], stride[0], padding[0], dilation[0])
     ow = conv_out_size(input.shape[3], kernel[1], stride[1], padding[1], dilation[1])
     torch._check(oh >= 1 and ow >= 1, lambda: f"{op}input {tuple(input.shape)} is smaller than the dilated kernel")
-    check_epilogue(relu, negative_slope, pool, residual is not None, oh, ow)
+    check_epilogue(relu, negative_slope, pool, residual is not None, oh, ow, out_padding)
     out_shape = (input.shape[0], out_channels, oh, ow)
     if residual is not None:
         torch._check(tuple(residual.shape) == out_shape,
                      lambda: f"{op}residual must have the output's shape {out_shape}, got {tuple(residual.shape)}")
         torch._check(residual.dtype == input.dtype,
                      lambda: f"{op}residual must have the input's dtype {input.dtype}, got {residual.dtype}")
-    return input.new_empty(out_shape[:2] + (oh // pool, ow // pool))
+    return padded_output_layout(out_shape[:2] + (oh // pool, ow // pool), out_padding, input, zero=False)
 
 
-def check_epilogue(relu, negative_slope, pool, has_residual, oh, ow):
-    """The fused activation and pool's arguments (the same checks as the C++ kernel's)."""
+def padded_output_layout(shape, out_padding, like, *, zero=True):
+    """An output of ``shape`` in the op's ``out_padding`` layout (csrc/block_sparse.cpp): the
+    interior of planes with ``out_padding`` zero pixels on every side, then the slack the next
+    conv's strips read (the C++ kernel's ``padded_layout_slack``). 0: a plain contiguous tensor.
+    ``zero=False`` leaves the borders unset (fake tensors)."""
+    if out_padding == 0:
+        return like.new_empty(shape)
+    n, c, h, w = shape
+    q = out_padding
+    hb, wb = h + 2 * q, w + 2 * q
+    size = n * c * hb * wb + 2 * wb + 128
+    buf = like.new_zeros(size) if zero else like.new_empty(size)
+    return buf.as_strided(shape, (c * hb * wb, hb * wb, wb, 1), q * wb + q)
+
+
+def check_epilogue(relu, negative_slope, pool, has_residual, oh, ow, out_padding=0):
+    """The fused activation, pool and output layout's arguments (the same checks as the C++ kernel's)."""
     op = "pycompress::block_sparse_conv2d: "
     # The fused pool moves the activation before the max, which needs a monotone one.
     if not (math.isfinite(negative_slope) and negative_slope >= 0):
@@ -71,6 +86,8 @@ def check_epilogue(relu, negative_slope, pool, has_residual, oh, ow):
         raise ValueError(f"{op}residual cannot be combined with pool={pool}")
     if oh < pool or ow < pool:
         raise ValueError(f"{op}the conv's output {oh}x{ow} is smaller than pool={pool}")
+    if out_padding < 0:
+        raise ValueError(f"{op}out_padding must be >= 0, got {out_padding}")
 
 
 def block_rows(row_ptr: torch.Tensor) -> torch.Tensor:
@@ -99,7 +116,8 @@ def dense_to_blocks(weight2d, bk, bo, row_idx, col_idx):
 
 
 def _setup_context(ctx, inputs, output):
-    # inputs[14:]: the Triton op's launch options, which take no gradient.
+    # inputs[15:]: the Triton op's launch options, which take no gradient; inputs[14], out_padding,
+    # only changes the output's layout.
     input, values, col_idx, row_ptr, bias, kernel, stride, padding, dilation, out_channels, relu = inputs[:11]
     residual, negative_slope, pool = inputs[11:14]  # torch passes every argument, defaults included
     ctx.n_inputs = len(inputs)

@@ -101,6 +101,7 @@ class FusedEpilogue:
     add: Optional[str] = None   # the fx node of the removed residual add, if any
     relu: Optional[str] = None  # the fx node of the removed ReLU or LeakyReLU (after the add), now the conv's own
     pool: Optional[str] = None  # the fx node of the removed nn.MaxPool2d, now the conv's own
+    out_padding: int = 0        # the conv writes zero-bordered planes its readers take in place
 
 
 class FoldReport(list):
@@ -299,7 +300,10 @@ def fuse_epilogues(model: nn.Module, inplace: bool = False) -> FoldReport:
     its store, for a once-called ``nn.MaxPool2d(p)`` (square, stride p, no padding,
     dilation or ceil mode) that alone reads the conv's output: the unpooled map is never
     written. Such pools that cannot be fused (their input has other readers) become
-    :func:`max_pool2d_strided`. The model is traced with torch.fx and the graph rewritten; the add may be
+    :func:`max_pool2d_strided`. Last, a conv whose output only block-sparse convs of stride 1 and
+    padding q read (or take as their residual) writes it with ``out_padding = q``: zero-bordered
+    planes that those convs read in place instead of copying the input into padded ones.
+    The model is traced with torch.fx and the graph rewritten; the add may be
     ``+``, ``torch.add`` without ``alpha`` or ``.add``, the ReLU ``torch.relu``, ``F.relu``,
     ``.relu()`` or a once-called ``nn.ReLU``. A conv is fused when it is a
     :class:`~pycompress.nn.BlockSparseConv2d` called once, without a fused ReLU of its own
@@ -315,7 +319,7 @@ def fuse_epilogues(model: nn.Module, inplace: bool = False) -> FoldReport:
 
     Returns:
         FoldReport: the list of :class:`FusedEpilogue` (residual adds first, then lone
-        activations, then pools); ``.model`` is the rewritten
+        activations, then pools, then padded layouts); ``.model`` is the rewritten
         ``torch.fx.GraphModule`` (the same parameters and state_dict keys).
 
     Example:
@@ -399,8 +403,47 @@ def fuse_epilogues(model: nn.Module, inplace: bool = False) -> FoldReport:
                 strided = graph.call_function(max_pool2d_strided, (pool.args[0], size))
             pool.replace_all_uses_with(strided)
             graph.erase_node(pool)
+    fused += _keep_padded_layouts(graph, modules, calls)
     graph.lint()
     return FoldReport(fused, torch.fx.GraphModule(model, graph))
+
+
+def _keep_padded_layouts(graph: torch.fx.Graph, modules, calls) -> List[FusedEpilogue]:
+    """Sets ``out_padding = q`` on each once-called block-sparse conv whose output only block-sparse
+    convs read: as their input, all with stride 1 and padding (q, q), or as their residual. Those
+    readers then take the zero-bordered planes in place instead of copying the input into padded
+    ones (the copy was ~9 % of a 90 % sparse ResNet's forward)."""
+    def conv_of(node):
+        m = modules.get(node.target) if node.op == "call_module" else None
+        return m if isinstance(m, BlockSparseConv2d) and calls[node.target] == 1 else None
+
+    def readers(node):
+        """(user, the node it reads): through nn.Identity modules (folded BNs, plain shortcuts)."""
+        for user in node.users:
+            if user.op == "call_module" and isinstance(modules.get(user.target), nn.Identity):
+                yield from readers(user)
+            else:
+                yield user, node
+
+    kept = []
+    for node in graph.nodes:
+        conv = conv_of(node)
+        if conv is None or not node.users:
+            continue
+        paddings = set()
+        for user, read in readers(node):
+            reader = conv_of(user)
+            if reader is None or user.kwargs or read not in user.args:
+                break
+            if user.args[0] is read:  # as the input (a residual is read with any plane layout)
+                if reader.stride != (1, 1) or reader.padding[0] != reader.padding[1] or reader.padding[0] == 0:
+                    break
+                paddings.add(reader.padding[0])
+        else:
+            if len(paddings) == 1:
+                conv.out_padding = paddings.pop()
+                kept.append(FusedEpilogue(node.target, out_padding=conv.out_padding))
+    return kept
 
 
 def block_sparsify(model: nn.Module, sparsity: float = 0.9, block_size=None, include: Selector = None,
