@@ -129,7 +129,7 @@ def _triton_op_args(name, device="cpu"):
 @pytest.mark.parametrize("name", TRITON_OPS)
 def test_triton_op_matches_the_cpp_op_with_gradients(name):
     args = _triton_op_args(name)
-    extra = (None, 0.0, 1, 16, "ieee") if name == "block_sparse_conv2d" else ()  # no residual, fp32 products as on CPU
+    extra = (None, 0.0, 1, 0, 16, "ieee") if name == "block_sparse_conv2d" else ()  # no residual, fp32 products as on CPU
     got = getattr(torch.ops.pycompress, f"{name}_triton")(*args, *extra)
     want = getattr(torch.ops.pycompress, name)(*args)
     first = (lambda x: x[0]) if isinstance(want, tuple) else (lambda x: x)
