@@ -52,6 +52,8 @@ run ssd_taylor_5x_it8_ft12 $P/ssd_taylor.toml --set target_params=0.2 --set step
 run ssd_taylor_5x_it4_ft12 $P/ssd_taylor.toml --set target_params=0.2 --set steps=4 --set fine_tune_steps=376 \
   --set finetune.epochs=12
 run yolo_teacher_pruned $P/yolo_teacher_prune.toml
+run yolo_teacher_singh $P/yolo_teacher_singh.toml
+run yolo_teacher_dense_control $P/yolo_teacher_prune.toml --set criterion=l1 --set target_params=1.0
 [ -f $P/ssd_singh_deploy_latency.json ] || $PY scripts/detector_deploy_latency.py --detector-kwargs '{"name": "ssd", "width": 8}' \
   --dense $P/ssd_dense.pt --pruned $P/ssd_singh.pt --output $P/ssd_singh_deploy_latency.json \
   > $P/ssd_singh_deploy_latency.log 2>&1
