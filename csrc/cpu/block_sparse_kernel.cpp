@@ -735,17 +735,18 @@ bool is_padded_view(const at::Tensor& x, const ConvGeometry& g) {
   if (x.storage_offset() < lead || x.storage_offset() - lead + g.N * g.C * plane + slack > storage) return false;
   const float* base = x.const_data_ptr<float>() - lead;
   std::atomic<bool> zero{true};
-  at::parallel_for(0, g.N * g.C, 64, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, g.N * g.C, 16, [&](int64_t begin, int64_t end) {
     const auto all_zero = [](const float* p, int64_t n) {
       for (int64_t i = 0; i < n; ++i)
         if (p[i] != 0.f) return false;  // -0 counts as zero: the padded copy adds +0, the same sums
       return true;
     };
+    const int64_t last = (g.ph + g.H - 1) * Wp + g.pw + g.W;  // just after the last pixel
     for (int64_t nc = begin; nc < end && zero.load(std::memory_order_relaxed); ++nc) {
       const float* pl = base + nc * plane;
-      // Top border up to the first pixel, every right border with the next row's left one, and
-      // from the last pixel's right border to the plane's end.
-      bool ok = all_zero(pl, lead) && all_zero(pl + (g.ph + g.H - 1) * Wp + g.pw + g.W, plane - (g.ph + g.H - 1) * Wp - g.pw - g.W);
+      // The border up to the first pixel, every right border with the next row's left one, and
+      // from the last pixel to the plane's end.
+      bool ok = all_zero(pl, lead) && all_zero(pl + last, plane - last);
       for (int64_t h = 0; ok && h + 1 < g.H; ++h) ok = all_zero(pl + (g.ph + h) * Wp + g.pw + g.W, 2 * g.pw);
       if (!ok) zero = false;
     }
