@@ -448,7 +448,8 @@ class Phased(Schedule):
                 if (params, flops)[which] <= target:
                     return
             if removed_this_round == 0:
-                break
+                pruner.log("singh: the target was not reached: a whole round removed no channel")
+                return
         pruner.log("singh: the target was not reached within the rounds allowed")
 
 
