@@ -51,6 +51,24 @@ run ssd_taylor_5x_it8_ft12 $P/ssd_taylor.toml --set target_params=0.2 --set step
   --set finetune.epochs=12
 run ssd_taylor_5x_it4_ft12 $P/ssd_taylor.toml --set target_params=0.2 --set steps=4 --set fine_tune_steps=376 \
   --set finetune.epochs=12
+# wider SSDs (width 12 and 16; their dense models come from the train-detector commands of README.md):
+# Singh without recovery steps until it stalls, then again from the stalled model to 0.2 of dense
+# (round limits as run: width 12 six, then eight, whose last removed nothing; width 16 ten, a round
+# that removed nothing ended it at seven, then four, of which the first reached the target)
+for wr in 12:6:8 16:10:4; do
+  w=${wr%%:*}; r1=$(echo $wr | cut -d: -f2); r2=${wr##*:}
+  M="{\"name\": \"ssd\", \"width\": $w}"
+  run ssd${w}_singh $P/ssd_singh_norecovery.toml --model-kwargs "$M" --set weights=$P/ssd${w}_dense.pt --set singh.rounds=$r1
+  t=$($PY -c "import json; r = json.load(open('$P/ssd${w}_singh.json')); print(0.2 * r['dense']['params'] / r['fine_tuned']['params'])")
+  run ssd${w}_singh_continued $P/ssd_singh_norecovery.toml --model-kwargs "$M" --set weights=$P/ssd${w}_singh.pt \
+    --set target_params=$t --set singh.rounds=$r2
+done
+M='{"name": "ssd", "width": 16}'
+run ssd16_dense_control $P/ssd_dense_control.toml --model-kwargs "$M" --set weights=$P/ssd16_dense.pt
+run ssd16_taylor_5x $P/ssd_taylor.toml --model-kwargs "$M" --set weights=$P/ssd16_dense.pt --set target_params=0.2
+run ssd16_l1_5x $P/ssd_l1.toml --model-kwargs "$M" --set weights=$P/ssd16_dense.pt --set target_params=0.2
+run ssd16_taylor_5x_ft12 $P/ssd_taylor.toml --model-kwargs "$M" --set weights=$P/ssd16_dense.pt --set target_params=0.2 \
+  --set finetune.epochs=12
 run yolo_teacher_pruned $P/yolo_teacher_prune.toml
 run yolo_teacher_singh $P/yolo_teacher_singh.toml
 run yolo_teacher_dense_control $P/yolo_teacher_prune.toml --set criterion=l1 --set target_params=1.0
