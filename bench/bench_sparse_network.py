@@ -300,7 +300,7 @@ LAYOUT_ROWS = []
 def test_kept_layout_saving(benchmark, sparsity):
     """What one layout through the network saves. A non-1x1 block-sparse conv copies its NCHW input
     into zero-padded planes (a 1x1 conv reads it in place), unless the conv before it wrote the
-    padded layout (``out_padding``, set by ``fuse_epilogues``). On the 90 % ResNet, interleaved at
+    padded layout (``out_padding``, set by ``fuse_epilogues``). On the sparse ResNet, interleaved at
     batch 1 and 8: the forward with the kept layouts, the same model with every ``out_padding``
     reset to 0, and the copies the plain model makes (the same bytes through ``Tensor.copy_``
     into a padded buffer): the most a kept layout could save."""

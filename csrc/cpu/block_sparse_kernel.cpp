@@ -285,7 +285,9 @@ struct Epilogue {
     const int64_t o = out_layout.at(plane, row, col);
     store(o, src, n);
     if (out_padding == 0) return;
-    const int64_t q = out_padding, width = out_w + 2 * q;  // width: the padded row (row_stride)
+    // The padded row, from the geometry: out_layout.row_stride is canonicalised to out_w when
+    // the plane has a single row (plane_layout).
+    const int64_t q = out_padding, width = out_w + 2 * q;
     if (col == 0 && row == 0) zero(o - q * width - q, q * width + q);
     if (col + n == out_w) zero(o + n, row == out_h - 1 ? q + q * width : 2 * q);
   }
