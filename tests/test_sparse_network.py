@@ -401,7 +401,7 @@ def _padded_base(out, q):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("k,stride,hw,pool,q,residual", [
     (3, 1, 13, 1, 1, False), (3, 1, 13, 1, 2, True), (1, 1, 20, 1, 1, True), (3, 2, 14, 1, 1, False),
-    (3, 1, 13, 2, 1, False), (1, 1, 3, 1, 1, False)])
+    (3, 1, 13, 2, 1, False), (1, 1, 3, 1, 1, False), (3, 1, 1, 1, 1, False)])  # the last: one-row planes
 def test_out_padding_is_a_zero_bordered_layout_of_the_same_values(k, stride, hw, pool, q, residual, dtype):
     torch.manual_seed(30)
     conv = nn.Conv2d(16, 24, k, stride, k // 2)
